@@ -1,0 +1,50 @@
+//! The engine's error type: every variant carries the operation and the offending values, so a
+//! reader knows what to change without a debugger.
+
+use std::path::PathBuf;
+
+/// Errors from tensor construction, ops, autograd and file I/O.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op}: shapes {lhs:?} and {rhs:?} are incompatible")]
+    ShapeMismatch {
+        op: &'static str,
+        lhs: Vec<usize>,
+        rhs: Vec<usize>,
+    },
+    #[error("{op}: dimension {dim} out of range for shape {shape:?}")]
+    DimOutOfRange {
+        op: &'static str,
+        dim: isize,
+        shape: Vec<usize>,
+    },
+    #[error("{op}: expected dtype {expected}, got {got}")]
+    DTypeMismatch {
+        op: &'static str,
+        expected: crate::DType,
+        got: crate::DType,
+    },
+    #[error("{op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+    #[error("safetensors {path}: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An `Invalid` error for `op` with a formatted message.
+    pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Invalid {
+            op,
+            msg: msg.into(),
+        }
+    }
+}
