@@ -5,7 +5,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rlhf", version, about = "InstructGPT-style RLHF on a from-scratch tensor engine")]
+#[command(
+    name = "rlhf",
+    version,
+    about = "InstructGPT-style RLHF on a from-scratch tensor engine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

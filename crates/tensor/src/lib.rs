@@ -5,10 +5,22 @@
 //! storage types. Reverse-mode autograd records a graph only when an input tracks gradients and
 //! no-grad mode is off. Checkpoints use the safetensors format ([`safetensors`]).
 
+pub mod autograd;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod gradcheck;
+pub mod layout;
+pub mod ops;
+pub mod rng;
 pub mod safetensors;
+pub mod storage;
+pub mod tensor;
 
+pub use autograd::{no_grad, NoGradGuard, Parameter};
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use layout::Layout;
+pub use rng::Rng;
+pub use storage::Storage;
+pub use tensor::{Device, Tensor};

@@ -1,0 +1,179 @@
+//! Causal self-attention: softmax(Q·Kᵀ/√d + causal mask)·V.
+//!
+//! [`Tensor::causal_attention`] runs the fused CPU kernel (flash-attention style: blocks of
+//! queries and keys with an online softmax, so no T×T matrix per head is ever held) and its
+//! fused backward. [`Tensor::causal_attention_reference`] composes the same maths from matmul,
+//! masked_fill and softmax; tests hold the two equal, forward and backward.
+//!
+//! Queries may be fewer than keys (decoding with a KV cache): query i of Tq sits at absolute
+//! position Tk - Tq + i and sees keys 0..=that position.
+
+use crate::cpu::attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
+use crate::{Error, Result, Tensor};
+
+/// Checks q [.., Tq, D] against k, v [.., Tk, D] and returns (leading dims, shape).
+fn attention_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Vec<usize>, AttentionShape)> {
+    let bad = |other: &Tensor| Error::ShapeMismatch {
+        op: "causal_attention",
+        lhs: q.shape().to_vec(),
+        rhs: other.shape().to_vec(),
+    };
+    let r = q.rank();
+    if r < 2 {
+        return Err(Error::invalid(
+            "causal_attention",
+            format!("q must be [.., T, D], got {:?}", q.shape()),
+        ));
+    }
+    for t in [k, v] {
+        if t.rank() != r
+            || t.shape()[..r - 2] != q.shape()[..r - 2]
+            || t.shape()[r - 1] != q.shape()[r - 1]
+        {
+            return Err(bad(t));
+        }
+    }
+    if k.shape() != v.shape() {
+        return Err(bad(v));
+    }
+    let (tq, tk, d) = (q.shape()[r - 2], k.shape()[r - 2], q.shape()[r - 1]);
+    if tq > tk {
+        return Err(Error::invalid(
+            "causal_attention",
+            format!("{tq} queries but only {tk} keys"),
+        ));
+    }
+    let lead = q.shape()[..r - 2].to_vec();
+    let bh = lead.iter().product();
+    Ok((lead, AttentionShape { bh, tq, tk, d }))
+}
+
+impl Tensor {
+    /// Fused causal attention over the last two dims (batch and head dims lead), scale 1/√D.
+    pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (_, shape) = attention_shape(q, k, v)?;
+        let scale = 1.0 / (shape.d.max(1) as f32).sqrt();
+        let (qc, kc, vc) = (
+            q.contiguous()?.detach(),
+            k.contiguous()?.detach(),
+            v.contiguous()?.detach(),
+        );
+        let mut out = vec![0.0f32; q.numel()];
+        let mut lse = vec![0.0f32; shape.bh * shape.tq];
+        causal_attention_forward(
+            shape,
+            scale,
+            &qc.f32_data()?,
+            &kc.f32_data()?,
+            &vc.f32_data()?,
+            &mut out,
+            &mut lse,
+        )?;
+        let out = Tensor::f32_owned(out, q.shape());
+        let saved_out = out.clone();
+        Ok(Tensor::record(
+            out,
+            "causal_attention",
+            &[q, k, v],
+            move |g| {
+                let g = g.contiguous()?;
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0.0f32; qc.numel()],
+                    vec![0.0f32; kc.numel()],
+                    vec![0.0f32; vc.numel()],
+                );
+                causal_attention_backward(
+                    shape,
+                    scale,
+                    &qc.f32_data()?,
+                    &kc.f32_data()?,
+                    &vc.f32_data()?,
+                    &saved_out.f32_data()?,
+                    &lse,
+                    &g.f32_data()?,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                )?;
+                Ok(vec![
+                    Some(Tensor::f32_owned(dq, qc.shape())),
+                    Some(Tensor::f32_owned(dk, kc.shape())),
+                    Some(Tensor::f32_owned(dv, vc.shape())),
+                ])
+            },
+        ))
+    }
+
+    /// The same attention composed from primitives (holds the full score matrix): the
+    /// reference the fused kernel is tested against.
+    pub fn causal_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (_, s) = attention_shape(q, k, v)?;
+        let scale = 1.0 / (s.d.max(1) as f32).sqrt();
+        let mut mask = vec![0u8; s.tq * s.tk];
+        for i in 0..s.tq {
+            for j in (s.tk - s.tq + i + 1)..s.tk {
+                mask[i * s.tk + j] = 1;
+            }
+        }
+        let mask = Tensor::from_vec(mask, &[s.tq, s.tk])?;
+        let scores = q.matmul(&k.t()?)?.mul_scalar(scale)?;
+        let scores = scores.masked_fill(&mask, f32::NEG_INFINITY)?;
+        scores.softmax(-1)?.matmul(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Parameter, Tensor};
+    use proptest::prelude::*;
+
+    fn grads(
+        f: fn(&Tensor, &Tensor, &Tensor) -> crate::Result<Tensor>,
+        xs: &[Tensor],
+        w: &Tensor,
+    ) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let ps: Vec<Parameter> = xs.iter().map(|x| Parameter::new(x.clone())).collect();
+        let out = f(&ps[0].tensor(), &ps[1].tensor(), &ps[2].tensor()).unwrap();
+        out.mul(w).unwrap().sum_all().unwrap().backward().unwrap();
+        (
+            out.to_f64_vec(),
+            ps.iter().map(|p| p.grad().unwrap().to_f64_vec()).collect(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        #[test]
+        fn fused_equals_composed(b in 1usize..3, h in 1usize..3, tk in 1usize..40, dq in 0usize..40, d in 1usize..20, seed in 0u64..1000) {
+            let tq = tk - dq.min(tk - 1);
+            let q = Tensor::randn(&[b, h, tq, d], 0.0, 1.0, seed);
+            let k = Tensor::randn(&[b, h, tk, d], 0.0, 1.0, seed + 1);
+            let v = Tensor::randn(&[b, h, tk, d], 0.0, 1.0, seed + 2);
+            let w = Tensor::randn(&[b, h, tq, d], 0.0, 1.0, seed + 3);
+            let xs = [q, k, v];
+            let (o1, g1) = grads(Tensor::causal_attention, &xs, &w);
+            let (o2, g2) = grads(Tensor::causal_attention_reference, &xs, &w);
+            for (a, e) in o1.iter().zip(&o2) { prop_assert!((a - e).abs() < 1e-4, "out {a} {e}"); }
+            for (ga, ge) in g1.iter().zip(&g2) {
+                for (a, e) in ga.iter().zip(ge) { prop_assert!((a - e).abs() < 1e-3 * (1.0 + e.abs()), "grad {a} {e}"); }
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_mismatched_shapes() {
+        let q = Tensor::zeros(&[1, 4, 8]);
+        assert!(Tensor::causal_attention(
+            &q,
+            &Tensor::zeros(&[1, 3, 8]),
+            &Tensor::zeros(&[1, 3, 8])
+        )
+        .is_err());
+        assert!(Tensor::causal_attention(
+            &q,
+            &Tensor::zeros(&[1, 4, 7]),
+            &Tensor::zeros(&[1, 4, 7])
+        )
+        .is_err());
+    }
+}

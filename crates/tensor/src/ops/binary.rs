@@ -1,0 +1,299 @@
+//! Elementwise binary ops with NumPy broadcasting (add, sub, mul, div), scalar ops, and
+//! `where_`/`masked_fill`. Backward rules reduce gradients back over broadcast dims.
+
+use super::{map_f32, zip_f32};
+use crate::cpu::vec;
+use crate::layout::broadcast_shapes;
+use crate::{DType, Error, Result, Tensor};
+
+#[derive(Clone, Copy)]
+enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl BinaryOp {
+    fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+
+    fn kernel(self) -> fn(&[f32], &[f32], &mut [f32]) {
+        match self {
+            BinaryOp::Add => vec::add,
+            BinaryOp::Sub => vec::sub,
+            BinaryOp::Mul => vec::mul,
+            BinaryOp::Div => vec::div,
+        }
+    }
+}
+
+/// The forward of a broadcasting binary op, untracked.
+fn binary_forward(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let shape = broadcast_shapes(op.name(), a.shape(), b.shape())?;
+    let kernel = op.kernel();
+    if a.shape() == b.shape() {
+        return zip_f32(a, b, kernel);
+    }
+    // Common case in models: [.., D] with [D] (a bias, a scale): one kernel call per row over
+    // contiguous rows, no expanded copy of the small operand.
+    let last = *shape.last().unwrap_or(&1);
+    if a.shape() == shape.as_slice() && b.shape().len() <= 1 && b.numel() == last && last > 0 {
+        let (sa, sb) = (a.f32_data()?, b.f32_data()?);
+        let mut out = vec![0.0f32; sa.len()];
+        for (ra, ro) in sa.chunks(last).zip(out.chunks_mut(last)) {
+            kernel(ra, &sb, ro);
+        }
+        return Ok(Tensor::f32_owned(out, &shape));
+    }
+    // General case: expand both operands (stride-0 views gathered into row-major order).
+    let ea = a.detach().broadcast_to(&shape)?;
+    let eb = b.detach().broadcast_to(&shape)?;
+    zip_f32(&ea, &eb, kernel)
+}
+
+fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let out = binary_forward(op, a, b)?;
+    let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+    let (ac, bc) = (a.detach(), b.detach());
+    let needs = (a.tracks_grad(), b.tracks_grad());
+    Ok(Tensor::record(out, op.name(), &[a, b], move |g| {
+        let (ga, gb) = match op {
+            BinaryOp::Add => (g.clone(), g.clone()),
+            BinaryOp::Sub => (g.clone(), g.neg()?),
+            BinaryOp::Mul => (
+                if needs.0 { g.mul(&bc)? } else { g.clone() },
+                if needs.1 { g.mul(&ac)? } else { g.clone() },
+            ),
+            BinaryOp::Div => {
+                let ga = if needs.0 { g.div(&bc)? } else { g.clone() };
+                // d(a/b)/db = -a / b^2
+                let gb = if needs.1 {
+                    g.mul(&ac)?.div(&bc.mul(&bc)?)?.neg()?
+                } else {
+                    g.clone()
+                };
+                (ga, gb)
+            }
+        };
+        Ok(vec![
+            needs.0.then(|| ga.sum_to_shape(&sa)).transpose()?,
+            needs.1.then(|| gb.sum_to_shape(&sb)).transpose()?,
+        ])
+    }))
+}
+
+impl Tensor {
+    /// Elementwise `self + other` with broadcasting.
+    pub fn add(&self, other: &Tensor) -> Result<Tensor> {
+        binary(BinaryOp::Add, self, other)
+    }
+
+    /// Elementwise `self - other` with broadcasting.
+    pub fn sub(&self, other: &Tensor) -> Result<Tensor> {
+        binary(BinaryOp::Sub, self, other)
+    }
+
+    /// Elementwise `self * other` with broadcasting.
+    pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
+        binary(BinaryOp::Mul, self, other)
+    }
+
+    /// Elementwise `self / other` with broadcasting.
+    pub fn div(&self, other: &Tensor) -> Result<Tensor> {
+        binary(BinaryOp::Div, self, other)
+    }
+
+    /// `self + s`.
+    pub fn add_scalar(&self, s: f32) -> Result<Tensor> {
+        let out = map_f32(self, |x, o| vec::add_scalar(x, s, o))?;
+        Ok(Tensor::record(out, "add_scalar", &[self], |g| {
+            Ok(vec![Some(g.clone())])
+        }))
+    }
+
+    /// `self * s`.
+    pub fn mul_scalar(&self, s: f32) -> Result<Tensor> {
+        let out = map_f32(self, |x, o| vec::mul_scalar(x, s, o))?;
+        Ok(Tensor::record(out, "mul_scalar", &[self], move |g| {
+            Ok(vec![Some(g.mul_scalar(s)?)])
+        }))
+    }
+
+    /// `self - s`.
+    pub fn sub_scalar(&self, s: f32) -> Result<Tensor> {
+        self.add_scalar(-s)
+    }
+
+    /// `self / s`.
+    pub fn div_scalar(&self, s: f32) -> Result<Tensor> {
+        self.mul_scalar(1.0 / s)
+    }
+
+    /// `-self`.
+    pub fn neg(&self) -> Result<Tensor> {
+        self.mul_scalar(-1.0)
+    }
+
+    /// Elementwise `cond ? a : b` with broadcasting of all three. `cond` is any dtype; nonzero
+    /// is true. Gradients flow to `a` where the condition holds and to `b` elsewhere.
+    pub fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let ab = broadcast_shapes("where", a.shape(), b.shape())?;
+        let shape = broadcast_shapes("where", cond.shape(), &ab)?;
+        let mask: Vec<bool> = cond
+            .detach()
+            .broadcast_to(&shape)?
+            .to_f64_vec()
+            .into_iter()
+            .map(|c| c != 0.0)
+            .collect();
+        let ea = a.detach().broadcast_to(&shape)?.f32_data()?.into_owned();
+        let eb = b.detach().broadcast_to(&shape)?.f32_data()?.into_owned();
+        let out: Vec<f32> = mask
+            .iter()
+            .zip(ea.iter().zip(&eb))
+            .map(|(&m, (&x, &y))| if m { x } else { y })
+            .collect();
+        let out = Tensor::f32_owned(out, &shape);
+        let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+        Ok(Tensor::record(out, "where", &[a, b], move |g| {
+            let gv = g.f32_data()?;
+            let (mut ga, mut gb) = (vec![0.0f32; gv.len()], vec![0.0f32; gv.len()]);
+            for (i, &m) in mask.iter().enumerate() {
+                if m {
+                    ga[i] = gv[i];
+                } else {
+                    gb[i] = gv[i];
+                }
+            }
+            let shape = g.shape();
+            Ok(vec![
+                Some(Tensor::f32_owned(ga, shape).sum_to_shape(&sa)?),
+                Some(Tensor::f32_owned(gb, shape).sum_to_shape(&sb)?),
+            ])
+        }))
+    }
+
+    /// `value` where `mask` is nonzero, `self` elsewhere (mask broadcasts to self's shape).
+    pub fn masked_fill(&self, mask: &Tensor, value: f32) -> Result<Tensor> {
+        let shape = broadcast_shapes("masked_fill", mask.shape(), self.shape())?;
+        if shape != self.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "masked_fill",
+                lhs: self.shape().to_vec(),
+                rhs: mask.shape().to_vec(),
+            });
+        }
+        Tensor::where_(mask, &Tensor::scalar(value), self)
+    }
+
+    /// Elementwise comparison `self > other` (broadcasting) as a u8 mask; not differentiable.
+    pub fn gt(&self, other: &Tensor) -> Result<Tensor> {
+        let shape = broadcast_shapes("gt", self.shape(), other.shape())?;
+        let a = self.detach().broadcast_to(&shape)?.f32_data()?.into_owned();
+        let b = other
+            .detach()
+            .broadcast_to(&shape)?
+            .f32_data()?
+            .into_owned();
+        let m: Vec<u8> = a.iter().zip(&b).map(|(x, y)| u8::from(x > y)).collect();
+        Tensor::from_vec(m, &shape)
+    }
+
+    /// Sums a gradient over the dims that broadcasting expanded, giving `shape` back.
+    pub fn sum_to_shape(&self, shape: &[usize]) -> Result<Tensor> {
+        if self.shape() == shape {
+            return Ok(self.clone());
+        }
+        let lead = self
+            .rank()
+            .checked_sub(shape.len())
+            .ok_or_else(|| Error::ShapeMismatch {
+                op: "sum_to_shape",
+                lhs: self.shape().to_vec(),
+                rhs: shape.to_vec(),
+            })?;
+        let mut t = self.clone();
+        for _ in 0..lead {
+            t = t.sum(0, false)?;
+        }
+        for (d, &want) in shape.iter().enumerate() {
+            if want == 1 && t.shape()[d] != 1 {
+                t = t.sum(d as isize, true)?;
+            }
+        }
+        if t.shape() != shape {
+            return Err(Error::ShapeMismatch {
+                op: "sum_to_shape",
+                lhs: self.shape().to_vec(),
+                rhs: shape.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+}
+
+/// Ensures a tensor holds f32 elements (CPU compute dtype).
+pub(crate) fn require_f32(op: &'static str, t: &Tensor) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::DTypeMismatch {
+            op,
+            expected: DType::F32,
+            got: t.dtype(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::gradcheck::check_gradients;
+    use crate::Tensor;
+
+    #[test]
+    fn broadcast_add_matches_explicit_expansion() {
+        let a = Tensor::randn(&[3, 1, 4], 0.0, 1.0, 1);
+        let b = Tensor::randn(&[5, 4], 0.0, 1.0, 2);
+        let c = a.add(&b).unwrap();
+        let e = a
+            .broadcast_to(&[3, 5, 4])
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .add(&b.broadcast_to(&[3, 5, 4]).unwrap().contiguous().unwrap())
+            .unwrap();
+        assert_eq!(c.to_f64_vec(), e.to_f64_vec());
+    }
+
+    #[test]
+    fn binary_gradients_with_broadcast() {
+        let a = Tensor::randn(&[2, 3], 0.0, 1.0, 3);
+        let b = Tensor::rand_uniform(&[3], 0.5, 2.0, 4);
+        for f in [
+            |x: &[Tensor]| x[0].add(&x[1]),
+            |x: &[Tensor]| x[0].sub(&x[1]),
+            |x: &[Tensor]| x[0].mul(&x[1]),
+            |x: &[Tensor]| x[0].div(&x[1]),
+        ] {
+            let err = check_gradients(&[a.clone(), b.clone()], f, 1e-3).unwrap();
+            assert!(err < 1e-3, "err {err}");
+        }
+    }
+
+    #[test]
+    fn where_routes_values_and_gradients() {
+        let c = Tensor::from_vec(vec![1u8, 0, 1], &[3]).unwrap();
+        let a = Tensor::from_vec(vec![1.0f32, 2.0, 3.0], &[3]).unwrap();
+        let b = Tensor::from_vec(vec![10.0f32], &[1]).unwrap();
+        let w = Tensor::where_(&c, &a, &b).unwrap();
+        assert_eq!(w.to_f64_vec(), vec![1.0, 10.0, 3.0]);
+        let err = check_gradients(&[a, b], |x| Tensor::where_(&c, &x[0], &x[1]), 1e-3).unwrap();
+        assert!(err < 1e-3);
+    }
+}

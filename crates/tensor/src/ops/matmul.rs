@@ -1,0 +1,239 @@
+//! Matrix multiplication, 2-D and batched with broadcast batch dims, on the engine's own GEMM.
+//!
+//! Operands are read through their strides, so transposed views (`a.t()`) cost no copy: the
+//! GEMM's packing step reads any layout. The backward uses the same trick (dA = dC·Bᵀ, dB = Aᵀ·dC).
+
+use super::binary::require_f32;
+use crate::cpu::gemm::{sgemm, MatMut, MatRef};
+use crate::layout::broadcast_shapes;
+use crate::{Error, Result, Tensor};
+use rayon::prelude::*;
+
+/// Storage index of batch element `b` (row-major over `batch_shape`) under `strides`.
+fn batch_offset(mut b: usize, batch_shape: &[usize], strides: &[usize]) -> usize {
+    let mut off = 0;
+    for (&d, &s) in batch_shape.iter().zip(strides).rev() {
+        off += (b % d) * s;
+        b /= d;
+    }
+    off
+}
+
+fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    require_f32("matmul", a)?;
+    require_f32("matmul", b)?;
+    let mismatch = || Error::ShapeMismatch {
+        op: "matmul",
+        lhs: a.shape().to_vec(),
+        rhs: b.shape().to_vec(),
+    };
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(mismatch());
+    }
+    let (m, k) = (a.shape()[a.rank() - 2], a.shape()[a.rank() - 1]);
+    let (k2, n) = (b.shape()[b.rank() - 2], b.shape()[b.rank() - 1]);
+    if k != k2 {
+        return Err(mismatch());
+    }
+    let batch = broadcast_shapes(
+        "matmul",
+        &a.shape()[..a.rank() - 2],
+        &b.shape()[..b.rank() - 2],
+    )?;
+    let nb: usize = batch.iter().product();
+    let mut out_shape = batch.clone();
+    out_shape.extend([m, n]);
+
+    // [.., m, k] · [k, n] with contiguous rows in `a`: one GEMM with m·batch rows. This is the
+    // shape of every linear layer, and one large GEMM beats many small ones.
+    if b.rank() == 2 && a.is_contiguous() {
+        let rows = a.numel() / k.max(1);
+        let mut out = vec![0.0f32; rows * n];
+        let (sa, sb) = (a.storage().as_slice::<f32>(), b.storage().as_slice::<f32>());
+        let (sa, sb) = (sa.unwrap_or(&[]), sb.unwrap_or(&[]));
+        let bl = b.layout();
+        sgemm(
+            1.0,
+            MatRef {
+                data: &sa[a.layout().offset()..],
+                rows,
+                cols: k,
+                row_stride: k,
+                col_stride: 1,
+            },
+            MatRef {
+                data: &sb[bl.offset()..],
+                rows: k,
+                cols: n,
+                row_stride: bl.strides()[0],
+                col_stride: bl.strides()[1],
+            },
+            0.0,
+            MatMut {
+                data: &mut out,
+                rows,
+                cols: n,
+                row_stride: n,
+            },
+        )?;
+        return Ok(Tensor::f32_owned(out, &out_shape));
+    }
+
+    let ea = a.detach().broadcast_to(&[&batch[..], &[m, k]].concat())?;
+    let eb = b.detach().broadcast_to(&[&batch[..], &[k, n]].concat())?;
+    let (la, lb) = (ea.layout(), eb.layout());
+    let (sa, sb) = (
+        ea.storage().as_slice::<f32>().unwrap_or(&[]),
+        eb.storage().as_slice::<f32>().unwrap_or(&[]),
+    );
+    let r = batch.len();
+    let mut out = vec![0.0f32; nb * m * n];
+    let run = |bi: usize, c: &mut [f32]| -> Result<()> {
+        let oa = la.offset() + batch_offset(bi, &batch, &la.strides()[..r]);
+        let ob = lb.offset() + batch_offset(bi, &batch, &lb.strides()[..r]);
+        sgemm(
+            1.0,
+            MatRef {
+                data: &sa[oa..],
+                rows: m,
+                cols: k,
+                row_stride: la.strides()[r],
+                col_stride: la.strides()[r + 1],
+            },
+            MatRef {
+                data: &sb[ob..],
+                rows: k,
+                cols: n,
+                row_stride: lb.strides()[r],
+                col_stride: lb.strides()[r + 1],
+            },
+            0.0,
+            MatMut {
+                data: c,
+                rows: m,
+                cols: n,
+                row_stride: n,
+            },
+        )
+    };
+    if m * n > 0 {
+        // Many small products (attention heads): one batch element per task. Large products
+        // parallelise inside the GEMM instead.
+        if m * n * k < 64 * 64 * 64 && nb > 1 {
+            out.par_chunks_mut(m * n)
+                .enumerate()
+                .try_for_each(|(bi, c)| run(bi, c))?;
+        } else {
+            for (bi, c) in out.chunks_mut(m * n).enumerate() {
+                run(bi, c)?;
+            }
+        }
+    }
+    Ok(Tensor::f32_owned(out, &out_shape))
+}
+
+impl Tensor {
+    /// Matrix product over the last two dims, broadcasting the leading (batch) dims.
+    pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
+        let out = matmul_forward(self, other)?;
+        let (a, b) = (self.detach(), other.detach());
+        let needs = (self.tracks_grad(), other.tracks_grad());
+        Ok(Tensor::record(out, "matmul", &[self, other], move |g| {
+            let ga = if needs.0 {
+                Some(g.matmul(&b.t()?)?.sum_to_shape(a.shape())?)
+            } else {
+                None
+            };
+            let gb = if needs.1 {
+                Some(matmul_weight_grad(&a, g, b.shape())?.sum_to_shape(b.shape())?)
+            } else {
+                None
+            };
+            Ok(vec![ga, gb])
+        }))
+    }
+}
+
+/// Aᵀ·dC, folding batch dims into the reduction when B was a 2-D weight (one GEMM, not a
+/// batched product followed by a sum).
+fn matmul_weight_grad(a: &Tensor, g: &Tensor, b_shape: &[usize]) -> Result<Tensor> {
+    let (k, n) = (a.shape()[a.rank() - 1], g.shape()[g.rank() - 1]);
+    let b_batch: usize = b_shape[..b_shape.len() - 2].iter().product();
+    if a.rank() > 2 && b_batch == 1 && a.is_contiguous() && g.is_contiguous() {
+        let rows = a.numel() / k.max(1);
+        let a2 = a.reshape_to(&[rows, k])?;
+        let g2 = g.reshape_to(&[rows, n])?;
+        let full = a2.t()?.matmul(&g2)?;
+        // Shape [k, n]; sum_to_shape by the caller handles the rank when B had batch dims of 1.
+        let mut shape = vec![1; a.rank() - 2];
+        shape.extend([k, n]);
+        return full.reshape_to(&shape);
+    }
+    a.t()?.matmul(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::gradcheck::check_gradients;
+    use crate::Tensor;
+    use proptest::prelude::*;
+
+    fn naive(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    c[i * n + j] += a[i * k + p] * b[p * n + j];
+                }
+            }
+        }
+        c
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn matmul_matches_triple_loop(m in 1usize..300, k in 1usize..300, n in 1usize..300,
+                                      ta in any::<bool>(), tb in any::<bool>(), seed in 0u64..1000) {
+            // Optionally build the operands as transposed views of stored transposes.
+            let a = if ta { Tensor::randn(&[k, m], 0.0, 1.0, seed).t().unwrap() } else { Tensor::randn(&[m, k], 0.0, 1.0, seed) };
+            let b = if tb { Tensor::randn(&[n, k], 0.0, 1.0, seed + 1).t().unwrap() } else { Tensor::randn(&[k, n], 0.0, 1.0, seed + 1) };
+            let c = a.matmul(&b).unwrap().to_f64_vec();
+            let want = naive(&a.to_f64_vec(), &b.to_f64_vec(), m, k, n);
+            for (x, y) in c.iter().zip(&want) {
+                prop_assert!((x - y).abs() <= 1e-4 * (k as f64).sqrt() * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn batched_broadcast_matmul() {
+        let a = Tensor::randn(&[2, 1, 3, 4], 0.0, 1.0, 1);
+        let b = Tensor::randn(&[5, 4, 2], 0.0, 1.0, 2);
+        let c = a.matmul(&b).unwrap();
+        assert_eq!(c.shape(), &[2, 5, 3, 2]);
+        let (av, bv, cv) = (a.to_f64_vec(), b.to_f64_vec(), c.to_f64_vec());
+        for i in 0..2 {
+            for j in 0..5 {
+                let want = naive(&av[i * 12..][..12], &bv[j * 8..][..8], 3, 4, 2);
+                for (x, y) in cv[(i * 5 + j) * 6..][..6].iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-5);
+                }
+            }
+        }
+        assert!(Tensor::zeros(&[2, 3])
+            .matmul(&Tensor::zeros(&[4, 2]))
+            .is_err());
+    }
+
+    #[test]
+    fn matmul_gradients() {
+        let a = Tensor::randn(&[2, 3, 4], 0.0, 1.0, 3);
+        let b = Tensor::randn(&[4, 5], 0.0, 1.0, 4);
+        let err = check_gradients(&[a.clone(), b.clone()], |x| x[0].matmul(&x[1]), 1e-2).unwrap();
+        assert!(err < 1e-3, "{err}");
+        let b3 = Tensor::randn(&[1, 5, 4], 0.0, 1.0, 5);
+        let err = check_gradients(&[a, b3], |x| x[0].matmul(&x[1].t()?), 1e-2).unwrap();
+        assert!(err < 1e-3, "{err}");
+    }
+}

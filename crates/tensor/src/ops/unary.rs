@@ -1,0 +1,175 @@
+//! Elementwise unary ops and their derivatives: exp, log, sqrt, tanh, relu, gelu (tanh
+//! approximation, as GPT-2), sigmoid, log_sigmoid (stable), powf, clamp, abs.
+
+use super::{map_f32, zip_f32};
+use crate::cpu::vec;
+use crate::{Result, Tensor};
+
+/// Maps each element with a scalar closure (for the ops that are not hot enough for SIMD).
+fn map_scalar(x: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor> {
+    map_f32(x, |a, o| {
+        for (o, &a) in o.iter_mut().zip(a) {
+            *o = f(a);
+        }
+    })
+}
+
+impl Tensor {
+    /// e^x.
+    pub fn exp(&self) -> Result<Tensor> {
+        let out = map_f32(self, vec::exp)?;
+        let y = out.clone();
+        Ok(Tensor::record(out, "exp", &[self], move |g| {
+            Ok(vec![Some(g.mul(&y)?)])
+        }))
+    }
+
+    /// Natural logarithm.
+    pub fn log(&self) -> Result<Tensor> {
+        let out = map_f32(self, vec::log)?;
+        let x = self.detach();
+        Ok(Tensor::record(out, "log", &[self], move |g| {
+            Ok(vec![Some(g.div(&x)?)])
+        }))
+    }
+
+    /// Square root.
+    pub fn sqrt(&self) -> Result<Tensor> {
+        let out = map_scalar(self, f32::sqrt)?;
+        let y = out.clone();
+        Ok(Tensor::record(out, "sqrt", &[self], move |g| {
+            Ok(vec![Some(g.div(&y.mul_scalar(2.0)?)?)])
+        }))
+    }
+
+    /// Hyperbolic tangent.
+    pub fn tanh(&self) -> Result<Tensor> {
+        let out = map_f32(self, vec::tanh)?;
+        let y = out.clone();
+        Ok(Tensor::record(out, "tanh", &[self], move |g| {
+            let d = map_scalar(&y, |t| 1.0 - t * t)?;
+            Ok(vec![Some(g.mul(&d)?)])
+        }))
+    }
+
+    /// max(x, 0). The derivative at exactly 0 is taken as 0.
+    pub fn relu(&self) -> Result<Tensor> {
+        let out = map_scalar(self, |x| x.max(0.0))?;
+        let x = self.detach();
+        Ok(Tensor::record(out, "relu", &[self], move |g| {
+            let d = map_scalar(&x, |v| if v > 0.0 { 1.0 } else { 0.0 })?;
+            Ok(vec![Some(g.mul(&d)?)])
+        }))
+    }
+
+    /// GELU with the tanh approximation GPT-2 uses.
+    pub fn gelu(&self) -> Result<Tensor> {
+        let out = map_f32(self, vec::gelu)?;
+        let x = self.detach();
+        Ok(Tensor::record(out, "gelu", &[self], move |g| {
+            let g = g.contiguous()?;
+            Ok(vec![Some(zip_f32(&x, &g, vec::gelu_backward)?)])
+        }))
+    }
+
+    /// 1 / (1 + e^-x).
+    pub fn sigmoid(&self) -> Result<Tensor> {
+        let out = map_f32(self, vec::sigmoid)?;
+        let y = out.clone();
+        Ok(Tensor::record(out, "sigmoid", &[self], move |g| {
+            let d = map_scalar(&y, |s| s * (1.0 - s))?;
+            Ok(vec![Some(g.mul(&d)?)])
+        }))
+    }
+
+    /// log σ(x) = min(x, 0) - log(1 + e^-|x|): finite for any finite x (no log of 0).
+    pub fn log_sigmoid(&self) -> Result<Tensor> {
+        let out = map_scalar(self, |x| x.min(0.0) - (-x.abs()).exp().ln_1p())?;
+        let x = self.detach();
+        Ok(Tensor::record(out, "log_sigmoid", &[self], move |g| {
+            // d/dx log σ(x) = 1 - σ(x) = σ(-x)
+            let d = map_scalar(&x, |v| 1.0 / (1.0 + v.exp()))?;
+            Ok(vec![Some(g.mul(&d)?)])
+        }))
+    }
+
+    /// x^p elementwise.
+    pub fn powf(&self, p: f32) -> Result<Tensor> {
+        let out = map_scalar(self, |x| x.powf(p))?;
+        let x = self.detach();
+        Ok(Tensor::record(out, "powf", &[self], move |g| {
+            let d = map_scalar(&x, |v| p * v.powf(p - 1.0))?;
+            Ok(vec![Some(g.mul(&d)?)])
+        }))
+    }
+
+    /// Elementwise clamp into [lo, hi]; the gradient is zero where the value was clipped.
+    pub fn clamp(&self, lo: f32, hi: f32) -> Result<Tensor> {
+        let out = map_scalar(self, |x| x.clamp(lo, hi))?;
+        let x = self.detach();
+        Ok(Tensor::record(out, "clamp", &[self], move |g| {
+            let d = map_scalar(&x, |v| if v >= lo && v <= hi { 1.0 } else { 0.0 })?;
+            Ok(vec![Some(g.mul(&d)?)])
+        }))
+    }
+
+    /// |x|; the derivative at 0 is taken as 0.
+    pub fn abs(&self) -> Result<Tensor> {
+        let out = map_scalar(self, f32::abs)?;
+        let x = self.detach();
+        Ok(Tensor::record(out, "abs", &[self], move |g| {
+            let d = map_scalar(&x, |v| {
+                if v > 0.0 {
+                    1.0
+                } else if v < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                }
+            })?;
+            Ok(vec![Some(g.mul(&d)?)])
+        }))
+    }
+
+    /// x².
+    pub fn square(&self) -> Result<Tensor> {
+        self.mul(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::gradcheck::check_gradients;
+    use crate::Tensor;
+
+    #[test]
+    fn log_sigmoid_is_stable_at_extremes() {
+        let x = Tensor::from_vec(vec![-1000.0f32, 0.0, 1000.0], &[3]).unwrap();
+        let y = x.log_sigmoid().unwrap().to_f64_vec();
+        assert_eq!(y[0], -1000.0);
+        assert!((y[1] + std::f64::consts::LN_2).abs() < 1e-6);
+        assert_eq!(y[2], 0.0);
+    }
+
+    #[test]
+    fn unary_gradients() {
+        let x = Tensor::rand_uniform(&[2, 5], 0.3, 2.0, 11);
+        type UnaryFn = fn(&[Tensor]) -> crate::Result<Tensor>;
+        let fs: Vec<(&str, UnaryFn)> = vec![
+            ("exp", |x| x[0].exp()),
+            ("log", |x| x[0].log()),
+            ("sqrt", |x| x[0].sqrt()),
+            ("tanh", |x| x[0].tanh()),
+            ("gelu", |x| x[0].gelu()),
+            ("sigmoid", |x| x[0].sigmoid()),
+            ("log_sigmoid", |x| x[0].log_sigmoid()),
+            ("powf", |x| x[0].powf(1.7)),
+            ("clamp", |x| x[0].clamp(0.0, 5.0)),
+            ("relu", |x| x[0].relu()),
+        ];
+        for (name, f) in fs {
+            let err = check_gradients(std::slice::from_ref(&x), f, 1e-3).unwrap();
+            assert!(err < 2e-3, "{name}: {err}");
+        }
+    }
+}
