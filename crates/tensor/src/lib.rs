@@ -12,6 +12,7 @@ pub mod error;
 pub mod gradcheck;
 pub mod layout;
 pub mod ops;
+pub mod optim;
 pub mod rng;
 pub mod safetensors;
 pub mod storage;
