@@ -14,7 +14,7 @@ use crate::{Error, Result};
 ///
 /// Cheap to clone (an `Arc` inside); tensor bytes borrow the mapping, which lives as long as any
 /// clone. The mapping starts on a page boundary, so a tensor at file offset `begin` sits at a
-/// memory address with the same alignment as `begin` (files from [`super::write`] put every tensor
+/// memory address with the same alignment as `begin` (files from [`super::write()`] put every tensor
 /// at a multiple of its element size).
 #[derive(Clone)]
 pub struct MappedFile {

@@ -25,7 +25,7 @@
 //!
 //! # What the writer produces
 //!
-//! [`write`] and [`serialize`] lay out tensors the way the reference writer does: sorted by dtype
+//! [`write()`] and [`serialize`] lay out tensors the way the reference writer does: sorted by dtype
 //! (widest element first: I64, F32, U32, I32, BF16, F16, U8), then by name, packed without gaps,
 //! and the JSON header padded with spaces so the data section starts at a multiple of 8 bytes.
 //! Together that puts every tensor at a file offset that is a multiple of its element size, so a

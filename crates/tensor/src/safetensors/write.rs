@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{checked_num_elements, RawTensor, METADATA_KEY};
 use crate::{DType, Error, Result};
 
-/// Serializes `tensors` and `metadata` into an in-memory safetensors file (same bytes as [`write`]
-/// puts on disk). Meant for small files and tests; checkpoints go through [`write`], which streams.
+/// Serializes `tensors` and `metadata` into an in-memory safetensors file (same bytes as [`write()`]
+/// puts on disk). Meant for small files and tests; checkpoints go through [`write()`], which streams.
 pub fn serialize(
     tensors: &[RawTensor<'_>],
     metadata: Option<&BTreeMap<String, String>>,
