@@ -34,7 +34,7 @@ impl MappedFile {
     pub fn open(path: &Path) -> Result<Self> {
         let io_err = |source| Error::Io {
             path: path.to_path_buf(),
-            source,
+            err: source,
         };
         let file = File::open(path).map_err(io_err)?;
         // SAFETY: mapping a file is sound as long as no one modifies or truncates it while the

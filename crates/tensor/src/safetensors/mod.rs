@@ -37,12 +37,14 @@
 
 mod mapped;
 mod parse;
+mod tensors;
 mod write;
 
 use std::collections::BTreeMap;
 
 pub use mapped::MappedFile;
 pub use parse::{parse_header, MAX_HEADER_LEN};
+pub use tensors::{load, save, tensor_from, Loaded};
 pub use write::{serialize, write};
 
 use crate::DType;

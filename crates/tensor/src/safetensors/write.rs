@@ -65,7 +65,7 @@ pub fn write(
     let result = write_to_temp(&tmp, &layout, tensors).and_then(|()| {
         std::fs::rename(&tmp, path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
-            source,
+            err: source,
         })
     });
     if result.is_err() {
@@ -79,7 +79,7 @@ pub fn write(
 fn write_to_temp(tmp: &Path, layout: &Layout, tensors: &[RawTensor<'_>]) -> Result<()> {
     let io_err = |source| Error::Io {
         path: tmp.to_path_buf(),
-        source,
+        err: source,
     };
     let file = OpenOptions::new()
         .write(true)
@@ -104,7 +104,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
             .and_then(|d| d.sync_all())
             .map_err(|source| Error::Io {
                 path: dir.to_path_buf(),
-                source,
+                err: source,
             })?;
     }
     #[cfg(not(unix))]
