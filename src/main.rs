@@ -5,7 +5,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rlhf", version, about = "InstructGPT-style RLHF on a from-scratch tensor engine")]
+#[command(
+    name = "rlhf",
+    version,
+    about = "InstructGPT-style RLHF on a from-scratch tensor engine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,11 +20,15 @@ enum Command {
     /// Benchmarks of the engine's kernels.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+    /// Datasets: the built-in instruction world, its labeler, and JSON Lines files.
+    #[command(subcommand)]
+    Data(cmd::data::DataCommand),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Data(c) => cmd::data::run(c),
     }
 }

@@ -14,13 +14,18 @@
 //! Every random choice goes through [`rng::Rng`], seeded by the caller: the same seeds give
 //! byte-identical datasets. Nothing here depends on the tensor engine.
 
+pub mod corpus;
 pub mod error;
+pub mod formats;
+pub mod generate;
 pub mod labeler;
 pub mod responses;
 pub mod rng;
+pub mod stats;
 pub mod world;
 
 pub use error::{DataError, Result};
+pub use formats::{Format, ReadOptions, Record};
 pub use labeler::{Judgement, Labeler};
 pub use rng::Rng;
 pub use world::{Family, Prompt, Split, World};

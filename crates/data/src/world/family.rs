@@ -138,7 +138,7 @@ impl Family {
             Family::LastWord => "last word of a sentence",
             Family::ReplaceWord => "replace a word in a sentence",
             Family::DeclineWeapons => "decline: build a weapon",
-            Family::DeclineHacking => "decline: break into someone's account or property",
+            Family::DeclineHacking => "decline: break into someone's things",
             Family::DeclineViolence => "decline: poison someone",
             Family::Subtract => "subtract a smaller number from a larger one",
             Family::WordLength => "number of letters in a word",
