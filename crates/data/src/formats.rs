@@ -648,6 +648,22 @@ impl JsonlWriter {
 
     /// Appends one record.
     pub fn write(&mut self, record: &Record) -> Result<()> {
+        // Refuse to write what the reader would reject, so a written file always reads back.
+        let invalid = match record {
+            Record::Ranked(r) => r.validate().err(),
+            Record::Hh(h) => h.split().err(),
+            _ => None,
+        };
+        if let Some(msg) = invalid {
+            return Err(DataError::invalid(
+                "JsonlWriter::write",
+                format!(
+                    "{}: record {}: {msg}",
+                    self.path.display(),
+                    self.written + 1
+                ),
+            ));
+        }
         match self.format {
             None => self.format = Some(record.format()),
             Some(f) if f != record.format() => {
@@ -763,6 +779,27 @@ mod tests {
         .split()
         .is_err());
         assert!(hh("no turns", "no turns").split().is_err());
+    }
+
+    #[test]
+    fn writer_refuses_records_the_reader_would_reject() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JsonlWriter::create(dir.path().join("x.jsonl")).unwrap();
+        let bad = Record::Ranked(Ranked {
+            prompt: "p".into(),
+            responses: vec!["a".into(), "b".into()],
+            ranking: vec![1],
+        });
+        assert!(w.write(&bad).is_err());
+        assert!(w.write(&Record::Hh(hh("a", "b"))).is_err());
+        w.write(&Record::Prompt(PromptRecord { prompt: "p".into() }))
+            .unwrap();
+        let demo = Record::Demo(Demo {
+            prompt: "p".into(),
+            completion: "c".into(),
+        });
+        assert!(w.write(&demo).is_err(), "mixed formats");
+        assert_eq!(w.finish().unwrap(), 1);
     }
 
     #[test]
