@@ -30,6 +30,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Datasets: the built-in instruction world, its labeler, and JSON Lines files.
+    #[command(subcommand)]
+    Data(cmd::data::DataCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(c) => cmd::bench::run(c),
         Command::Inspect { file, json } => cmd::inspect::run(&file, json),
+        Command::Data(c) => cmd::data::run(c),
     }
 }
