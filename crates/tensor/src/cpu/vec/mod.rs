@@ -29,6 +29,7 @@
 //! tests bound those differences per function.
 
 mod scalar;
+#[cfg(target_arch = "x86_64")]
 mod simd;
 #[cfg(test)]
 mod tests;
