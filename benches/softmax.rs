@@ -1,0 +1,95 @@
+//! Row softmax on the CPU, per instruction set: `softmax_rows` (forward) and
+//! `softmax_backward_rows`, on GPT-2-like shapes.
+//!
+//! Throughput is in bytes of f32 data each call must move at least once: forward reads x and
+//! writes out (8 B/element); backward reads y and dy and writes dx (12 B/element). The kernels
+//! make more passes than that over each row (max, exp+sum, scale), but those run from cache.
+//!
+//! Threads: a dedicated rayon pool of `RLHF_BENCH_THREADS` threads (default 1, so the numbers
+//! compare kernels rather than core counts); the thread count is part of each benchmark name.
+//!
+//! Run: `cargo bench --bench softmax` (filter e.g. `-- 1024x1024`).
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rlhf_tensor::cpu::{vec, Isa};
+
+const SHAPES: [(usize, usize); 2] = [(1024, 1024), (8192, 768)];
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn threads() -> usize {
+    std::env::var("RLHF_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
+fn bench(c: &mut Criterion) {
+    let t = threads();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(t)
+        .build()
+        .expect("rayon pool");
+    for (rows, cols) in SHAPES {
+        let n = rows * cols;
+        let x = data(n, 1, 8.0);
+        let dy = data(n, 2, 1.0);
+        let mut y = vec![0.0f32; n];
+        vec::softmax_rows_with(Isa::Scalar, &x, cols, &mut y);
+        let mut out = vec![0.0f32; n];
+        let shape = format!("{rows}x{cols}");
+
+        let mut g = c.benchmark_group(format!("softmax_rows/threads={t}"));
+        g.throughput(Throughput::Bytes((n * 8) as u64));
+        for isa in Isa::available() {
+            g.bench_with_input(
+                BenchmarkId::new(format!("{isa:?}"), &shape),
+                &isa,
+                |b, &isa| {
+                    b.iter(|| pool.install(|| vec::softmax_rows_with(isa, &x, cols, &mut out)))
+                },
+            );
+        }
+        g.finish();
+
+        let mut g = c.benchmark_group(format!("softmax_backward_rows/threads={t}"));
+        g.throughput(Throughput::Bytes((n * 12) as u64));
+        for isa in Isa::available() {
+            g.bench_with_input(
+                BenchmarkId::new(format!("{isa:?}"), &shape),
+                &isa,
+                |b, &isa| {
+                    b.iter(|| {
+                        pool.install(|| {
+                            vec::softmax_backward_rows_with(isa, &y, &dy, cols, &mut out)
+                        })
+                    })
+                },
+            );
+        }
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    targets = bench
+}
+criterion_main!(benches);
