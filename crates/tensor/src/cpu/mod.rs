@@ -98,11 +98,7 @@ pub fn isa() -> Isa {
     static FROM_ENV: OnceLock<Isa> = OnceLock::new();
     *FROM_ENV.get_or_init(|| {
         let best = Isa::detect();
-        match std::env::var("RLHF_CPU_ISA")
-            .ok()
-            .as_deref()
-            .map(Isa::parse)
-        {
+        match std::env::var("RLHF_CPU_ISA").ok().as_deref().map(Isa::parse) {
             Some(Some(wanted)) if wanted.is_available() => wanted,
             Some(Some(wanted)) => {
                 eprintln!("RLHF_CPU_ISA={wanted:?} is not supported by this CPU; using {best:?}");
