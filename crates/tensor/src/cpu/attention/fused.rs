@@ -40,7 +40,8 @@ const MIN_BWD_TASKS: usize = 32;
 
 /// One register-tiled product `out[r][0..nvec·W] (+)= Σ_t a(r, t) · b[t][0..nvec·W]` for
 /// `r < rows`, `t < n_t`, where `a(r, t) = a[r·a_rs + t·a_cs]`, `b[t][j] = b[t·b_rs + j]` and
-/// `out[r][j] = out[r·out_rs + j]`. With `acc` it adds to `out`, else it overwrites.
+/// `out[r][j] = out[r·out_rs + j]`. With `acc` it adds the sum to `out`; without, it writes
+/// `scale · sum` (folding the softmax scale into the score tile saves a pass over it).
 ///
 /// Bounds (the promise `Simd::gemm` callers make): every `a(r, t)` readable, `b[t][0..nvec·W]`
 /// readable, `out[r][0..nvec·W]` writable (and readable with `acc`). [`gemm`] checks them.
@@ -57,6 +58,16 @@ pub(super) struct Gemm {
     out: *mut f32,
     out_rs: usize,
     acc: bool,
+    scale: f32,
+}
+
+/// How [`gemm`] treats its output.
+#[derive(Clone, Copy)]
+enum Acc {
+    /// `out += Σ`.
+    Add,
+    /// `out = scale · Σ`.
+    Overwrite { scale: f32 },
 }
 
 /// Checks a [`Gemm`]'s bounds against the slices and runs it.
@@ -72,7 +83,7 @@ unsafe fn gemm<S: Simd>(
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, b_rs): (&[f32], usize),
     (out, out_rs): (&mut [f32], usize),
-    acc: bool,
+    acc: Acc,
 ) {
     if rows == 0 || nvec == 0 {
         return;
@@ -103,7 +114,11 @@ unsafe fn gemm<S: Simd>(
         b_rs,
         out: out.as_mut_ptr(),
         out_rs,
-        acc,
+        acc: matches!(acc, Acc::Add),
+        scale: match acc {
+            Acc::Add => 1.0,
+            Acc::Overwrite { scale } => scale,
+        },
     };
     // SAFETY: the bounds `Gemm` documents were asserted above; the caller promises the CPU
     // has `S`'s instruction set.
@@ -136,7 +151,9 @@ pub(super) unsafe fn gemm_impl<S: Simd>(g: Gemm) {
                     1 => tile_vecs::<S, 1>(vv, t),
                     2 => tile_vecs::<S, 2>(vv, t),
                     3 => tile_vecs::<S, 3>(vv, t),
-                    _ => tile_vecs::<S, 4>(vv, t),
+                    4 => tile_vecs::<S, 4>(vv, t),
+                    5 => tile_vecs::<S, 5>(vv, t),
+                    _ => tile_vecs::<S, 6>(vv, t),
                 }
             }
             v0 += vv;
@@ -189,6 +206,14 @@ unsafe fn tile<S: Simd, const R: usize, const NV: usize>(g: Gemm) {
                 let av = S::splat(*ap.add(r * g.a_rs));
                 for v in 0..NV {
                     c[r][v] = S::fmadd(av, bv[v], c[r][v]);
+                }
+            }
+        }
+        if !g.acc && g.scale != 1.0 {
+            let scale = S::splat(g.scale);
+            for r in 0..R {
+                for v in 0..NV {
+                    c[r][v] = S::mul(c[r][v], scale);
                 }
             }
         }
@@ -247,53 +272,121 @@ fn pack_rows(x: &[f32], d: usize, dp: usize, r0: usize, n: usize, xp: &mut [f32]
     }
 }
 
-/// Inputs of the forward, shared by all its tasks. Lengths were checked by the caller.
-pub(super) struct FwdCtx<'a> {
-    pub shape: AttentionShape,
-    pub scale: f32,
-    pub q: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+/// Rows `0..n` of `x` (`[n][d]`) as rows of `dp` floats: `x` itself when `dp == d` (no copy),
+/// else a zero-padded copy in `buf` of which only rows `r0..n` are filled (the caller reads no
+/// others).
+fn padded_rows<'a>(
+    x: &'a [f32],
+    d: usize,
+    dp: usize,
+    r0: usize,
+    n: usize,
+    buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    if dp == d {
+        &x[..n * d]
+    } else {
+        buf.clear();
+        buf.resize(n * dp, 0.0);
+        pack_rows(x, d, dp, r0, n - r0, &mut buf[r0 * dp..]);
+        buf
+    }
+}
+
+/// Picks the vector width and the per-task function for `isa`. The `unsafe fn` pointers may
+/// only be called once `isa` is known to be available.
+macro_rules! per_isa {
+    ($isa:expr, $scalar:ident, $avx2:ident, $avx512:ident) => {
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => (super::simd::Avx512::W, $avx512 as _),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => (super::simd::Avx2::W, $avx2 as _),
+            _ => (1, $scalar as _),
+        }
+    };
+}
+
+/// Inputs of the forward, shared by all its tasks.
+struct FwdCtx<'a> {
+    shape: AttentionShape,
+    scale: f32,
+    q: &'a [f32],
+    /// Per (head, key block): `Kᵀ` as `[d][BK]`, then `V` as `[BK][dp]` when `dp != d`.
+    packed: &'a [f32],
+    /// `V` itself, read in place when `dp == d`.
+    v: &'a [f32],
+    dp: usize,
+}
+
+impl FwdCtx<'_> {
+    fn block_len(&self) -> usize {
+        let d = self.shape.d;
+        d * BK + if self.dp == d { 0 } else { BK * self.dp }
+    }
 }
 
 /// Per-thread buffers of the forward; every element read in a block is first written in that
 /// block, so reusing them across tasks cannot change results.
 struct FwdScratch {
-    kt: Vec<f32>,
-    vp: Vec<f32>,
     s: Vec<f32>,
     o: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
 }
 
-impl FwdScratch {
-    fn new(d: usize, dp: usize) -> Self {
-        FwdScratch {
-            kt: vec![0.0; d * BK],
-            vp: vec![0.0; BK * dp],
-            s: vec![0.0; BQ * BK],
-            o: vec![0.0; BQ * dp],
-            m: vec![0.0; BQ],
-            l: vec![0.0; BQ],
-        }
-    }
-}
-
 type FwdBlockFn = unsafe fn(&FwdCtx<'_>, &mut FwdScratch, usize, usize, &mut [f32], &mut [f32]);
 
-/// The forward on instruction set `isa` (available: checked by the caller), with `out` and
-/// `lse` of the right lengths and `bh, tq, d ≥ 1`.
-pub(super) fn forward(isa: Isa, ctx: &FwdCtx<'_>, out: &mut [f32], lse: &mut [f32]) {
-    let AttentionShape { tq, d, .. } = ctx.shape;
-    let (w, block): (usize, FwdBlockFn) = match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => (super::simd::Avx512::W, forward_block_avx512),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => (super::simd::Avx2::W, forward_block_avx2),
-        _ => (1, forward_block_scalar),
-    };
+/// The forward on instruction set `isa` (available: checked by the caller), with slices of the
+/// lengths `shape` implies and `bh, tq, d ≥ 1`.
+#[allow(clippy::too_many_arguments)] // one argument per tensor of the API
+pub(super) fn forward(
+    isa: Isa,
+    shape: AttentionShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let AttentionShape { tq, tk, d, .. } = shape;
+    let (w, block): (usize, FwdBlockFn) = per_isa!(
+        isa,
+        forward_block_scalar,
+        forward_block_avx2,
+        forward_block_avx512
+    );
     let dp = d.next_multiple_of(w);
+    let nkb = tk.div_ceil(BK);
+
+    // Pack every key block once, up front: each is read by every query block below it, and
+    // packing it per query block cost about a fifth of the forward at T = 1024.
+    let mut packed = Vec::new();
+    let mut ctx = FwdCtx {
+        shape,
+        scale,
+        q,
+        packed: &[],
+        v,
+        dp,
+    };
+    let block_len = ctx.block_len();
+    packed.resize(out.len() / (tq * d) * nkb * block_len, 0.0);
+    packed
+        .par_chunks_mut(block_len)
+        .enumerate()
+        .for_each(|(i, blk)| {
+            let (b, k0) = (i / nkb, i % nkb * BK);
+            let kn = BK.min(tk - k0);
+            let (kt, vp) = blk.split_at_mut(d * BK);
+            pack_transposed(&k[b * tk * d..][..tk * d], d, k0, kn, kt);
+            if dp != d {
+                pack_rows(&v[b * tk * d..][..tk * d], d, dp, k0, kn, vp);
+            }
+        });
+    ctx.packed = &packed;
+
     let mut tasks = Vec::with_capacity(lse.len().div_ceil(BQ));
     for (b, (oh, lh)) in out.chunks_mut(tq * d).zip(lse.chunks_mut(tq)).enumerate() {
         for (qb, (oc, lc)) in oh.chunks_mut(BQ * d).zip(lh.chunks_mut(BQ)).enumerate() {
@@ -301,10 +394,15 @@ pub(super) fn forward(isa: Isa, ctx: &FwdCtx<'_>, out: &mut [f32], lse: &mut [f3
         }
     }
     tasks.into_par_iter().for_each_init(
-        || FwdScratch::new(d, dp),
+        || FwdScratch {
+            s: vec![0.0; BQ * BK],
+            o: vec![0.0; BQ * dp],
+            m: vec![0.0; BQ],
+            l: vec![0.0; BQ],
+        },
         |scratch, (b, q0, oc, lc)| {
             // SAFETY: `block` was chosen for `isa`, which the caller checked is available.
-            unsafe { block(ctx, scratch, b, q0, oc, lc) }
+            unsafe { block(&ctx, scratch, b, q0, oc, lc) }
         },
     );
 }
@@ -363,13 +461,13 @@ unsafe fn forward_block<S: Simd>(
     lse: &mut [f32],
 ) {
     let AttentionShape { tq, tk, d, .. } = ctx.shape;
-    let w = S::W;
-    let dp = d.next_multiple_of(w);
+    let (w, dp) = (S::W, ctx.dp);
+    debug_assert_eq!(dp, d.next_multiple_of(w), "packed for another vector width");
     let qn = lse.len();
     let off = tk - tq;
     let qh = &ctx.q[(b * tq + q0) * d..][..qn * d];
-    let kh = &ctx.k[b * tk * d..][..tk * d];
-    let vh = &ctx.v[b * tk * d..][..tk * d];
+    let block_len = ctx.block_len();
+    let nkb = tk.div_ceil(BK);
     // Keys 0..kend are seen by at least one row of the block (its last row sees all of them);
     // the blocks past it are fully masked and skipped.
     let kend = off + q0 + qn;
@@ -381,18 +479,23 @@ unsafe fn forward_block<S: Simd>(
     // `gemm`, `ld` and `st` check bounds themselves.
     for k0 in (0..kend).step_by(BK) {
         let kn = BK.min(tk - k0);
-        pack_transposed(kh, d, k0, kn, &mut sc.kt);
-        pack_rows(vh, d, dp, k0, kn, &mut sc.vp);
-        // s = q · kᵀ (unscaled) for the whole tile.
+        let blk = &ctx.packed[(b * nkb + k0 / BK) * block_len..][..block_len];
+        let (kt, vp) = blk.split_at(d * BK);
+        let vp = if dp == d {
+            &ctx.v[(b * tk + k0) * d..][..kn * d]
+        } else {
+            vp
+        };
+        // s = scale · q · kᵀ for the whole tile.
         unsafe {
             gemm::<S>(
                 qn,
                 BK / w,
                 d,
                 (qh, d, 1),
-                (&sc.kt, BK),
+                (kt, BK),
                 (&mut sc.s, BK),
-                false,
+                Acc::Overwrite { scale: ctx.scale },
             )
         };
         for r in 0..qn {
@@ -408,12 +511,6 @@ unsafe fn forward_block<S: Simd>(
             }
             // Only the first ceil(nv/W) vectors hold visible scores.
             let nvv = nv.div_ceil(w);
-            unsafe {
-                let scale = S::splat(ctx.scale);
-                for j in 0..nvv {
-                    st::<S>(row, j * w, S::mul(ld::<S>(row, j * w), scale));
-                }
-            }
             row[nv..nvv * w].fill(f32::NEG_INFINITY);
             let tile_max = unsafe {
                 let mut mx = S::splat(f32::NEG_INFINITY);
@@ -458,9 +555,9 @@ unsafe fn forward_block<S: Simd>(
                 dp / w,
                 kn,
                 (&sc.s, BK, 1),
-                (&sc.vp, dp),
+                (vp, dp),
                 (&mut sc.o, dp),
-                true,
+                Acc::Add,
             )
         };
     }
@@ -473,16 +570,16 @@ unsafe fn forward_block<S: Simd>(
     }
 }
 
-/// Inputs of the backward, shared by all its tasks. Lengths were checked by the caller.
-pub(super) struct BwdCtx<'a> {
-    pub shape: AttentionShape,
-    pub scale: f32,
-    pub q: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
-    pub out: &'a [f32],
-    pub lse: &'a [f32],
-    pub dout: &'a [f32],
+/// Inputs of the backward, shared by all its tasks.
+struct BwdCtx<'a> {
+    shape: AttentionShape,
+    scale: f32,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    out: &'a [f32],
+    lse: &'a [f32],
+    dout: &'a [f32],
 }
 
 /// One backward task: key blocks `kb_lo..kb_hi` of head `b`. `dk`, `dv` are those keys' rows;
@@ -523,19 +620,37 @@ fn key_groups(shape: AttentionShape) -> Vec<usize> {
 
 type BwdGroupFn = unsafe fn(&BwdCtx<'_>, BwdTask<'_>) -> Option<Vec<f32>>;
 
-/// The backward on instruction set `isa` (available: checked by the caller), with gradient
-/// slices of the right lengths and `bh, tq, d ≥ 1`.
-pub(super) fn backward(isa: Isa, ctx: &BwdCtx<'_>, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-    let AttentionShape { tq, tk, d, .. } = ctx.shape;
-    let (w, group): (usize, BwdGroupFn) = match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => (super::simd::Avx512::W, backward_group_avx512),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => (super::simd::Avx2::W, backward_group_avx2),
-        _ => (1, backward_group_scalar),
-    };
+/// The backward on instruction set `isa` (available: checked by the caller), with slices of
+/// the lengths `shape` implies and `bh, tq, d ≥ 1`.
+#[allow(clippy::too_many_arguments)] // one argument per tensor of the API
+pub(super) fn backward(
+    isa: Isa,
+    shape: AttentionShape,
+    scale: f32,
+    (q, k, v, out, lse, dout): super::BwdInputs<'_>,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let AttentionShape { tq, tk, d, .. } = shape;
+    let (w, group): (usize, BwdGroupFn) = per_isa!(
+        isa,
+        backward_group_scalar,
+        backward_group_avx2,
+        backward_group_avx512
+    );
     let dp = d.next_multiple_of(w);
-    let bounds = key_groups(ctx.shape);
+    let ctx = BwdCtx {
+        shape,
+        scale,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+    };
+    let bounds = key_groups(shape);
     let groups = bounds.len() - 1;
 
     let mut tasks = Vec::with_capacity(dq.len() / (tq * d) * groups);
@@ -562,21 +677,23 @@ pub(super) fn backward(isa: Isa, ctx: &BwdCtx<'_>, dq: &mut [f32], dk: &mut [f32
     let partials: Vec<Option<Vec<f32>>> = tasks
         .into_par_iter()
         // SAFETY: `group` was chosen for `isa`, which the caller checked is available.
-        .map(|task| unsafe { group(ctx, task) })
+        .map(|task| unsafe { group(&ctx, task) })
         .collect();
     if groups > 1 {
-        // dq = Σ_g partial_g, summed in group order whatever thread computed each partial.
+        // dq = ((p₀ + p₁) + p₂) + …: summed in group order whatever thread made each partial.
         dq.par_chunks_mut(tq * d)
             .zip(partials.par_chunks(groups))
             .for_each(|(dq_head, parts)| {
-                let parts: Vec<&[f32]> = parts.iter().flatten().map(Vec::as_slice).collect();
-                for i in 0..tq {
-                    for c in 0..d {
-                        let mut sum = parts[0][i * dp + c];
-                        for part in &parts[1..] {
-                            sum += part[i * dp + c];
+                let mut parts = parts.iter().flatten();
+                let first = parts.next().expect("one partial per group");
+                for (dst, src) in dq_head.chunks_mut(d).zip(first.chunks(dp)) {
+                    dst.copy_from_slice(&src[..d]);
+                }
+                for part in parts {
+                    for (dst, src) in dq_head.chunks_mut(d).zip(part.chunks(dp)) {
+                        for (x, y) in dst.iter_mut().zip(src) {
+                            *x += y;
                         }
-                        dq_head[i * d + c] = sum;
                     }
                 }
             });
@@ -608,7 +725,7 @@ unsafe fn backward_group_avx512(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option<V
 /// # Safety
 /// The CPU has `S`'s instruction set.
 #[inline(always)]
-unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option<Vec<f32>> {
+unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, mut task: BwdTask<'_>) -> Option<Vec<f32>> {
     let AttentionShape { tq, tk, d, .. } = ctx.shape;
     let w = S::W;
     let dp = d.next_multiple_of(w);
@@ -623,20 +740,31 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
 
     // Query rows before `i_first` see none of this task's keys.
     let i_first = (task.kb_lo * BK).saturating_sub(off).min(tq);
-    let mut qp = vec![0.0; tq * dp];
-    let mut dop = vec![0.0; tq * dp];
-    pack_rows(qh, d, dp, i_first, tq - i_first, &mut qp[i_first * dp..]);
-    pack_rows(doh, d, dp, i_first, tq - i_first, &mut dop[i_first * dp..]);
+    // Q and dO as whole-vector rows: the right operands of the dK and dV products.
+    let (mut q_buf, mut do_buf) = (Vec::new(), Vec::new());
+    let qp = padded_rows(qh, d, dp, i_first, tq, &mut q_buf);
+    let dop = padded_rows(doh, d, dp, i_first, tq, &mut do_buf);
     let mut dd = vec![0.0f32; tq];
     for (i, di) in dd.iter_mut().enumerate().skip(i_first) {
         let (o, g) = (&oh[i * d..(i + 1) * d], &doh[i * d..(i + 1) * d]);
         *di = o.iter().zip(g).map(|(o, g)| o * g).sum();
     }
-    let mut dq_acc = vec![0.0; tq * dp];
+    // dQ accumulates in place when this task owns the head's dq and no padding is needed.
+    let mut dq_buf = Vec::new();
+    let dq_acc: &mut [f32] = match task.dq.as_deref_mut() {
+        Some(dq) if dp == d => {
+            dq.fill(0.0);
+            dq
+        }
+        _ => {
+            dq_buf.resize(tq * dp, 0.0);
+            &mut dq_buf
+        }
+    };
 
     let mut kt = vec![0.0; d * BK];
     let mut vt = vec![0.0; d * BK];
-    let mut kp = vec![0.0; BK * dp];
+    let mut k_buf = Vec::new();
     let mut s = vec![0.0; BQ * BK];
     let mut dpt = vec![0.0; BQ * BK];
     let mut ds = vec![0.0; BQ * BK];
@@ -649,7 +777,7 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
         let kn = BK.min(tk - k0);
         pack_transposed(kh, d, k0, kn, &mut kt);
         pack_transposed(vh, d, k0, kn, &mut vt);
-        pack_rows(kh, d, dp, k0, kn, &mut kp);
+        let kp = padded_rows(&kh[k0 * d..], d, dp, 0, kn, &mut k_buf);
         dk_acc.fill(0.0);
         dv_acc.fill(0.0);
         // The first query row that sees key k0; rows before it see none of this block.
@@ -657,7 +785,7 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
         for i0 in (i_start..tq).step_by(BQ) {
             let qn = BQ.min(tq - i0);
             unsafe {
-                // s = q · kᵀ and dp = dO · vᵀ for the tile.
+                // s = scale · q · kᵀ and dp = dO · vᵀ for the tile.
                 gemm::<S>(
                     qn,
                     BK / w,
@@ -665,7 +793,7 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
                     (&qh[i0 * d..], d, 1),
                     (&kt, BK),
                     (&mut s, BK),
-                    false,
+                    Acc::Overwrite { scale: ctx.scale },
                 );
                 gemm::<S>(
                     qn,
@@ -674,7 +802,7 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
                     (&doh[i0 * d..], d, 1),
                     (&vt, BK),
                     (&mut dpt, BK),
-                    false,
+                    Acc::Overwrite { scale: 1.0 },
                 );
             }
             for r in 0..qn {
@@ -686,11 +814,11 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
                 let dprow = &dpt[r * BK..(r + 1) * BK];
                 unsafe {
                     let scale = S::splat(ctx.scale);
-                    let neg_lse = S::splat(-lh[i]);
+                    let lse_i = S::splat(lh[i]);
                     let di = S::splat(dd[i]);
                     for j in 0..nvv {
-                        // P = exp(s·scale − lse); dS = scale · P ⊙ (dP − D).
-                        let p = S::exp(S::fmadd(ld::<S>(srow, j * w), scale, neg_lse));
+                        // P = exp(s − lse); dS = scale · P ⊙ (dP − D).
+                        let p = S::exp(S::sub(ld::<S>(srow, j * w), lse_i));
                         let dsv = S::mul(S::mul(p, S::sub(ld::<S>(dprow, j * w), di)), scale);
                         st::<S>(srow, j * w, p);
                         st::<S>(dsrow, j * w, dsv);
@@ -708,7 +836,7 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
                     (&s, 1, BK),
                     (&dop[i0 * dp..], dp),
                     (&mut dv_acc, dp),
-                    true,
+                    Acc::Add,
                 );
                 gemm::<S>(
                     kn,
@@ -717,7 +845,7 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
                     (&ds, 1, BK),
                     (&qp[i0 * dp..], dp),
                     (&mut dk_acc, dp),
-                    true,
+                    Acc::Add,
                 );
                 // dQ += dS · K.
                 gemm::<S>(
@@ -725,9 +853,9 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
                     dp / w,
                     kn,
                     (&ds, BK, 1),
-                    (&kp, dp),
+                    (kp, dp),
                     (&mut dq_acc[i0 * dp..], dp),
-                    true,
+                    Acc::Add,
                 );
             }
         }
@@ -738,12 +866,14 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, task: BwdTask<'_>) -> Option
         }
     }
     match task.dq {
+        // Accumulated in place above.
+        Some(_) if dp == d => None,
         Some(dq) => {
-            for i in 0..tq {
-                dq[i * d..(i + 1) * d].copy_from_slice(&dq_acc[i * dp..][..d]);
+            for (dst, src) in dq.chunks_mut(d).zip(dq_buf.chunks(dp)) {
+                dst.copy_from_slice(&src[..d]);
             }
             None
         }
-        None => Some(dq_acc),
+        None => Some(dq_buf),
     }
 }

@@ -178,14 +178,7 @@ pub fn causal_attention_forward_with(
     const OP: &str = "causal_attention_forward";
     check_isa(OP, isa)?;
     if check_forward(OP, shape, (q, k, v), (out.len(), lse.len()))? {
-        let ctx = fused::FwdCtx {
-            shape,
-            scale,
-            q,
-            k,
-            v,
-        };
-        fused::forward(isa, &ctx, out, lse);
+        fused::forward(isa, shape, scale, q, k, v, out, lse);
     }
     Ok(())
 }
@@ -243,17 +236,7 @@ pub fn causal_attention_backward_with(
     check_isa(OP, isa)?;
     let inputs = (q, k, v, out, lse, dout);
     if check_backward(OP, shape, inputs, dq.len(), dk.len(), dv.len())? {
-        let ctx = fused::BwdCtx {
-            shape,
-            scale,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            dout,
-        };
-        fused::backward(isa, &ctx, dq, dk, dv);
+        fused::backward(isa, shape, scale, inputs, dq, dk, dv);
     } else {
         // No query rows (or no heads): no key is attended, so its gradients are zero.
         dk.fill(0.0);

@@ -12,10 +12,10 @@
 pub(super) trait Simd: Copy + Send + Sync + 'static {
     /// Lanes per vector.
     const W: usize;
-    /// Query rows per register tile in [`super::fused`]'s tile product.
+    /// Rows per register tile in [`super::fused`]'s tile product (at most 6).
     const TILE_ROWS: usize;
-    /// Vectors per row in that register tile; `TILE_ROWS * TILE_VECS` accumulators must fit the
-    /// register file with room for the operands.
+    /// Vectors per row in that register tile (at most 4); `TILE_ROWS * TILE_VECS`
+    /// accumulators must fit the register file with room for the operands.
     const TILE_VECS: usize;
     type V: Copy;
 
@@ -140,8 +140,8 @@ mod x86 {
     use super::Simd;
     use std::arch::x86_64::*;
 
-    /// AVX2 + FMA, 8 lanes. 16 ymm registers: a 4×2 tile (8 accumulators, 2 operands, 1
-    /// broadcast) leaves room; 4×4 would spill.
+    /// AVX2 + FMA, 8 lanes. 16 ymm registers: a 6×2 tile takes 12 accumulators, 2 right
+    /// operands and 1 broadcast (AVX2 has no broadcast memory operand); 4×4 would spill.
     #[derive(Clone, Copy)]
     pub(in super::super) struct Avx2;
 
@@ -149,7 +149,7 @@ mod x86 {
     // that the CPU has AVX2 and FMA; pointer methods also carry the caller's bounds promise.
     impl Simd for Avx2 {
         const W: usize = 8;
-        const TILE_ROWS: usize = 4;
+        const TILE_ROWS: usize = 6;
         const TILE_VECS: usize = 2;
         type V = __m256;
 
@@ -256,7 +256,9 @@ mod x86 {
         unsafe { super::super::fused::gemm_impl::<Avx2>(g) }
     }
 
-    /// AVX-512F, 16 lanes. 32 zmm registers: a 4×4 tile (16 accumulators) fits with operands.
+    /// AVX-512F, 16 lanes. 32 zmm registers: a 6×4 tile takes 24 accumulators and 4 right
+    /// operands; the left operand is a broadcast memory operand of the FMA. Per step that is 10
+    /// loads for 24 FMAs, where a 4×4 tile (8 loads for 16 FMAs) is bound by the load ports.
     #[derive(Clone, Copy)]
     pub(in super::super) struct Avx512;
 
@@ -264,7 +266,7 @@ mod x86 {
     // that the CPU has AVX-512F; pointer methods also carry the caller's bounds promise.
     impl Simd for Avx512 {
         const W: usize = 16;
-        const TILE_ROWS: usize = 4;
+        const TILE_ROWS: usize = 6;
         const TILE_VECS: usize = 4;
         type V = __m512;
 
