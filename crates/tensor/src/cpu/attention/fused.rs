@@ -20,9 +20,11 @@
 //!
 //! Every block product goes through [`gemm_impl`]: a register tile of `TILE_ROWS` rows by
 //! `TILE_VECS` vectors, one broadcast of the left operand and one vector load of the right
-//! operand per step. The right operands are packed so that their rows are whole vectors: `Kᵀ`
-//! and `Vᵀ` as `[d][BK]` with zero columns past the last key, `V`, `K`, `Q` and `dO` as rows
-//! of `dp` floats (`d` rounded up to the vector width, zero padded).
+//! operand per step. The right operands must have rows of whole vectors: `Kᵀ` and `Vᵀ` are
+//! packed as `[d][BK]` with zero columns past the last key (the forward packs every key block
+//! of `K` once per call, up front); `V`, `K`, `Q` and `dO` are read in place when `d` is a
+//! multiple of the vector width, else copied into rows of `dp` floats (`d` rounded up, zero
+//! padded).
 
 use super::simd::Simd;
 use super::AttentionShape;
@@ -599,7 +601,7 @@ fn key_groups(shape: AttentionShape) -> Vec<usize> {
     let AttentionShape { bh, tq, tk, .. } = shape;
     let nkb = tk.div_ceil(BK);
     let off = tk - tq;
-    let groups = MIN_BWD_TASKS.div_ceil(bh).clamp(1, nkb.max(1));
+    let groups = MIN_BWD_TASKS.div_ceil(bh.max(1)).clamp(1, nkb.max(1));
     let work = |kb: usize| tq - (kb * BK).saturating_sub(off);
     let total: usize = (0..nkb).map(work).sum();
     let mut bounds = Vec::with_capacity(groups + 1);

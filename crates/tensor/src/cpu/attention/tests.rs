@@ -133,7 +133,7 @@ fn shape(bh: usize, tq: usize, tk: usize, d: usize) -> AttentionShape {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(40))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn fused_matches_reference(
