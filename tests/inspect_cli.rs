@@ -23,7 +23,11 @@ fn inspect_lists_tensors_and_metadata() {
     safetensors::save(&path, &[("w", &w), ("w.bf16", &b)], Some(&meta)).unwrap();
 
     let out = rlhf(&["inspect", path.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in ["w.bf16", "BF16", "[4, 3]", "48", "24", "format"] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
@@ -40,5 +44,8 @@ fn inspect_lists_tensors_and_metadata() {
     let out = rlhf(&["inspect", bad.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.safetensors") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("bad.safetensors") && !err.contains("panicked"),
+        "{err}"
+    );
 }
