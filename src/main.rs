@@ -2,6 +2,8 @@
 
 mod cmd;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -20,11 +22,20 @@ enum Command {
     /// Benchmarks of the engine's kernels.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+    /// Lists a safetensors file's tensors (name, dtype, shape, bytes), totals and metadata.
+    Inspect {
+        /// The .safetensors file.
+        file: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Inspect { file, json } => cmd::inspect::run(&file, json),
     }
 }

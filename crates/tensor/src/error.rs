@@ -28,12 +28,10 @@ pub enum Error {
     Invalid { op: &'static str, msg: String },
     #[error("safetensors {path}: {msg}")]
     Safetensors { path: PathBuf, msg: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An I/O failure on `path`. The OS error is part of the message (not a separate source),
+    /// so chained error reports print it once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
 }
 
 /// Shorthand used across the crate.

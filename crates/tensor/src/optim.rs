@@ -241,7 +241,7 @@ mod tests {
         opt.step(0.1).unwrap();
         let v = w.tensor().to_f64_vec();
         assert!((v[0] - (1.0 * (1.0 - 0.05) - 0.1)).abs() < 1e-5, "{v:?}");
-        assert!((v[1] - (-1.0 * (1.0 - 0.05) + 0.1)).abs() < 1e-5, "{v:?}");
+        assert!((v[1] - (-(1.0 - 0.05) + 0.1)).abs() < 1e-5, "{v:?}");
     }
 
     #[test]
