@@ -86,7 +86,9 @@ pub struct GptConfig {
     pub initializer_range: f32,
     pub bos_token_id: u32,
     pub eos_token_id: u32,
-    pub tokenizer: TokenizerKind,
+    /// The tokenizer the ids come from; `None` for a checkpoint from elsewhere whose
+    /// vocabulary is neither of ours (the model still loads and runs on ids).
+    pub tokenizer: Option<TokenizerKind>,
     /// Keys this crate does not interpret (`architectures`, `task_specific_params`,
     /// `torch_dtype` ...), written back unchanged.
     pub extra: Map<String, Value>,
@@ -134,7 +136,7 @@ impl GptConfig {
             initializer_range: 0.02,
             bos_token_id: eos,
             eos_token_id: eos,
-            tokenizer,
+            tokenizer: Some(tokenizer),
             extra,
         }
     }
@@ -231,26 +233,32 @@ impl GptConfig {
                 self.initializer_range
             )));
         }
-        let need = self.tokenizer.vocab_size();
-        if self.vocab_size < need {
-            return Err(ModelError::config(format!(
-                "vocab_size = {} is smaller than the {} tokenizer's {need} ids",
-                self.vocab_size,
-                self.tokenizer.name()
-            )));
-        }
-        for (key, id) in [
-            ("bos_token_id", self.bos_token_id),
-            ("eos_token_id", self.eos_token_id),
-        ] {
-            if id as usize >= self.vocab_size {
+        if let Some(kind) = self.tokenizer {
+            let need = kind.vocab_size();
+            if self.vocab_size < need {
                 return Err(ModelError::config(format!(
-                    "{key} = {id} is outside the vocabulary of {}",
-                    self.vocab_size
+                    "vocab_size = {} is smaller than the {} tokenizer's {need} ids",
+                    self.vocab_size,
+                    kind.name()
                 )));
             }
         }
+        // bos/eos ids are not checked against the vocabulary: transformers accepts configs
+        // whose defaults (50256) exceed a small vocabulary, and generation validates the stop
+        // token it is actually given.
         Ok(())
+    }
+
+    /// The model's tokenizer; an error when the config names none (a foreign checkpoint).
+    pub fn build_tokenizer(&self) -> Result<Box<dyn Tokenizer>> {
+        match self.tokenizer {
+            Some(kind) => kind.build(),
+            None => Err(ModelError::config(format!(
+                "the config names no tokenizer (key rlhf_tokenizer) and its vocabulary of {} \
+                 is not GPT-2's; set \"rlhf_tokenizer\": \"byte\" or \"gpt2\"",
+                self.vocab_size
+            ))),
+        }
     }
 
     /// The config as a Hugging Face `config.json` object.
@@ -280,7 +288,9 @@ impl GptConfig {
         put("scale_attn_weights", true.into());
         put("scale_attn_by_inverse_layer_idx", false.into());
         put("tie_word_embeddings", true.into());
-        put("rlhf_tokenizer", self.tokenizer.name().into());
+        if let Some(kind) = self.tokenizer {
+            put("rlhf_tokenizer", kind.name().into());
+        }
         if !m.contains_key("architectures") {
             m.insert(
                 "architectures".to_string(),
@@ -352,15 +362,19 @@ impl GptConfig {
         require_bool("tie_word_embeddings", take("tie_word_embeddings"), true)?;
         require_bool("add_cross_attention", take("add_cross_attention"), false)?;
 
+        // Without our key, a vocabulary that holds GPT-2's ids is taken to be GPT-2's (every
+        // GPT-2 checkpoint from transformers); anything else has an unknown tokenizer.
         let tokenizer = match opt_str("rlhf_tokenizer", take("rlhf_tokenizer"))? {
-            None => TokenizerKind::Gpt2,
-            Some(s) => TokenizerKind::parse(&s).ok_or_else(|| {
+            None if vocab_size >= Gpt2Tokenizer::VOCAB_SIZE => Some(TokenizerKind::Gpt2),
+            None => None,
+            Some(s) => Some(TokenizerKind::parse(&s).ok_or_else(|| {
                 ModelError::config(format!(
                     "rlhf_tokenizer {s:?} is unknown; expected \"byte\" or \"gpt2\""
                 ))
-            })?,
+            })?),
         };
-        let eos_default = tokenizer.eos_token_id();
+        // transformers' default for both.
+        let eos_default = tokenizer.map_or(Gpt2Tokenizer::EOS, TokenizerKind::eos_token_id);
         let cfg = GptConfig {
             vocab_size,
             n_positions,
@@ -537,7 +551,7 @@ mod tests {
         let mut want = GptConfig::preset("gpt2").unwrap();
         want.extra = c.extra.clone();
         assert_eq!(c, want);
-        assert_eq!(c.tokenizer, TokenizerKind::Gpt2);
+        assert_eq!(c.tokenizer, Some(TokenizerKind::Gpt2));
         // Unknown keys survive a round trip.
         let back = c.to_json();
         assert_eq!(
@@ -545,6 +559,23 @@ mod tests {
             50
         );
         assert_eq!(back["n_ctx"], 1024);
+    }
+
+    #[test]
+    fn a_small_foreign_vocabulary_has_no_tokenizer() {
+        let mut j = GptConfig::preset("tiny").unwrap().to_json();
+        let o = j.as_object_mut().unwrap();
+        o.remove("rlhf_tokenizer");
+        o.insert("vocab_size".into(), 64.into());
+        let c = GptConfig::from_json(&j).unwrap();
+        assert_eq!(c.tokenizer, None);
+        let msg = c.build_tokenizer().err().unwrap().to_string();
+        assert!(msg.contains("names no tokenizer"), "{msg}");
+        assert!(!c
+            .to_json()
+            .as_object()
+            .unwrap()
+            .contains_key("rlhf_tokenizer"));
     }
 
     #[test]

@@ -83,6 +83,14 @@ pub struct ScalarModel {
 }
 
 impl ScalarModel {
+    /// A trunk (the SFT model, say) with a fresh head: weight N(0, initializer_range²) drawn
+    /// from `seed`, no bias.
+    pub fn from_trunk(trunk: Gpt, seed: u64) -> ScalarModel {
+        let c = trunk.config();
+        let head = ScalarHead::new(c.n_embd, c.initializer_range, false, seed);
+        ScalarModel { trunk, head }
+    }
+
     /// Values `[B, T]` for ids `[B, T]` (one per position; a reward model reads the value at
     /// each sequence's last real token, see [`values_at`]).
     pub fn values(&self, ids: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {

@@ -23,6 +23,10 @@ pub mod tokenizer;
 pub mod train;
 pub mod weights;
 
+pub use checkpoint::{
+    load_model, load_scalar_model, load_training_state, restore_trainer, save_checkpoint,
+    save_model, save_scalar_checkpoint, save_scalar_model, save_training_state, TrainingState,
+};
 pub use config::{GptConfig, TokenizerKind, PRESETS};
 pub use error::{ModelError, Result};
 pub use generate::{
