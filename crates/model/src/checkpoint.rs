@@ -137,7 +137,7 @@ pub fn save_scalar_model(dir: &Path, model: &ScalarModel) -> Result<()> {
     x.insert("label2id".into(), json!({"LABEL_0": 0}));
     // The batched sequence-classification forward in transformers needs a pad id to find each
     // sequence's last token.
-    if !x.get("pad_token_id").is_some_and(|v| !v.is_null()) {
+    if x.get("pad_token_id").is_none_or(Value::is_null) {
         x.insert("pad_token_id".into(), json!(config.eos_token_id));
     }
     config.save(&dir.join(CONFIG_FILE))?;

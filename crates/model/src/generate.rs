@@ -66,7 +66,8 @@ impl Default for SamplingConfig {
 impl SamplingConfig {
     fn validate(&self, vocab: usize) -> Result<()> {
         let bad = |msg: String| Err(ModelError::invalid("generate", msg));
-        if !self.greedy && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+        let usable = self.temperature > 0.0 && self.temperature.is_finite();
+        if !self.greedy && !usable {
             return bad(format!(
                 "temperature {} must be positive and finite (use greedy for argmax)",
                 self.temperature
@@ -108,7 +109,7 @@ pub enum FinishReason {
 pub struct Generation {
     pub prompts: Vec<Vec<u32>>,
     pub responses: Vec<Vec<u32>>,
-    /// log π(responses[i][j] | prompt, responses[i][..j]) at temperature 1.
+    /// `log π(responses[i][j] | prompt, responses[i][..j])` at temperature 1.
     pub logprobs: Vec<Vec<f32>>,
     pub finish: Vec<FinishReason>,
 }

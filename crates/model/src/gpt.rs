@@ -495,3 +495,37 @@ pub fn pad_batch(seqs: &[Vec<u32>], pad: u32) -> Result<(Tensor, Tensor)> {
         Tensor::from_vec(mask, &[seqs.len(), t])?,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_with_dropout_is_causal_attention_when_nothing_drops() {
+        // p = 0 keeps every probability, so the composed path must equal the fused kernel,
+        // including fewer queries than keys.
+        for (tq, tk) in [(5, 5), (2, 6)] {
+            let q = Tensor::randn(&[2, 3, tq, 4], 0.0, 1.0, 1);
+            let k = Tensor::randn(&[2, 3, tk, 4], 0.0, 1.0, 2);
+            let v = Tensor::randn(&[2, 3, tk, 4], 0.0, 1.0, 3);
+            let a = attention_with_dropout(&q, &k, &v, 0.0, 9)
+                .unwrap()
+                .to_f64_vec();
+            let b = Tensor::causal_attention(&q, &k, &v).unwrap().to_f64_vec();
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-5, "{x} {y}");
+            }
+        }
+        // With p > 0 the output changes and the same seed repeats it.
+        let q = Tensor::randn(&[1, 1, 6, 4], 0.0, 1.0, 4);
+        let a = attention_with_dropout(&q, &q, &q, 0.5, 1)
+            .unwrap()
+            .to_f64_vec();
+        let b = attention_with_dropout(&q, &q, &q, 0.5, 1)
+            .unwrap()
+            .to_f64_vec();
+        let fused = Tensor::causal_attention(&q, &q, &q).unwrap().to_f64_vec();
+        assert_eq!(a, b);
+        assert_ne!(a, fused);
+    }
+}

@@ -6,7 +6,7 @@
 //!   the LM head tied to the token embedding; parameters named as `GPT2LMHeadModel`'s.
 //!   [`Gpt::hidden_states`] is separate from [`Gpt::lm_logits`] so other heads
 //!   ([`ScalarHead`], for reward and value models) sit on the same trunk.
-//! - [`KvCache`] and [`generate`]: batched, seeded sampling with a per-sequence cache.
+//! - [`KvCache`] and [`generate()`]: batched, seeded sampling with a per-sequence cache.
 //! - [`Tokenizer`]: [`ByteTokenizer`] and [`Gpt2Tokenizer`] (r50k_base).
 //! - [`train`]: the masked next-token loss, a [`Trainer`] with gradient accumulation,
 //!   clipping and a warmup + cosine schedule, and seeded data order.

@@ -1,5 +1,5 @@
 //! The GPT-2 parameter set as one generic structure, so the same code walks it whether it holds
-//! trainable [`Parameter`]s (the model), plain [`Tensor`]s (one forward's weights, a gradient
+//! trainable [`Parameter`](rlhf_tensor::Parameter)s (the model), plain [`Tensor`](rlhf_tensor::Tensor)s (one forward's weights, a gradient
 //! check's perturbed copies, a loaded checkpoint) or anything else.
 //!
 //! Names and order are exactly those of Hugging Face's `GPT2LMHeadModel.named_parameters()`:

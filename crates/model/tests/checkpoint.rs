@@ -208,7 +208,7 @@ fn scalar_models_round_trip_and_lm_checkpoints_are_not_scalar() {
 }
 
 fn error_of(dir: &Path) -> String {
-    load_model(dir).err().expect("load should fail").to_string()
+    load_model(dir).expect_err("load should fail").to_string()
 }
 
 #[test]
