@@ -1,0 +1,531 @@
+//! The GPT-2 trunk and its tied language-model head.
+//!
+//! ```text
+//! x = wte[ids] + wpe[positions]                  (dropout embd_pdrop)
+//! for each block:
+//!     x = x + c_proj(attention(c_attn(ln_1(x)))) (dropout attn_pdrop on the probabilities,
+//!                                                 resid_pdrop on the branch)
+//!     x = x + c_proj(gelu(c_fc(ln_2(x))))        (dropout resid_pdrop on the branch)
+//! hidden = ln_f(x)
+//! logits = hidden · wteᵀ                         (tied head: a transposed view, no copy)
+//! ```
+//!
+//! Two forward paths share the blocks:
+//!
+//! - [`Gpt::hidden_states`] takes a rectangular batch `[B, T]` at positions `0..T` and runs
+//!   attention for all sequences and heads in one call. Training, scoring and log-prob
+//!   computation use it. Batches of different-length sequences are right-padded: attention is
+//!   causal, so a real token never sees the padding after it, and the padded positions are
+//!   masked out of losses. No attention mask is needed.
+//! - [`Gpt::hidden_states_cached`] feeds new tokens for several sequences, each with its own
+//!   [`KvCache`] of a different length ("ragged" batching). The linear layers run on all new
+//!   tokens of all sequences at once (one matrix product per layer, as in a rectangular batch);
+//!   only attention runs per sequence, against that sequence's own cache. So every sequence sits
+//!   at its true positions `0..len` with no padding and no mask, and a prompt's logits do not
+//!   depend on what else is in the batch. Generation uses it.
+
+use crate::config::GptConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::weights::{param_specs, BlockWeights, GptWeights, ParamKind};
+use rlhf_tensor::{DType, Parameter, Rng, Tensor};
+use std::collections::HashMap;
+
+/// A GPT-2 language model: the trunk's parameters and its config.
+pub struct Gpt {
+    config: GptConfig,
+    params: GptWeights<Parameter>,
+}
+
+impl std::fmt::Debug for Gpt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Gpt(layers={}, heads={}, d={}, vocab={}, context={}, params={})",
+            self.config.n_layer,
+            self.config.n_head,
+            self.config.n_embd,
+            self.config.vocab_size,
+            self.config.n_positions,
+            self.config.num_parameters()
+        )
+    }
+}
+
+/// Per-call dropout: a generator seeded for this forward, drawing one fresh seed per dropout
+/// site in a fixed order, so the same seed drops the same activations.
+struct Dropout {
+    rng: Option<Rng>,
+}
+
+impl Dropout {
+    fn new(seed: Option<u64>) -> Dropout {
+        Dropout {
+            rng: seed.map(Rng::new),
+        }
+    }
+
+    fn active(&self, p: f32) -> bool {
+        self.rng.is_some() && p > 0.0
+    }
+
+    fn apply(&mut self, x: Tensor, p: f32) -> Result<Tensor> {
+        match &mut self.rng {
+            Some(rng) if p > 0.0 => Ok(x.dropout(p, rng.next_u64())?),
+            _ => Ok(x),
+        }
+    }
+}
+
+/// `x · W + b` with a Conv1D weight `[in, out]`.
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(w)?.add(b)?)
+}
+
+fn mlp(x: &Tensor, w: &BlockWeights<Tensor>) -> Result<Tensor> {
+    let h = linear(x, &w.c_fc_weight, &w.c_fc_bias)?.gelu()?;
+    linear(&h, &w.mlp_c_proj_weight, &w.mlp_c_proj_bias)
+}
+
+/// Causal attention with dropout on the probabilities, composed from primitives (it holds the
+/// T×T score matrix). Only training with `attn_pdrop > 0` takes this path: the fused kernel has
+/// no dropout.
+fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let (tq, tk, dh) = (q.dim(-2)?, k.dim(-2)?, q.dim(-1)?);
+    let mut mask = vec![0u8; tq * tk];
+    for i in 0..tq {
+        for j in (tk - tq + i + 1)..tk {
+            mask[i * tk + j] = 1;
+        }
+    }
+    let mask = Tensor::from_vec(mask, &[tq, tk])?;
+    let scores = q
+        .matmul(&k.t()?)?
+        .mul_scalar(1.0 / (dh as f32).sqrt())?
+        .masked_fill(&mask, f32::NEG_INFINITY)?;
+    Ok(scores.softmax(-1)?.dropout(p, seed)?.matmul(v)?)
+}
+
+impl Gpt {
+    /// A model with GPT-2's initialisation, drawn from `seed`: weights N(0, initializer_range),
+    /// residual projections (`c_proj`) N(0, initializer_range/√(2·n_layer)), biases 0,
+    /// LayerNorm gains 1. Parameters are drawn in HF order from one generator.
+    pub fn new(config: GptConfig, seed: u64) -> Result<Gpt> {
+        config.validate()?;
+        let mut rng = Rng::new(seed);
+        let std = config.initializer_range;
+        let proj_std = std / ((2 * config.n_layer) as f32).sqrt();
+        let params = GptWeights::build(&config, |spec| -> Result<Parameter> {
+            let t = match spec.kind {
+                ParamKind::Embedding | ParamKind::Linear => {
+                    Tensor::randn_with(&spec.shape, 0.0, std, &mut rng)
+                }
+                ParamKind::ResidualProjection => {
+                    Tensor::randn_with(&spec.shape, 0.0, proj_std, &mut rng)
+                }
+                ParamKind::Bias | ParamKind::NormBias => Tensor::zeros(&spec.shape),
+                ParamKind::NormWeight => Tensor::ones(&spec.shape),
+            };
+            Ok(Parameter::new(t))
+        })?;
+        Ok(Gpt { config, params })
+    }
+
+    /// A model with the given weights (names as in [`Gpt::named_parameters`]; f32, bf16 or f16,
+    /// converted to f32). Accepts checkpoints written by transformers: names with or without
+    /// the `transformer.` prefix, and ignores the tied `lm_head.weight` and the causal-mask
+    /// buffers (`attn.bias`, `attn.masked_bias`) older versions saved. Any other unknown name,
+    /// a missing parameter or a wrong shape is an error naming it.
+    pub fn from_named_tensors(config: GptConfig, tensors: HashMap<String, Tensor>) -> Result<Gpt> {
+        config.validate()?;
+        let mut by_name: HashMap<String, Tensor> = HashMap::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            let canonical = if name.starts_with("transformer.") || name.starts_with("lm_head.") {
+                name.clone()
+            } else {
+                format!("transformer.{name}")
+            };
+            if by_name.insert(canonical.clone(), t).is_some() {
+                return Err(ModelError::invalid(
+                    "load weights",
+                    format!(
+                        "{canonical} is given twice (with and without the transformer. prefix)"
+                    ),
+                ));
+            }
+        }
+        let params = GptWeights::build(&config, |spec| -> Result<Parameter> {
+            let t = by_name.remove(&spec.name).ok_or_else(|| {
+                ModelError::invalid("load weights", format!("missing parameter {}", spec.name))
+            })?;
+            if t.shape() != spec.shape.as_slice() {
+                return Err(ModelError::invalid(
+                    "load weights",
+                    format!(
+                        "{} has shape {:?}, the config needs {:?}",
+                        spec.name,
+                        t.shape(),
+                        spec.shape
+                    ),
+                ));
+            }
+            let t = match t.dtype() {
+                DType::F32 => t,
+                DType::BF16 | DType::F16 => t.to_dtype(DType::F32)?,
+                other => {
+                    return Err(ModelError::invalid(
+                        "load weights",
+                        format!("{} has dtype {other}; expected a float type", spec.name),
+                    ))
+                }
+            };
+            Ok(Parameter::new(t.contiguous()?.detach()))
+        })?;
+        if let Some(head) = by_name.remove("lm_head.weight") {
+            let want = [config.vocab_size, config.n_embd];
+            if head.shape() != want {
+                return Err(ModelError::invalid(
+                    "load weights",
+                    format!(
+                        "lm_head.weight has shape {:?}, expected {want:?} (tied to wte)",
+                        head.shape()
+                    ),
+                ));
+            }
+        }
+        by_name.retain(|n, _| !(n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias")));
+        if !by_name.is_empty() {
+            let mut names: Vec<_> = by_name.into_keys().collect();
+            names.sort();
+            return Err(ModelError::invalid(
+                "load weights",
+                format!("unexpected tensors: {}", names.join(", ")),
+            ));
+        }
+        Ok(Gpt { config, params })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    /// The parameters with their HF names, in `GPT2LMHeadModel.named_parameters()` order.
+    /// The handles share the model's parameters (an optimiser built from them updates the model).
+    pub fn named_parameters(&self) -> Vec<(String, Parameter)> {
+        self.params
+            .named()
+            .into_iter()
+            .map(|(n, p)| (n, p.clone()))
+            .collect()
+    }
+
+    pub fn parameters(&self) -> Vec<Parameter> {
+        self.named_parameters()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    /// The current parameter values, untracked, by HF name (for checkpoints and copies).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .named()
+            .into_iter()
+            .map(|(n, p)| (n, p.tensor().detach()))
+            .collect()
+    }
+
+    /// An independent model with the same config and current values (the frozen reference
+    /// policy in RLHF, say). Values share storage until either model's optimiser replaces them;
+    /// parameters are never written in place, so the two never affect each other.
+    pub fn deep_clone(&self) -> Gpt {
+        Gpt {
+            config: self.config.clone(),
+            params: self.params.map(|p| Parameter::new(p.tensor().detach())),
+        }
+    }
+
+    /// Copies another model's values into this one (same config); e.g. EMA or reset.
+    pub fn copy_from(&self, other: &Gpt) -> Result<()> {
+        for ((name, dst), (_, src)) in self.params.named().into_iter().zip(other.params.named()) {
+            dst.set(&src.tensor().detach())
+                .map_err(|e| ModelError::invalid("copy_from", format!("{name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// This forward's weights: the parameters' current values (tracked outside no-grad mode).
+    pub fn weights(&self) -> GptWeights<Tensor> {
+        self.params.map(|p| p.tensor())
+    }
+
+    /// Validates token ids against the vocabulary and returns them as i64.
+    fn checked_ids(&self, op: &'static str, ids: &Tensor) -> Result<Vec<i64>> {
+        let v = ids.to_i64_vec()?;
+        if let Some((pos, &bad)) = v
+            .iter()
+            .enumerate()
+            .find(|(_, &i)| i < 0 || i as usize >= self.config.vocab_size)
+        {
+            return Err(ModelError::invalid(
+                op,
+                format!(
+                    "token id {bad} at flat position {pos} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                ),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Hidden states `[B, T, d]` (after the final LayerNorm) of token ids `[B, T]` (any integer
+    /// dtype) at positions `0..T`. With `dropout_seed`, dropout is applied as in training, the
+    /// same seed dropping the same activations; `None` is evaluation mode.
+    pub fn hidden_states(&self, ids: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        self.hidden_states_with(&self.weights(), ids, dropout_seed)
+    }
+
+    /// As [`Gpt::hidden_states`] with explicit weights (gradient checks substitute their own
+    /// tensors for some parameters).
+    pub fn hidden_states_with(
+        &self,
+        w: &GptWeights<Tensor>,
+        ids: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        if ids.rank() != 2 {
+            return Err(ModelError::invalid(
+                "hidden_states",
+                format!("ids must be [batch, time], got shape {:?}", ids.shape()),
+            ));
+        }
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        if t == 0 || t > c.n_positions {
+            return Err(ModelError::invalid(
+                "hidden_states",
+                format!(
+                    "sequence length {t} must be in 1..={} (n_positions)",
+                    c.n_positions
+                ),
+            ));
+        }
+        self.checked_ids("hidden_states", ids)?;
+        let mut drop = Dropout::new(dropout_seed);
+        let positions = Tensor::from_vec((0..t as i64).collect::<Vec<_>>(), &[t])?;
+        let x = Tensor::embedding(ids, &w.wte)?.add(&Tensor::embedding(&positions, &w.wpe)?)?;
+        let mut x = drop.apply(x, c.embd_pdrop)?;
+        let (h, dh) = (c.n_head, c.head_dim());
+        for bw in &w.h {
+            let a = x.layer_norm(&bw.ln_1_weight, &bw.ln_1_bias, c.layer_norm_epsilon)?;
+            let qkv = linear(&a, &bw.c_attn_weight, &bw.c_attn_bias)?;
+            // [B, T, 3d] → [3, B, H, T, Dh] as a view; q, k, v are slices of it.
+            let qkv = qkv
+                .reshape_to(&[b, t, 3, h, dh])?
+                .permute(&[2, 0, 3, 1, 4])?;
+            let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(0, i, 1)?.squeeze(0)?) };
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let att = if drop.active(c.attn_pdrop) {
+                let seed = drop.rng.as_mut().map(Rng::next_u64).unwrap_or(0);
+                attention_with_dropout(&q, &k, &v, c.attn_pdrop, seed)?
+            } else {
+                Tensor::causal_attention(&q, &k, &v)?
+            };
+            let att = att.permute(&[0, 2, 1, 3])?.reshape_to(&[b, t, h * dh])?;
+            let att = linear(&att, &bw.attn_c_proj_weight, &bw.attn_c_proj_bias)?;
+            x = x.add(&drop.apply(att, c.resid_pdrop)?)?;
+            let m = mlp(
+                &x.layer_norm(&bw.ln_2_weight, &bw.ln_2_bias, c.layer_norm_epsilon)?,
+                bw,
+            )?;
+            x = x.add(&drop.apply(m, c.resid_pdrop)?)?;
+        }
+        Ok(x.layer_norm(&w.ln_f_weight, &w.ln_f_bias, c.layer_norm_epsilon)?)
+    }
+
+    /// Logits `[.., vocab]` of hidden states `[.., d]` through the tied head: hidden · wteᵀ,
+    /// with wteᵀ a transposed view (the matmul reads it through its strides; nothing is copied).
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.matmul(&self.params.wte.tensor().t()?)?)
+    }
+
+    /// As [`Gpt::lm_logits`] with explicit weights.
+    pub fn lm_logits_with(w: &GptWeights<Tensor>, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.matmul(&w.wte.t()?)?)
+    }
+
+    /// Logits `[B, T, vocab]` of ids `[B, T]`: [`Gpt::hidden_states`] then [`Gpt::lm_logits`].
+    pub fn logits(&self, ids: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        self.lm_logits(&self.hidden_states(ids, dropout_seed)?)
+    }
+
+    /// Feeds `new_ids[i]` (one or more tokens) to sequence i, whose earlier tokens are in
+    /// `caches[i]`, appending their keys and values to the cache. Returns the hidden states of
+    /// the new tokens, all sequences packed in order: `[Σ len(new_ids[i]), d]`.
+    ///
+    /// Each sequence continues at its own position (`caches[i].len()`), so prompts of different
+    /// lengths batch without padding. No dropout (evaluation mode); meant to run in
+    /// [`rlhf_tensor::no_grad`].
+    pub fn hidden_states_cached(
+        &self,
+        new_ids: &[&[u32]],
+        caches: &mut [KvCache],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let op = "hidden_states_cached";
+        if new_ids.len() != caches.len() || new_ids.is_empty() {
+            return Err(ModelError::invalid(
+                op,
+                format!(
+                    "{} token lists for {} caches (need the same, non-zero number)",
+                    new_ids.len(),
+                    caches.len()
+                ),
+            ));
+        }
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        for (i, (ids, cache)) in new_ids.iter().zip(caches.iter()).enumerate() {
+            if ids.is_empty() {
+                return Err(ModelError::invalid(
+                    op,
+                    format!("sequence {i} has no new tokens"),
+                ));
+            }
+            if cache.n_layer() != c.n_layer {
+                return Err(ModelError::invalid(
+                    op,
+                    format!(
+                        "cache {i} has {} layers, the model {}",
+                        cache.n_layer(),
+                        c.n_layer
+                    ),
+                ));
+            }
+            let end = cache.len() + ids.len();
+            if end > c.n_positions {
+                return Err(ModelError::invalid(
+                    op,
+                    format!(
+                        "sequence {i} would reach {end} tokens, past the context of {}",
+                        c.n_positions
+                    ),
+                ));
+            }
+            tokens.extend(ids.iter().map(|&t| i64::from(t)));
+            positions.extend((cache.len()..end).map(|p| p as i64));
+        }
+        let n = tokens.len();
+        let tokens = Tensor::from_vec(tokens, &[n])?;
+        self.checked_ids(op, &tokens)?;
+        let positions = Tensor::from_vec(positions, &[n])?;
+        let w = self.weights();
+        let mut x =
+            Tensor::embedding(&tokens, &w.wte)?.add(&Tensor::embedding(&positions, &w.wpe)?)?;
+        let (h, dh, d) = (c.n_head, c.head_dim(), c.n_embd);
+        for (layer, bw) in w.h.iter().enumerate() {
+            let a = x.layer_norm(&bw.ln_1_weight, &bw.ln_1_bias, c.layer_norm_epsilon)?;
+            let qkv = linear(&a, &bw.c_attn_weight, &bw.c_attn_bias)?;
+            let mut outs = Vec::with_capacity(new_ids.len());
+            let mut row = 0;
+            for (ids, cache) in new_ids.iter().zip(caches.iter_mut()) {
+                let len = ids.len();
+                // This sequence's rows [len, 3d] → [3, H, len, Dh].
+                let part = qkv
+                    .narrow(0, row, len)?
+                    .reshape_to(&[len, 3, h, dh])?
+                    .permute(&[1, 2, 0, 3])?;
+                let q = part.narrow(0, 0, 1)?.squeeze(0)?;
+                let k_new = part.narrow(0, 1, 1)?.squeeze(0)?;
+                let v_new = part.narrow(0, 2, 1)?.squeeze(0)?;
+                let (k, v) = cache.append(layer, &k_new, &v_new)?;
+                let o = Tensor::causal_attention(&q, &k, &v)?;
+                outs.push(o.permute(&[1, 0, 2])?.reshape_to(&[len, d])?);
+                row += len;
+            }
+            let att = if outs.len() == 1 {
+                outs.pop().expect("one output")
+            } else {
+                Tensor::concat(&outs.iter().collect::<Vec<_>>(), 0)?
+            };
+            x = x.add(&linear(&att, &bw.attn_c_proj_weight, &bw.attn_c_proj_bias)?)?;
+            let m = mlp(
+                &x.layer_norm(&bw.ln_2_weight, &bw.ln_2_bias, c.layer_norm_epsilon)?,
+                bw,
+            )?;
+            x = x.add(&m)?;
+        }
+        for (ids, cache) in new_ids.iter().zip(caches.iter_mut()) {
+            cache.advance(ids.len());
+        }
+        Ok(x.layer_norm(&w.ln_f_weight, &w.ln_f_bias, c.layer_norm_epsilon)?)
+    }
+
+    /// Fresh, empty caches for `n` sequences.
+    pub fn new_caches(&self, n: usize) -> Vec<KvCache> {
+        (0..n).map(|_| KvCache::new(self.config.n_layer)).collect()
+    }
+
+    /// Names and shapes this config's model has, in HF order (for checkpoint validation).
+    pub fn expected_shapes(config: &GptConfig) -> Vec<(String, Vec<usize>)> {
+        param_specs(config)
+            .into_iter()
+            .map(|s| (s.name, s.shape))
+            .collect()
+    }
+}
+
+/// Builds a right-padded `[B, T_max]` i64 id tensor from token lists, with `pad` after each
+/// sequence, and a `[B, T_max]` f32 mask that is 1 on real tokens and 0 on padding.
+pub fn pad_batch(seqs: &[Vec<u32>], pad: u32) -> Result<(Tensor, Tensor)> {
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    if seqs.is_empty() || t == 0 {
+        return Err(ModelError::invalid("pad_batch", "no tokens to batch"));
+    }
+    let mut ids = Vec::with_capacity(seqs.len() * t);
+    let mut mask = Vec::with_capacity(seqs.len() * t);
+    for s in seqs {
+        ids.extend(s.iter().map(|&x| i64::from(x)));
+        ids.extend(std::iter::repeat_n(i64::from(pad), t - s.len()));
+        mask.extend(std::iter::repeat_n(1.0f32, s.len()));
+        mask.extend(std::iter::repeat_n(0.0f32, t - s.len()));
+    }
+    Ok((
+        Tensor::from_vec(ids, &[seqs.len(), t])?,
+        Tensor::from_vec(mask, &[seqs.len(), t])?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_with_dropout_is_causal_attention_when_nothing_drops() {
+        // p = 0 keeps every probability, so the composed path must equal the fused kernel,
+        // including fewer queries than keys.
+        for (tq, tk) in [(5, 5), (2, 6)] {
+            let q = Tensor::randn(&[2, 3, tq, 4], 0.0, 1.0, 1);
+            let k = Tensor::randn(&[2, 3, tk, 4], 0.0, 1.0, 2);
+            let v = Tensor::randn(&[2, 3, tk, 4], 0.0, 1.0, 3);
+            let a = attention_with_dropout(&q, &k, &v, 0.0, 9)
+                .unwrap()
+                .to_f64_vec();
+            let b = Tensor::causal_attention(&q, &k, &v).unwrap().to_f64_vec();
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-5, "{x} {y}");
+            }
+        }
+        // With p > 0 the output changes and the same seed repeats it.
+        let q = Tensor::randn(&[1, 1, 6, 4], 0.0, 1.0, 4);
+        let a = attention_with_dropout(&q, &q, &q, 0.5, 1)
+            .unwrap()
+            .to_f64_vec();
+        let b = attention_with_dropout(&q, &q, &q, 0.5, 1)
+            .unwrap()
+            .to_f64_vec();
+        let fused = Tensor::causal_attention(&q, &q, &q).unwrap().to_f64_vec();
+        assert_eq!(a, b);
+        assert_ne!(a, fused);
+    }
+}
