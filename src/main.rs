@@ -30,6 +30,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a GPT on next-token prediction (a text file or the built-in corpus).
+    Pretrain(cmd::pretrain::PretrainArgs),
+    /// Sample continuations from a checkpoint.
+    Generate(cmd::generate::GenerateArgs),
     /// Datasets: the built-in instruction world, its labeler, and JSON Lines files.
     #[command(subcommand)]
     Data(cmd::data::DataCommand),
@@ -41,5 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(c) => cmd::bench::run(c),
         Command::Inspect { file, json } => cmd::inspect::run(&file, json),
         Command::Data(c) => cmd::data::run(c),
+        Command::Pretrain(a) => cmd::pretrain::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
     }
 }

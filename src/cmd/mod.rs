@@ -1,5 +1,8 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod common;
 pub mod data;
+pub mod generate;
 pub mod inspect;
+pub mod pretrain;
