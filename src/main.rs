@@ -20,11 +20,14 @@ enum Command {
     /// Benchmarks of the engine's kernels.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+    /// Draw the curves in a metrics file (JSON Lines) to a PNG or SVG image.
+    Plot(cmd::plot::PlotArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Plot(a) => cmd::plot::run(a),
     }
 }
