@@ -37,6 +37,8 @@ enum Command {
     /// Datasets: the built-in instruction world, its labeler, and JSON Lines files.
     #[command(subcommand)]
     Data(cmd::data::DataCommand),
+    /// Draw the curves in a metrics file (JSON Lines) to a PNG or SVG image.
+    Plot(cmd::plot::PlotArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Data(c) => cmd::data::run(c),
         Command::Pretrain(a) => cmd::pretrain::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Plot(a) => cmd::plot::run(a),
     }
 }

@@ -5,4 +5,5 @@ pub mod common;
 pub mod data;
 pub mod generate;
 pub mod inspect;
+pub mod plot;
 pub mod pretrain;
