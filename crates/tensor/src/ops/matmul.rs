@@ -164,10 +164,9 @@ fn matmul_weight_grad(a: &Tensor, g: &Tensor, b_shape: &[usize]) -> Result<Tenso
         let a2 = a.reshape_to(&[rows, k])?;
         let g2 = g.reshape_to(&[rows, n])?;
         let full = a2.t()?.matmul(&g2)?;
-        // Shape [k, n]; sum_to_shape by the caller handles the rank when B had batch dims of 1.
-        let mut shape = vec![1; a.rank() - 2];
-        shape.extend([k, n]);
-        return full.reshape_to(&shape);
+        // [k, n] holds B's elements: its batch dims are all 1 (possibly more of them than A
+        // has batch dims), so B's own shape is the right one.
+        return full.reshape_to(b_shape);
     }
     a.t()?.matmul(g)
 }
