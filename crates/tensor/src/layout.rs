@@ -24,6 +24,17 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     strides
 }
 
+/// The element count of `shape`, or `None` when the product of its nonzero dims overflows
+/// `usize`. Such a shape cannot be laid out (its strides are products of dims), even when a
+/// zero dim leaves it empty, so constructors and views refuse it.
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    Some(if shape.contains(&0) { 0 } else { nonzero })
+}
+
 /// Resolves a possibly negative dimension index (`-1` is the last) against `rank`.
 pub fn resolve_dim(op: &'static str, dim: isize, shape: &[usize]) -> Result<usize> {
     let rank = shape.len() as isize;
@@ -202,7 +213,7 @@ impl Layout {
             lhs: self.shape.clone(),
             rhs: shape.to_vec(),
         };
-        if shape.len() < self.rank() {
+        if shape.len() < self.rank() || checked_numel(shape).is_none() {
             return Err(err());
         }
         let lead = shape.len() - self.rank();
@@ -318,7 +329,6 @@ impl Layout {
 
 /// Resolves a shape with at most one `-1` against `numel`.
 pub fn infer_shape(op: &'static str, numel: usize, shape: &[isize]) -> Result<Vec<usize>> {
-    let mut known = 1usize;
     let mut infer = None;
     for (i, &d) in shape.iter().enumerate() {
         if d == -1 {
@@ -327,10 +337,19 @@ pub fn infer_shape(op: &'static str, numel: usize, shape: &[isize]) -> Result<Ve
             }
         } else if d < 0 {
             return Err(Error::invalid(op, format!("negative size in {shape:?}")));
-        } else {
-            known *= d as usize;
         }
     }
+    let given: Vec<usize> = shape
+        .iter()
+        .filter(|&&d| d >= 0)
+        .map(|&d| d as usize)
+        .collect();
+    let known = checked_numel(&given).ok_or_else(|| {
+        Error::invalid(
+            op,
+            format!("the sizes in {shape:?} overflow the element count"),
+        )
+    })?;
     let mut out: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
     if let Some(i) = infer {
         if known == 0 || !numel.is_multiple_of(known) {

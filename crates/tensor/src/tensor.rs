@@ -77,8 +77,7 @@ impl Tensor {
 
     /// A tensor owning `data` with `shape` (row-major); the element count must match.
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Tensor> {
-        let numel: usize = shape.iter().product();
-        if numel != data.len() {
+        if crate::layout::checked_numel(shape) != Some(data.len()) {
             return Err(Error::invalid(
                 "from_vec",
                 format!("{} elements cannot have shape {shape:?}", data.len()),
@@ -449,7 +448,7 @@ impl Tensor {
 
     /// Reshape to an explicit shape with the same element count.
     pub fn reshape_to(&self, shape: &[usize]) -> Result<Tensor> {
-        if shape.iter().product::<usize>() != self.numel() {
+        if crate::layout::checked_numel(shape) != Some(self.numel()) {
             return Err(Error::invalid(
                 "reshape",
                 format!("cannot view shape {:?} as {shape:?}", self.shape()),

@@ -47,7 +47,8 @@ fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     // [.., m, k] · [k, n] with contiguous rows in `a`: one GEMM with m·batch rows. This is the
     // shape of every linear layer, and one large GEMM beats many small ones.
     if b.rank() == 2 && a.is_contiguous() {
-        let rows = a.numel() / k.max(1);
+        // Counted from the shape, not numel / k, which is 0 when k is.
+        let rows: usize = a.shape()[..a.rank() - 1].iter().product();
         let mut out = vec![0.0f32; rows * n];
         let (sa, sb) = (a.storage().as_slice::<f32>(), b.storage().as_slice::<f32>());
         let (sa, sb) = (sa.unwrap_or(&[]), sb.unwrap_or(&[]));
@@ -160,14 +161,13 @@ fn matmul_weight_grad(a: &Tensor, g: &Tensor, b_shape: &[usize]) -> Result<Tenso
     let (k, n) = (a.shape()[a.rank() - 1], g.shape()[g.rank() - 1]);
     let b_batch: usize = b_shape[..b_shape.len() - 2].iter().product();
     if a.rank() > 2 && b_batch == 1 && a.is_contiguous() && g.is_contiguous() {
-        let rows = a.numel() / k.max(1);
+        let rows: usize = a.shape()[..a.rank() - 1].iter().product();
         let a2 = a.reshape_to(&[rows, k])?;
         let g2 = g.reshape_to(&[rows, n])?;
         let full = a2.t()?.matmul(&g2)?;
-        // Shape [k, n]; sum_to_shape by the caller handles the rank when B had batch dims of 1.
-        let mut shape = vec![1; a.rank() - 2];
-        shape.extend([k, n]);
-        return full.reshape_to(&shape);
+        // [k, n] holds B's elements: its batch dims are all 1 (possibly more of them than A
+        // has batch dims), so B's own shape is the right one.
+        return full.reshape_to(b_shape);
     }
     a.t()?.matmul(g)
 }

@@ -35,8 +35,9 @@ impl Tensor {
             for (o, row) in out.iter_mut().zip(x.chunks(n.max(1))) {
                 *o = if n == 0 { 0.0 } else { vec::sum(row) };
             }
-        } else {
+        } else if n > 0 && inner > 0 {
             // Accumulate whole inner rows with the SIMD axpy: fixed order, deterministic.
+            // (An empty dim leaves the zeros; `chunks(0)` would panic.)
             for (o, block) in out.chunks_mut(inner).zip(x.chunks(n * inner)) {
                 for row in block.chunks(inner) {
                     vec::axpy(1.0, row, o);
