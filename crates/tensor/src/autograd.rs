@@ -217,6 +217,7 @@ pub(crate) fn backward(root: &Tensor, seed: Tensor) -> Result<()> {
         return Ok(());
     }
     let mut grads: HashMap<u64, Tensor> = HashMap::new();
+    let mut leaf_grads: HashMap<usize, (Arc<GradCell>, Tensor)> = HashMap::new();
     grads.insert(root.id(), seed);
     for t in topological_order(root).into_iter().rev() {
         let Some(grad) = grads.remove(&t.id()) else {
@@ -243,11 +244,14 @@ pub(crate) fn backward(root: &Tensor, seed: Tensor) -> Result<()> {
             match input.track() {
                 GradTrack::None => {}
                 GradTrack::Leaf(cell) => {
-                    let mut slot = cell.grad.lock().unwrap_or_else(|e| e.into_inner());
-                    *slot = Some(match slot.take() {
-                        Some(prev) => prev.add(&g)?,
-                        None => g.contiguous()?,
-                    });
+                    // Sum this pass's contributions first and add them to the stored gradient
+                    // once, so n backward calls give exactly n times one call's gradient.
+                    let key = Arc::as_ptr(cell) as usize;
+                    let acc = match leaf_grads.remove(&key) {
+                        Some((_, prev)) => prev.add(&g)?,
+                        None => g,
+                    };
+                    leaf_grads.insert(key, (cell.clone(), acc));
                 }
                 GradTrack::Op(_) => {
                     let acc = match grads.remove(&input.id()) {
@@ -258,6 +262,13 @@ pub(crate) fn backward(root: &Tensor, seed: Tensor) -> Result<()> {
                 }
             }
         }
+    }
+    for (cell, g) in leaf_grads.into_values() {
+        let mut slot = cell.grad.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some(match slot.take() {
+            Some(prev) => prev.add(&g)?,
+            None => g.contiguous()?,
+        });
     }
     Ok(())
 }

@@ -53,6 +53,19 @@ impl Tensor {
     pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (_, shape) = attention_shape(q, k, v)?;
         let scale = 1.0 / (shape.d.max(1) as f32).sqrt();
+        if q.numel() == 0 {
+            // Nothing to attend with (no heads, no queries or zero-width heads): an empty or
+            // zero-width result, and zero gradients, without calling the kernel.
+            let out = Tensor::zeros(q.shape());
+            let shapes = (q.shape().to_vec(), k.shape().to_vec(), v.shape().to_vec());
+            return Ok(Tensor::record(out, "causal_attention", &[q, k, v], move |_| {
+                Ok(vec![
+                    Some(Tensor::zeros(&shapes.0)),
+                    Some(Tensor::zeros(&shapes.1)),
+                    Some(Tensor::zeros(&shapes.2)),
+                ])
+            }));
+        }
         let (qc, kc, vc) = (
             q.contiguous()?.detach(),
             k.contiguous()?.detach(),
