@@ -105,7 +105,7 @@ pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, 
                 let kc = kc_max.min(k - pc);
                 let bpack = bbuf.slice(n_panels * kc * K::NR);
                 let pack = |(q, dst): (usize, &mut [f32])| {
-                    pack_b_panel(&b, pc, kc, jc + q * K::NR, K::NR, dst)
+                    pack_b_panel::<K>(&b, pc, kc, jc + q * K::NR, K::NR, dst)
                 };
                 if threads > 1 {
                     bpack.par_chunks_mut(kc * K::NR).enumerate().for_each(pack);
@@ -180,7 +180,7 @@ impl Block<'_, '_> {
         with_buf(&PACK_A, |abuf| {
             let apack = abuf.slice(rows.len() * kc * mr_full);
             for (q, dst) in apack.chunks_exact_mut(kc * mr_full).enumerate() {
-                pack_a_panel(
+                pack_a_panel::<K>(
                     self.a,
                     (rows.start + q) * mr_full,
                     self.pc,
@@ -270,17 +270,20 @@ impl Block<'_, '_> {
 
 /// Packs rows `r0..r0 + mr_full` (zero past the last row) and columns `p0..p0 + kc` of A into
 /// `dst[p * mr_full + i]`.
-fn pack_a_panel(a: &MatRef, r0: usize, p0: usize, kc: usize, mr_full: usize, dst: &mut [f32]) {
+fn pack_a_panel<K: Microkernel>(
+    a: &MatRef,
+    r0: usize,
+    p0: usize,
+    kc: usize,
+    mr_full: usize,
+    dst: &mut [f32],
+) {
     let mr = mr_full.min(a.rows - r0);
     let (rs, cs) = (a.row_stride, a.col_stride);
     if cs == 1 {
-        // Row-major A: read each row contiguously, scatter it down one lane of the panel.
-        for i in 0..mr {
-            let row = &a.data[(r0 + i) * rs + p0..][..kc];
-            for (d, &v) in dst.chunks_exact_mut(mr_full).zip(row) {
-                d[i] = v;
-            }
-        }
+        // Row-major A: each row is a contiguous stream, interleaved into the panel's lanes.
+        let src = &a.data[r0 * rs + p0..];
+        K::interleave(src, rs, mr, mr_full, kc, dst);
     } else if rs == 1 {
         // Transposed A: each k step is a contiguous run of rows.
         for (p, d) in dst.chunks_exact_mut(mr_full).enumerate() {
@@ -302,7 +305,14 @@ fn pack_a_panel(a: &MatRef, r0: usize, p0: usize, kc: usize, mr_full: usize, dst
 
 /// Packs columns `j0..j0 + nr_full` (zero past the last column) and rows `p0..p0 + kc` of B into
 /// `dst[p * nr_full + j]`.
-fn pack_b_panel(b: &MatRef, p0: usize, kc: usize, j0: usize, nr_full: usize, dst: &mut [f32]) {
+fn pack_b_panel<K: Microkernel>(
+    b: &MatRef,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    nr_full: usize,
+    dst: &mut [f32],
+) {
     let nr = nr_full.min(b.cols - j0);
     let (rs, cs) = (b.row_stride, b.col_stride);
     if cs == 1 {
@@ -311,13 +321,8 @@ fn pack_b_panel(b: &MatRef, p0: usize, kc: usize, j0: usize, nr_full: usize, dst
             d[..nr].copy_from_slice(&b.data[(p0 + p) * rs + j0..][..nr]);
         }
     } else if rs == 1 {
-        // Transposed B: read each column contiguously, scatter it down one lane of the panel.
-        for j in 0..nr {
-            let col = &b.data[(j0 + j) * cs + p0..][..kc];
-            for (d, &v) in dst.chunks_exact_mut(nr_full).zip(col) {
-                d[j] = v;
-            }
-        }
+        // Transposed B: each column is a contiguous stream, interleaved into the panel's lanes.
+        K::interleave(&b.data[j0 * cs + p0..], cs, nr, nr_full, kc, dst);
     } else {
         for (p, d) in dst.chunks_exact_mut(nr_full).enumerate() {
             for (j, v) in d[..nr].iter_mut().enumerate() {

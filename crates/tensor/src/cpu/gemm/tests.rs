@@ -248,6 +248,50 @@ fn k_zero_scales_c() {
     }
 }
 
+/// The block sizes (MR, NR, KC, MC, NC) of the kernel `isa` runs.
+fn blocking(isa: Isa) -> [usize; 5] {
+    use super::kernels::{Microkernel, Scalar};
+    fn of<K: Microkernel>() -> [usize; 5] {
+        [K::MR, K::NR, K::KC, K::MC, K::NC]
+    }
+    match isa {
+        Isa::Scalar => of::<Scalar>(),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => of::<super::kernels::Avx2>(),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => of::<super::kernels::Avx512>(),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn crosses_every_block_boundary() {
+    // Just past one MC block, one NC panel and one KC block, with edge tiles in both directions:
+    // the random shapes above are too small to reach the AVX-512 blocks. Rows and columns cross
+    // in separate cases to keep the naive reference cheap.
+    for isa in Isa::available() {
+        let [mr, nr, kc, mc, nc] = blocking(isa);
+        let shapes = [(mc + mr + 1, 45, kc + 5), (20, nc + nr + 3, kc + 5)];
+        for (idx, &(m, n, k)) in shapes.iter().enumerate() {
+            for (trans_a, trans_b) in [(false, false), (true, true)] {
+                let case = Case {
+                    m,
+                    n,
+                    k,
+                    trans_a,
+                    trans_b,
+                    pad: 2,
+                    alpha: 0.8,
+                    beta: 0.5,
+                    seed: 77 + idx as u64,
+                };
+                check_case(isa, &case);
+            }
+        }
+    }
+}
+
 /// Runs sgemm in a fresh pool of `threads` threads and returns C.
 fn run_in_pool(isa: Isa, threads: usize, m: usize, n: usize, k: usize, trans_b: bool) -> Vec<f32> {
     let mut rng = Rng(0x5eed ^ (m * n * k) as u64);
@@ -274,12 +318,13 @@ fn run_in_pool(isa: Isa, threads: usize, m: usize, n: usize, k: usize, trans_b: 
 
 #[test]
 fn bitwise_identical_across_thread_counts() {
-    // Shapes that cross several KC blocks, MC blocks, an NC panel edge (n > 4096) and edge tiles.
+    // Shapes that cross several KC blocks (k = 1700), MC blocks, NC panels and edge tiles.
     for isa in Isa::available() {
         for &(m, n, k, trans_b) in &[
             (301, 517, 611, false),
             (700, 90, 300, true),
-            (30, 4200, 260, false),
+            (30, 2100, 260, false),
+            (61, 75, 1700, false),
         ] {
             assert!(
                 2 * m * n * k >= PARALLEL_MIN_FLOPS,
