@@ -189,24 +189,34 @@ impl Block<'_, '_> {
                     dst,
                 );
             }
-            for jp in cols {
-                let bp = &self.bpack[jp * kc * nr_full..][..kc * nr_full];
+            let panel = kc * nr_full;
+            for jp in cols.clone() {
+                let bp = &self.bpack[jp * panel..][..panel];
+                // The first tile of this column prefetches the next B micro-panel into L2.
+                let b_next = if jp + 1 < cols.end {
+                    self.bpack[(jp + 1) * panel..].as_ptr()
+                } else {
+                    std::ptr::null()
+                };
                 let j0 = self.jc + jp * nr_full;
                 let nr = nr_full.min(self.n - j0);
                 for (q, ap) in apack.chunks_exact(kc * mr_full).enumerate() {
                     let i0 = (rows.start + q) * mr_full;
                     let mr = mr_full.min(self.m - i0);
-                    self.tile::<K>(ap, bp, i0, j0, mr, nr);
+                    let next = if q == 0 { b_next } else { std::ptr::null() };
+                    self.tile::<K>(ap, bp, next, i0, j0, mr, nr);
                 }
             }
         });
     }
 
     /// One C tile at (i0, j0) with `mr × nr` valid elements.
+    #[allow(clippy::too_many_arguments)]
     fn tile<K: Microkernel>(
         &self,
         ap: &[f32],
         bp: &[f32],
+        b_next: *const f32,
         i0: usize,
         j0: usize,
         mr: usize,
@@ -229,6 +239,7 @@ impl Block<'_, '_> {
                     ldc,
                     self.alpha,
                     self.beta,
+                    b_next,
                 )
             }
             return;
@@ -257,6 +268,7 @@ impl Block<'_, '_> {
                 K::NR,
                 self.alpha,
                 self.beta,
+                b_next,
             )
         };
         for i in 0..mr {

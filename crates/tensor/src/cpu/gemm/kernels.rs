@@ -23,10 +23,15 @@ pub(super) trait Microkernel {
     /// Computes one full tile: `C[i][j] = alpha·Σ_p a[p·MR+i]·b[p·NR+j] + beta·C[i][j]`, where
     /// C is not read when `beta == 0`.
     ///
+    /// `b_next` is the B micro-panel the following tiles will use (or null): a kernel may
+    /// prefetch it into L2 while it computes, so the next column of tiles does not start by
+    /// waiting on L3. It is only ever prefetched, never read.
+    ///
     /// # Safety
     /// `a` must be valid for `kc·MR` reads, `b` for `kc·NR` reads, and `c` for reads and writes of
     /// `MR` rows of `NR` elements at row stride `ldc`, not aliased by `a` or `b`; `kc >= 1`; the
     /// CPU must support the kernel's instruction set (checked through [`super::Isa`]).
+    #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         kc: usize,
         a: *const f32,
@@ -35,6 +40,7 @@ pub(super) trait Microkernel {
         ldc: usize,
         alpha: f32,
         beta: f32,
+        b_next: *const f32,
     );
 
     /// Interleaves `lanes` strided streams into groups of `width >= lanes`:
@@ -95,6 +101,7 @@ impl Microkernel for Scalar {
         ldc: usize,
         alpha: f32,
         beta: f32,
+        _b_next: *const f32,
     ) {
         const MR: usize = Scalar::TILE_M;
         const NR: usize = Scalar::TILE_N;
@@ -161,10 +168,17 @@ mod x86 {
             ldc: usize,
             alpha: f32,
             beta: f32,
+            b_next: *const f32,
         ) {
             // SAFETY: forwarded contract; `Avx512` is only chosen after `Isa::Avx512` was found
             // available (avx512f).
-            unsafe { kernel_14x32(kc, a, b, c, ldc, alpha, beta) }
+            unsafe {
+                if b_next.is_null() {
+                    kernel_14x32::<false>(kc, a, b, c, ldc, alpha, beta, b)
+                } else {
+                    kernel_14x32::<true>(kc, a, b, c, ldc, alpha, beta, b_next)
+                }
+            }
         }
 
         fn interleave(
@@ -226,8 +240,11 @@ mod x86 {
         }
     }
 
+    /// With `NEXT`, each k step also prefetches two lines of `b_next` into L2 (the whole next
+    /// micro-panel over the call).
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel_14x32(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_14x32<const NEXT: bool>(
         kc: usize,
         mut a: *const f32,
         mut b: *const f32,
@@ -235,7 +252,10 @@ mod x86 {
         ldc: usize,
         alpha: f32,
         beta: f32,
+        b_next: *const f32,
     ) {
+        // b_next is only prefetched, so plain address arithmetic suffices.
+        let next_off = (b_next as isize).wrapping_sub(b as isize) / 4;
         let mut acc = [[_mm512_setzero_ps(); 2]; MR512];
         // C's rows are far apart (often in L3 or memory); start fetching them into L2 now so
         // they have arrived when the k loop ends, instead of stalling on 28 misses then.
@@ -258,6 +278,11 @@ mod x86 {
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(NR512 * D) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(NR512 * D + 16) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(MR512 * D) as *const i8);
+                if NEXT {
+                    let bn = b.wrapping_offset(next_off);
+                    _mm_prefetch::<_MM_HINT_T1>(bn as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(bn.wrapping_add(16) as *const i8);
+                }
                 let b0 = _mm512_loadu_ps(b);
                 let b1 = _mm512_loadu_ps(b.add(16));
                 for (i, row) in acc.iter_mut().enumerate() {
@@ -330,6 +355,7 @@ mod x86 {
             ldc: usize,
             alpha: f32,
             beta: f32,
+            _b_next: *const f32,
         ) {
             // SAFETY: forwarded contract; `Avx2` is only chosen after `Isa::Avx2` was found
             // available (avx2 and fma).
