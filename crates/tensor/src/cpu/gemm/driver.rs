@@ -104,13 +104,18 @@ pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, 
             for (pi, pc) in (0..k).step_by(kc_max).enumerate() {
                 let kc = kc_max.min(k - pc);
                 let bpack = bbuf.slice(n_panels * kc * K::NR);
-                let pack = |(q, dst): (usize, &mut [f32])| {
-                    pack_b_panel::<K>(&b, pc, kc, jc + q * K::NR, K::NR, dst)
+                // One contiguous group of micro-panels per thread.
+                let group = n_panels.div_ceil(threads);
+                let pack = |(g, dst): (usize, &mut [f32])| {
+                    pack_b_panels::<K>(&b, pc, kc, jc + g * group * K::NR, dst)
                 };
                 if threads > 1 {
-                    bpack.par_chunks_mut(kc * K::NR).enumerate().for_each(pack);
+                    bpack
+                        .par_chunks_mut(group * kc * K::NR)
+                        .enumerate()
+                        .for_each(pack);
                 } else {
-                    bpack.chunks_mut(kc * K::NR).enumerate().for_each(pack);
+                    pack((0, bpack));
                 }
                 let bpack = &*bpack;
                 // Later k blocks add onto what the earlier ones stored.
@@ -311,6 +316,32 @@ fn pack_a_panel<K: Microkernel>(
     if mr < mr_full {
         for d in dst.chunks_exact_mut(mr_full) {
             d[mr..].fill(0.0);
+        }
+    }
+}
+
+/// Packs as many consecutive B micro-panels as `dst` holds, starting at column `j0`.
+fn pack_b_panels<K: Microkernel>(b: &MatRef, p0: usize, kc: usize, j0: usize, dst: &mut [f32]) {
+    let nr_full = K::NR;
+    let panel = kc * nr_full;
+    debug_assert_eq!(dst.len() % panel, 0, "whole panels only");
+    if b.col_stride == 1 {
+        // Row-major B: walk each row once over all the panels' columns (one long contiguous
+        // read per k step instead of a short one per panel, which the prefetcher follows).
+        let cols = (dst.len() / panel * nr_full).min(b.cols - j0);
+        for p in 0..kc {
+            let row = &b.data[(p0 + p) * b.row_stride + j0..][..cols];
+            for (q, d) in dst.chunks_exact_mut(panel).enumerate() {
+                let d = &mut d[p * nr_full..][..nr_full];
+                let src = &row[(q * nr_full).min(cols)..];
+                let w = src.len().min(nr_full);
+                d[..w].copy_from_slice(&src[..w]);
+                d[w..].fill(0.0);
+            }
+        }
+    } else {
+        for (q, d) in dst.chunks_exact_mut(panel).enumerate() {
+            pack_b_panel::<K>(b, p0, kc, j0 + q * nr_full, nr_full, d);
         }
     }
 }
