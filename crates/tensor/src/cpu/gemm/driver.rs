@@ -97,27 +97,40 @@ pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, 
         ldc: c.row_stride,
     };
 
+    // With few row panels each B micro-panel would serve at most DIRECT_B_MAX_PANELS tiles, so
+    // packing it (a full extra read and write of B) costs more than it saves: a row-major B is
+    // then read in place, and only a ragged last panel is packed (with zero padding).
+    let direct_b = b.col_stride == 1 && m_panels <= DIRECT_B_MAX_PANELS;
+
     with_buf(&PACK_B, |bbuf| {
         for jc in (0..n).step_by(K::NC) {
-            let n_panels = K::NC.min(n - jc).div_ceil(K::NR);
-            let (mi, ni) = split(m_panels, n_panels, K::MC / K::MR, threads);
+            let nc = K::NC.min(n - jc);
+            let n_panels = nc.div_ceil(K::NR);
+            let direct_panels = if direct_b { nc / K::NR } else { 0 };
+            let (mi, ni) = split(m_panels, n_panels, K::MC / K::MR, threads, direct_b);
             for (pi, pc) in (0..k).step_by(kc_max).enumerate() {
                 let kc = kc_max.min(k - pc);
-                let bpack = bbuf.slice(n_panels * kc * K::NR);
+                let packed = n_panels - direct_panels;
+                let bpack = bbuf.slice(packed * kc * K::NR);
                 // One contiguous group of micro-panels per thread.
-                let group = n_panels.div_ceil(threads);
+                let group = packed.div_ceil(threads).max(1);
+                let j_packed = jc + direct_panels * K::NR;
                 let pack = |(g, dst): (usize, &mut [f32])| {
-                    pack_b_panels::<K>(&b, pc, kc, jc + g * group * K::NR, dst)
+                    pack_b_panels::<K>(&b, pc, kc, j_packed + g * group * K::NR, dst)
                 };
-                if threads > 1 {
+                if threads > 1 && packed > 1 {
                     bpack
                         .par_chunks_mut(group * kc * K::NR)
                         .enumerate()
                         .for_each(pack);
-                } else {
+                } else if packed > 0 {
                     pack((0, bpack));
                 }
-                let bpack = &*bpack;
+                let bsrc = BSource {
+                    b: &b,
+                    packed: bpack,
+                    direct_panels,
+                };
                 // Later k blocks add onto what the earlier ones stored.
                 let beta_k = if pi == 0 { beta } else { 1.0 };
                 let item = |idx: usize| {
@@ -126,7 +139,7 @@ pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, 
                     let cols = jj * n_panels / ni..(jj + 1) * n_panels / ni;
                     let block = Block {
                         a: &a,
-                        bpack,
+                        bsrc: &bsrc,
                         pc,
                         kc,
                         jc,
@@ -148,13 +161,54 @@ pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, 
     });
 }
 
+/// At most this many row micro-panels: B is read in place instead of packed (when row-major).
+const DIRECT_B_MAX_PANELS: usize = 4;
+
+/// Where a step's B micro-panels live: the first `direct_panels` in B itself (row-major, read
+/// in place), the rest packed.
+struct BSource<'a, 'b> {
+    b: &'a MatRef<'b>,
+    packed: &'a [f32],
+    direct_panels: usize,
+}
+
+impl BSource<'_, '_> {
+    /// Panel `jp` of the (jc, pc) step as (pointer to its first element, stride between k
+    /// steps). Direct panels are full-width, so all `kc` rows of `NR` lie inside B.
+    fn panel<K: Microkernel>(
+        &self,
+        jp: usize,
+        jc: usize,
+        pc: usize,
+        kc: usize,
+    ) -> (*const f32, usize) {
+        if jp < self.direct_panels {
+            let rs = self.b.row_stride;
+            (self.b.data[pc * rs + jc + jp * K::NR..].as_ptr(), rs)
+        } else {
+            let panel = kc * K::NR;
+            (
+                self.packed[(jp - self.direct_panels) * panel..][..panel].as_ptr(),
+                K::NR,
+            )
+        }
+    }
+}
+
 /// How many row ranges (`mi`) and column ranges (`ni`) of micro-panels to cut the work into.
-fn split(m_panels: usize, n_panels: usize, mc_panels: usize, threads: usize) -> (usize, usize) {
+fn split(
+    m_panels: usize,
+    n_panels: usize,
+    mc_panels: usize,
+    threads: usize,
+    direct_b: bool,
+) -> (usize, usize) {
     let blocks = m_panels.div_ceil(mc_panels).max(1);
     if threads <= 1 {
         return (blocks, 1);
     }
-    if m_panels >= 2 * threads {
+    // With B read in place, cutting the columns lets each thread read only its part of B.
+    if m_panels >= 2 * threads && !direct_b {
         // Enough rows: a multiple of the thread count, so each thread gets an equal share.
         let mi = blocks.div_ceil(threads) * threads;
         (mi.min(m_panels), 1)
@@ -167,7 +221,7 @@ fn split(m_panels: usize, n_panels: usize, mc_panels: usize, threads: usize) -> 
 /// What one work item needs to compute its share of the current (jc, pc) step.
 struct Block<'a, 'b> {
     a: &'a MatRef<'b>,
-    bpack: &'a [f32],
+    bsrc: &'a BSource<'a, 'b>,
     pc: usize,
     kc: usize,
     jc: usize,
@@ -194,14 +248,16 @@ impl Block<'_, '_> {
                     dst,
                 );
             }
-            let panel = kc * nr_full;
             for jp in cols.clone() {
-                let bp = &self.bpack[jp * panel..][..panel];
-                // The first tile of this column prefetches the next B micro-panel into L2.
-                let b_next = if jp + 1 < cols.end {
-                    self.bpack[(jp + 1) * panel..].as_ptr()
-                } else {
-                    std::ptr::null()
+                let (bp, b_stride) = self.bsrc.panel::<K>(jp, self.jc, self.pc, kc);
+                // The first tile of this column prefetches the next B micro-panel into L2 (when
+                // it has the same layout, so the kernel can step through both alike).
+                let b_next = match cols.contains(&(jp + 1)) {
+                    true => match self.bsrc.panel::<K>(jp + 1, self.jc, self.pc, kc) {
+                        (next, stride) if stride == b_stride => next,
+                        _ => std::ptr::null(),
+                    },
+                    false => std::ptr::null(),
                 };
                 let j0 = self.jc + jp * nr_full;
                 let nr = nr_full.min(self.n - j0);
@@ -209,7 +265,7 @@ impl Block<'_, '_> {
                     let i0 = (rows.start + q) * mr_full;
                     let mr = mr_full.min(self.m - i0);
                     let next = if q == 0 { b_next } else { std::ptr::null() };
-                    self.tile::<K>(ap, bp, next, i0, j0, mr, nr);
+                    self.tile::<K>(ap, (bp, b_stride), next, i0, j0, mr, nr);
                 }
             }
         });
@@ -220,7 +276,7 @@ impl Block<'_, '_> {
     fn tile<K: Microkernel>(
         &self,
         ap: &[f32],
-        bp: &[f32],
+        (bp, b_stride): (*const f32, usize),
         b_next: *const f32,
         i0: usize,
         j0: usize,
@@ -228,10 +284,12 @@ impl Block<'_, '_> {
         nr: usize,
     ) {
         let (kc, ldc) = (self.kc, self.c.ldc);
-        debug_assert!(ap.len() == kc * K::MR && bp.len() == kc * K::NR);
+        debug_assert!(ap.len() == kc * K::MR);
         debug_assert!(i0 + mr <= self.m && j0 + nr <= self.n);
         if mr == K::MR && nr == K::NR {
-            // SAFETY: ap/bp hold kc full groups (asserted above); the tile's MR rows × NR columns
+            // SAFETY: ap holds kc full groups (asserted above) and bp kc rows of NR at stride
+            // b_stride (`BSource::panel`: a packed panel, or a full-width panel inside B, whose
+            // extent validation checked); the tile's MR rows × NR columns
             // lie inside C (i0 + MR <= m, j0 + NR <= n, and validation checked the extent of
             // m × n at stride ldc); no other thread writes this tile; the kernel's ISA was checked
             // by `sgemm_with` before this kernel type was chosen.
@@ -239,7 +297,8 @@ impl Block<'_, '_> {
                 K::run(
                     kc,
                     ap.as_ptr(),
-                    bp.as_ptr(),
+                    bp,
+                    b_stride,
                     self.c.ptr.add(i0 * ldc + j0),
                     ldc,
                     self.alpha,
@@ -262,13 +321,14 @@ impl Block<'_, '_> {
                 tmp[i * K::NR..][..nr].copy_from_slice(row);
             }
         }
-        // SAFETY: ap/bp hold kc full groups; tmp holds MR rows of NR at stride NR (MR·NR <=
+        // SAFETY: ap and bp as above; tmp holds MR rows of NR at stride NR (MR·NR <=
         // MAX_TILE, asserted in `gemm`); the ISA was checked by `sgemm_with`.
         unsafe {
             K::run(
                 kc,
                 ap.as_ptr(),
-                bp.as_ptr(),
+                bp,
+                b_stride,
                 tmp.as_mut_ptr(),
                 K::NR,
                 self.alpha,

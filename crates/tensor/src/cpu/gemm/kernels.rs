@@ -20,22 +20,25 @@ pub(super) trait Microkernel {
     /// Columns of B per packed panel (a multiple of `NR`).
     const NC: usize;
 
-    /// Computes one full tile: `C[i][j] = alpha·Σ_p a[p·MR+i]·b[p·NR+j] + beta·C[i][j]`, where
-    /// C is not read when `beta == 0`.
+    /// Computes one full tile: `C[i][j] = alpha·Σ_p a[p·MR+i]·b[p·b_stride+j] + beta·C[i][j]`,
+    /// where C is not read when `beta == 0`. `b_stride` is `NR` for a packed B micro-panel, or
+    /// B's row stride when the kernel reads a row-major B in place.
     ///
     /// `b_next` is the B micro-panel the following tiles will use (or null): a kernel may
     /// prefetch it into L2 while it computes, so the next column of tiles does not start by
     /// waiting on L3. It is only ever prefetched, never read.
     ///
     /// # Safety
-    /// `a` must be valid for `kc·MR` reads, `b` for `kc·NR` reads, and `c` for reads and writes of
-    /// `MR` rows of `NR` elements at row stride `ldc`, not aliased by `a` or `b`; `kc >= 1`; the
-    /// CPU must support the kernel's instruction set (checked through [`super::Isa`]).
+    /// `a` must be valid for `kc·MR` reads, `b` for reads of `NR` elements at each
+    /// `b + p·b_stride` (`p < kc`), and `c` for reads and writes of `MR` rows of `NR` elements at
+    /// row stride `ldc`, not aliased by `a` or `b`; `kc >= 1`; the CPU must support the kernel's
+    /// instruction set (checked through [`super::Isa`]).
     #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         kc: usize,
         a: *const f32,
         b: *const f32,
+        b_stride: usize,
         c: *mut f32,
         ldc: usize,
         alpha: f32,
@@ -98,6 +101,7 @@ impl Microkernel for Scalar {
         kc: usize,
         a: *const f32,
         b: *const f32,
+        b_stride: usize,
         c: *mut f32,
         ldc: usize,
         alpha: f32,
@@ -106,15 +110,12 @@ impl Microkernel for Scalar {
     ) {
         const MR: usize = Scalar::TILE_M;
         const NR: usize = Scalar::TILE_N;
-        // SAFETY: the caller guarantees `a` and `b` hold `kc` full groups.
-        let (a, b) = unsafe {
-            (
-                std::slice::from_raw_parts(a, kc * MR),
-                std::slice::from_raw_parts(b, kc * NR),
-            )
-        };
+        // SAFETY: the caller guarantees `a` holds `kc` full groups.
+        let a = unsafe { std::slice::from_raw_parts(a, kc * MR) };
         let mut acc = [[0.0f32; NR]; MR];
-        for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+        for (p, ap) in a.chunks_exact(MR).enumerate() {
+            // SAFETY: the caller guarantees NR readable elements at b + p·b_stride.
+            let bp = unsafe { std::slice::from_raw_parts(b.add(p * b_stride), NR) };
             for i in 0..MR {
                 for j in 0..NR {
                     acc[i][j] += ap[i] * bp[j];
@@ -165,6 +166,7 @@ mod x86 {
             kc: usize,
             a: *const f32,
             b: *const f32,
+            b_stride: usize,
             c: *mut f32,
             ldc: usize,
             alpha: f32,
@@ -175,9 +177,9 @@ mod x86 {
             // available (avx512f).
             unsafe {
                 if b_next.is_null() {
-                    kernel_14x32::<false>(kc, a, b, c, ldc, alpha, beta, b)
+                    kernel_14x32::<false>(kc, a, b, b_stride, c, ldc, alpha, beta, b)
                 } else {
-                    kernel_14x32::<true>(kc, a, b, c, ldc, alpha, beta, b_next)
+                    kernel_14x32::<true>(kc, a, b, b_stride, c, ldc, alpha, beta, b_next)
                 }
             }
         }
@@ -249,6 +251,7 @@ mod x86 {
         kc: usize,
         mut a: *const f32,
         mut b: *const f32,
+        bs: usize,
         c: *mut f32,
         ldc: usize,
         alpha: f32,
@@ -267,17 +270,18 @@ mod x86 {
                 _mm_prefetch::<_MM_HINT_T1>(c.add(i * ldc + 16) as *const i8);
             }
         }
-        // Software prefetch distance in k steps: A and B stream from L2 (a `KC` of 768 makes a
-        // B micro-panel 96 KiB, larger than L1), and the hardware prefetcher alone left the
-        // kernel waiting at the top of the loop.
-        const D: usize = 8;
+        // Software prefetch distance in k steps (about 200 cycles): A and B stream from L2 (a
+        // `KC` of 768 makes a B micro-panel 96 KiB, larger than L1), an in-place B even from L3
+        // with a page-sized stride the hardware prefetchers do not follow, and without these
+        // the kernel waited at the top of the loop.
+        const D: usize = 16;
         // One k step: 2 B vectors times 14 broadcast A values.
         let step = |acc: &mut [[__m512; 2]; MR512], a: *const f32, b: *const f32| {
             // SAFETY: the caller guarantees kc groups of NR512 floats at b and MR512 at a; the
             // prefetches may point past them, which is harmless (prefetch never faults).
             unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(NR512 * D) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(NR512 * D + 16) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(bs * D) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(bs * D + 16) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(MR512 * D) as *const i8);
                 if NEXT {
                     let bn = b.wrapping_offset(next_off);
@@ -299,21 +303,23 @@ mod x86 {
             // SAFETY: 4 more groups remain at a and b.
             unsafe {
                 step(&mut acc, a, b);
-                step(&mut acc, a.add(MR512), b.add(NR512));
-                step(&mut acc, a.add(2 * MR512), b.add(2 * NR512));
-                step(&mut acc, a.add(3 * MR512), b.add(3 * NR512));
+                step(&mut acc, a.add(MR512), b.add(bs));
+                step(&mut acc, a.add(2 * MR512), b.add(2 * bs));
+                step(&mut acc, a.add(3 * MR512), b.add(3 * bs));
                 a = a.add(4 * MR512);
-                b = b.add(4 * NR512);
             }
+            // Not `add`: past the last group of an in-place B this may leave B's slice.
+            b = b.wrapping_add(4 * bs);
             left -= 4;
         }
         for _ in 0..left {
             step(&mut acc, a, b);
-            // SAFETY: stays within (or one past) the kc groups.
+            // SAFETY: stays within (or one past) the kc groups. `wrapping_add` for B: one stride
+            // past the last row of an in-place B may lie beyond its slice.
             unsafe {
                 a = a.add(MR512);
-                b = b.add(NR512);
             }
+            b = b.wrapping_add(bs);
         }
         let va = _mm512_set1_ps(alpha);
         for (i, row) in acc.iter().enumerate() {
@@ -352,6 +358,7 @@ mod x86 {
             kc: usize,
             a: *const f32,
             b: *const f32,
+            b_stride: usize,
             c: *mut f32,
             ldc: usize,
             alpha: f32,
@@ -360,15 +367,17 @@ mod x86 {
         ) {
             // SAFETY: forwarded contract; `Avx2` is only chosen after `Isa::Avx2` was found
             // available (avx2 and fma).
-            unsafe { kernel_6x16(kc, a, b, c, ldc, alpha, beta) }
+            unsafe { kernel_6x16(kc, a, b, b_stride, c, ldc, alpha, beta) }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn kernel_6x16(
         kc: usize,
         mut a: *const f32,
         mut b: *const f32,
+        bs: usize,
         c: *mut f32,
         ldc: usize,
         alpha: f32,
@@ -386,7 +395,7 @@ mod x86 {
                     row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
                 }
                 a = a.add(MR256);
-                b = b.add(NR256);
+                b = b.wrapping_add(bs);
             }
         }
         let va = _mm256_set1_ps(alpha);
