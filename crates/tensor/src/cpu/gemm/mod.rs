@@ -10,7 +10,9 @@
 //!   (AVX-512: 14 × 32 in 28 zmm registers; AVX2: 6 × 16 in 12 ymm registers; scalar: 4 × 8).
 //!
 //! Packing reads A and B through arbitrary strides, so a transposed operand is just a view with
-//! swapped strides and costs no extra copy. Edge tiles (fewer than `MR` rows or `NR` columns left)
+//! swapped strides and costs no extra copy. When A has only a few micro-panels of rows (m ≤ 56
+//! for AVX-512), a row-major B is read in place instead of packed, since each B micro-panel would
+//! be used too few times to repay its copy. Edge tiles (fewer than `MR` rows or `NR` columns left)
 //! are packed with zero padding and computed into a small buffer that is copied back, so the
 //! kernels only ever see full tiles.
 //!
@@ -95,8 +97,9 @@ impl<'a> MatMut<'a> {
 
 /// `C = alpha·A·B + beta·C` with the instruction set [`super::isa()`] picks.
 ///
-/// When `beta == 0`, C is only written (NaNs already in C do not propagate). Errors when the
-/// shapes disagree or a strided extent runs past its slice.
+/// When `beta == 0`, C is only written (NaNs already in C do not propagate). `alpha == 0` still
+/// forms A·B, so NaN or infinity in A or B does reach C. Errors when the shapes disagree or a
+/// strided extent runs past its slice.
 pub fn sgemm(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) -> Result<()> {
     sgemm_with(super::isa(), alpha, a, b, beta, c)
 }
