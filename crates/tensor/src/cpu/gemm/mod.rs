@@ -22,9 +22,12 @@
 //! of threads. Threads come from the current rayon pool; problems under [`PARALLEL_MIN_FLOPS`]
 //! run on the calling thread alone because forking would cost more than it saves.
 //!
+//! Matrix-vector shapes (m = 1 or n = 1) skip all this and stream the matrix once (`gemv`).
+//!
 //! [`sgemm_reference`] is the naive triple loop every path is tested against.
 
 mod driver;
+mod gemv;
 mod kernels;
 #[cfg(test)]
 mod tests;
@@ -120,6 +123,10 @@ pub fn sgemm_with(isa: Isa, alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatM
     if k == 0 {
         // A·B is all zeros: only the beta term remains.
         scale_c(beta, c);
+        return Ok(());
+    }
+    let mut c = c;
+    if gemv::try_gemv(isa, alpha, &a, &b, beta, &mut c) {
         return Ok(());
     }
     match isa {

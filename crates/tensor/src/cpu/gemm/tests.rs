@@ -193,6 +193,25 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Matrix-vector shapes (m = 1 or n = 1) take their own loops; long k and many outputs.
+    #[test]
+    fn vector_shapes_match_reference(
+        row in any::<bool>(), len in 1usize..3000, k in 1usize..1500,
+        trans_a in any::<bool>(), trans_b in any::<bool>(), pad in 0usize..3,
+        alpha in scalar_choice(), beta in scalar_choice(), seed in any::<u64>(),
+    ) {
+        let alpha = if alpha == 0.0 { 1.5 } else { alpha };
+        let (m, n) = if row { (1, len) } else { (len, 1) };
+        let case = Case { m, n, k, trans_a, trans_b, pad, alpha, beta, seed };
+        for isa in Isa::available() {
+            check_case(isa, &case);
+        }
+    }
+}
+
 #[test]
 fn empty_and_unit_dimensions() {
     let dims = [0usize, 1, 2, 17, 33];
@@ -325,6 +344,9 @@ fn bitwise_identical_across_thread_counts() {
             (700, 90, 300, true),
             (30, 2100, 260, false),
             (61, 75, 1700, false),
+            (1, 3000, 700, false),
+            (1, 3000, 700, true),
+            (3000, 1, 700, false),
         ] {
             assert!(
                 2 * m * n * k >= PARALLEL_MIN_FLOPS,
