@@ -289,10 +289,10 @@ impl Block<'_, '_> {
         if mr == K::MR && nr == K::NR {
             // SAFETY: ap holds kc full groups (asserted above) and bp kc rows of NR at stride
             // b_stride (`BSource::panel`: a packed panel, or a full-width panel inside B, whose
-            // extent validation checked); the tile's MR rows × NR columns
-            // lie inside C (i0 + MR <= m, j0 + NR <= n, and validation checked the extent of
-            // m × n at stride ldc); no other thread writes this tile; the kernel's ISA was checked
-            // by `sgemm_with` before this kernel type was chosen.
+            // extent validation checked); the tile's MR rows × NR columns lie inside C
+            // (i0 + MR <= m, j0 + NR <= n, and validation checked the extent of m × n at
+            // stride ldc); no other thread writes this tile; the kernel's ISA was checked by
+            // `sgemm_with` before this kernel type was chosen.
             unsafe {
                 K::run(
                     kc,

@@ -226,10 +226,13 @@ mod x86 {
             let count = (lanes - g).min(16);
             let mask: __mmask16 = ((1u32 << count) - 1) as __mmask16;
             let offsets = _mm512_mullo_epi32(lane, step);
-            // SAFETY (whole loop): the caller bounds src by (lanes-1)·stride + kc-1 and dst by
-            // width·kc with lanes <= width; masked-off lanes neither read nor write.
+            // SAFETY: the caller bounds src by (lanes-1)·stride + kc-1 and dst by width·kc with
+            // lanes <= width (g < lanes, so this is inside src); masked-off lanes neither read
+            // nor write.
             let base = unsafe { src.add(g * stride) };
             for p in 0..kc {
+                // SAFETY: lane i reads base + i·stride + p <= src + (lanes-1)·stride + kc-1 and
+                // the store covers dst[p·width + g..][..count], inside width·kc.
                 unsafe {
                     let v = _mm512_mask_i32gather_ps::<4>(
                         _mm512_setzero_ps(),
@@ -277,8 +280,8 @@ mod x86 {
         const D: usize = 16;
         // One k step: 2 B vectors times 14 broadcast A values.
         let step = |acc: &mut [[__m512; 2]; MR512], a: *const f32, b: *const f32| {
-            // SAFETY: the caller guarantees kc groups of NR512 floats at b and MR512 at a; the
-            // prefetches may point past them, which is harmless (prefetch never faults).
+            // SAFETY: the caller guarantees NR512 floats at each b + p·bs and kc groups of MR512
+            // at a; the prefetches may point past them, which is harmless (never faults).
             unsafe {
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(bs * D) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(bs * D + 16) as *const i8);
