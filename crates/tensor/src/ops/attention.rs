@@ -58,13 +58,18 @@ impl Tensor {
             // zero-width result, and zero gradients, without calling the kernel.
             let out = Tensor::zeros(q.shape());
             let shapes = (q.shape().to_vec(), k.shape().to_vec(), v.shape().to_vec());
-            return Ok(Tensor::record(out, "causal_attention", &[q, k, v], move |_| {
-                Ok(vec![
-                    Some(Tensor::zeros(&shapes.0)),
-                    Some(Tensor::zeros(&shapes.1)),
-                    Some(Tensor::zeros(&shapes.2)),
-                ])
-            }));
+            return Ok(Tensor::record(
+                out,
+                "causal_attention",
+                &[q, k, v],
+                move |_| {
+                    Ok(vec![
+                        Some(Tensor::zeros(&shapes.0)),
+                        Some(Tensor::zeros(&shapes.1)),
+                        Some(Tensor::zeros(&shapes.2)),
+                    ])
+                },
+            ));
         }
         let (qc, kc, vc) = (
             q.contiguous()?.detach(),
