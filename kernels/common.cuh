@@ -97,6 +97,12 @@ struct Strided {
     i64 shape[RLHF_MAX_DIMS];
     i64 stride[RLHF_MAX_DIMS];
 };
+// Kernel parameter structs are filled by the host as #[repr(C)] Rust structs with the same
+// fields in the same order (crates/tensor/src/cuda/params.rs). Both sides assert the size, so
+// a field added or removed on one side only fails the build (NVRTC has no offsetof; the Rust
+// tests also pin the offsets).
+static_assert(sizeof(Strided) == 136,
+              "Strided must match crates/tensor/src/cuda/params.rs");
 
 // Storage offset of the i-th element in row-major order over `s.shape`.
 __device__ __forceinline__ i64 strided_offset(const Strided& s, i64 i) {

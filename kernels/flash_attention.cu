@@ -49,6 +49,8 @@ struct AttnParams {
     i64 do_sb, do_sh, do_st;  // dO in the backward
     float scale;
 };
+static_assert(sizeof(AttnParams) == 144,
+              "AttnParams must match crates/tensor/src/cuda/params.rs");
 
 #define FA_DPT 16   // head-dim values per thread
 #define FA_CHUNK 16 // keys per online-softmax update in the forward

@@ -57,6 +57,11 @@ struct SimtParams {
     float alpha, beta;
 };
 
+static_assert(sizeof(GemmParams) == 72,
+              "GemmParams must match crates/tensor/src/cuda/params.rs");
+static_assert(sizeof(SimtParams) == 88,
+              "SimtParams must match crates/tensor/src/cuda/params.rs");
+
 #define GEMM_BM 128
 #define GEMM_BN 128
 #define GEMM_BK 32

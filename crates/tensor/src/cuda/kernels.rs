@@ -68,11 +68,11 @@ impl KernelFile {
         format!("{}.cu", self.name)
     }
 
-    /// The program NVRTC compiles: prelude, then the file, with line numbers reset so that
-    /// compiler messages point into the .cu file.
+    /// The program NVRTC compiles: prelude, then the file, with `#line` directives so that
+    /// compiler messages name common.cuh or the .cu file and the line in it.
     pub fn full_source(&self) -> String {
         format!(
-            "{PRELUDE}\n#line 1 \"{}\"\n{}",
+            "#line 1 \"common.cuh\"\n{PRELUDE}\n#line 1 \"{}\"\n{}",
             self.file_name(),
             self.source
         )
@@ -143,7 +143,8 @@ mod tests {
     fn find_and_source_layout() {
         let g = KernelFile::find("gemm").unwrap();
         let src = g.full_source();
-        assert!(src.starts_with(PRELUDE));
+        assert!(src.starts_with("#line 1 \"common.cuh\"\n"));
+        assert!(src.contains(PRELUDE));
         assert!(src.contains("\n#line 1 \"gemm.cu\"\n"));
         let e = KernelFile::find("conv").unwrap_err().to_string();
         assert!(e.contains("no kernel file \"conv\""), "{e}");

@@ -15,9 +15,11 @@ pub mod cache;
 pub mod device;
 pub mod kernels;
 pub mod nvrtc;
+pub mod params;
 
 pub use arch::Arch;
 pub use cache::{PtxCache, PtxKey};
 pub use device::{device_count, driver_available, CudaDevice};
 pub use kernels::{KernelFile, KERNEL_FILES};
 pub use nvrtc::{compile_ptx, nvrtc_available, nvrtc_version, ptx_entry_points};
+pub use params::{AttnParams, GemmParams, SimtParams, Strided};
