@@ -16,10 +16,12 @@
 // activation need no copy. dq, dk, dv are written with the strides of q, k, v (a packed dQKV
 // buffer with the QKV layout works). lse and delta are [B·H, Tq] f32, contiguous.
 //
-// This is the straightforward SIMT formulation (FMA units, not tensor cores): the reference
-// the GPU tests hold a future mma.sync/wgmma version to. Thread layout: each query (forward,
-// dQ) or key (dK/dV) row is owned by D/16 consecutive lanes, each holding 16 of its D values
-// in registers; row dot products are finished with butterfly shuffles among those lanes.
+// Two formulations. The SIMT kernels (FMA units; f32 and bf16; forward and backward) are the
+// straightforward one: each query (forward, dQ) or key (dK/dV) row is owned by D/16 consecutive
+// lanes, each holding 16 of its D values in registers; row dot products are finished with
+// butterfly shuffles among those lanes. flash_attn_fwd_mma_bf16_* is the forward on the tensor
+// cores (mma.sync, described above its code); the GPU tests hold it to the SIMT forward and
+// the CPU reference. A tensor-core backward is the next step.
 //
 // The backward is deterministic with no atomics: one kernel owns key tiles and accumulates
 // dK, dV over queries; a second owns query tiles and accumulates dQ over keys (recomputing P,
@@ -36,6 +38,7 @@
 //
 // Entry points (T = f32 | bf16, D = 32 | 64 | 128):
 //   flash_attn_fwd_T_dD(AttnParams p, q, k, v, o, lse)
+//   flash_attn_fwd_mma_bf16_d{64,128}(AttnParams p, q, k, v, o, lse)   (launch: see its code)
 //   flash_attn_bwd_delta_T(AttnParams p, D, o, do, delta)
 //   flash_attn_bwd_dkdv_T_dD(AttnParams p, q, k, v, do, lse, delta, dk, dv)
 //   flash_attn_bwd_dq_T_dD(AttnParams p, q, k, v, do, lse, delta, dq)
@@ -169,6 +172,199 @@ __device__ __forceinline__ void fa_fwd_body(const AttnParams& p, const T* __rest
         for (int d = 0; d < FA_DPT; ++d) store_f32(op + d, acc[d] * inv);
         if (d0 == 0) lse[(i64)bh * p.Tq + i] = (m + log2f(l)) * LN2;
     }
+}
+
+// ---- forward on the tensor cores (bf16) ------------------------------------------------------
+//
+// FlashAttention-2 style: 4 warps, each owning 16 of the block's 64 query rows. Q stays in
+// registers as mma A fragments for the whole kernel; per key tile, S = Q·Kᵀ is computed with
+// mma.sync into accumulator fragments (K from shared memory through ldmatrix, K stored [key][d]
+// is the "col" operand directly), masked and exponentiated in registers with the online
+// softmax, converted to bf16 and reused in place as the A fragments of O += P·V (V stored
+// [key][d] is read with ldmatrix.trans). A C fragment of two adjacent n8 tiles has exactly the
+// register layout of one m16k16 A fragment, which is what makes that reuse free.
+// Each thread holds rows g and g + 8 of its warp's 16; a row's max and sum combine across the
+// 4 lanes of a quad (shuffles xor 1 and 2).
+//
+// Requirements (the host checks them and otherwise uses the SIMT kernels): q, k, v, o
+// 16-byte aligned with time strides and batch/head strides multiples of 8 elements.
+// Launch: gridDim = (ceil(Tq / 64), B·H), blockDim.x = 128; static shared memory: Q 64 × D,
+// K and V BC × D bf16 (BC = 64 for D = 64, 32 for D = 128), rows padded by 16 bytes:
+// 27 KB (D = 64) / 34 KB (D = 128).
+// Entry points: flash_attn_fwd_mma_bf16_d{64,128}(AttnParams p, q, k, v, o, lse)
+
+#define FAM_BR 64
+#define FAM_THREADS 128
+
+// Rows [row0, row0 + ROWS) of one head ([T, D] bf16, row stride st) into shared memory
+// (row stride D + 8), 16 bytes per copy; rows at or past t_lim are zeros.
+template <int D, int ROWS>
+__device__ __forceinline__ void fam_load_rows(bf16* dst, const bf16* __restrict__ src, i64 st, int row0,
+                                              int t_lim) {
+    constexpr int CPR = D / 8, SLD = D + 8;
+    for (int ch = threadIdx.x; ch < ROWS * CPR; ch += FAM_THREADS) {
+        const int r = ch / CPR, c = (ch % CPR) * 8;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (row0 + r < t_lim) val = *reinterpret_cast<const uint4*>(src + (i64)(row0 + r) * st + c);
+        *reinterpret_cast<uint4*>(dst + r * SLD + c) = val;
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16* __restrict__ q,
+                                                const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                                bf16* __restrict__ o, float* __restrict__ lse) {
+    constexpr int BC = D == 128 ? 32 : 64;  // keys per tile
+    constexpr int SLD = D + 8;
+    constexpr int KD = D / 16;   // k-steps over the head dim (Q·Kᵀ)
+    constexpr int NS = BC / 8;   // n8 tiles of scores per warp
+    constexpr int KS = BC / 16;  // k-steps over keys (P·V)
+    constexpr int ND = D / 8;    // n8 tiles of the output per warp
+    __shared__ __align__(16) bf16 Qs[FAM_BR * SLD];
+    __shared__ __align__(16) bf16 Ks[BC * SLD];
+    __shared__ __align__(16) bf16 Vs[BC * SLD];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    const int i0 = blockIdx.x * FAM_BR;
+    const int shift = p.Tk - p.Tq;
+    const bf16* kb = k + b * p.k_sb + h * p.k_sh;
+    const bf16* vb = v + b * p.v_sb + h * p.v_sh;
+
+    fam_load_rows<D, FAM_BR>(Qs, q + b * p.q_sb + h * p.q_sh, p.q_st, i0, p.Tq);
+    __syncthreads();
+    u32 qf[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+        ldmatrix_x4<false>(qf[kk], Qs + (warp * 16 + (lane & 15)) * SLD + kk * 16 + (lane >> 4) * 8);
+
+    // This thread's two rows (g and g + 8 of the warp's 16) as query indices.
+    const int row_lo = i0 + warp * 16 + g, row_hi = row_lo + 8;
+    const float sl2 = p.scale * LOG2E;  // scores in log2 units
+    float m_lo = neg_inf(), m_hi = neg_inf(), l_lo = 0.0f, l_hi = 0.0f;
+    float acc[ND][4];
+#pragma unroll
+    for (int j = 0; j < ND; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+
+    const int last_key = min(i0 + FAM_BR, p.Tq) - 1 + shift;
+    for (int j0 = 0; j0 <= last_key; j0 += BC) {
+        __syncthreads();  // the previous K and V tiles are no longer read
+        fam_load_rows<D, BC>(Ks, kb, p.k_st, j0, p.Tk);
+        fam_load_rows<D, BC>(Vs, vb, p.v_st, j0, p.Tk);
+        __syncthreads();
+
+        // S = Q·Kᵀ for this warp's 16 rows and the tile's BC keys.
+        float s[NS][4];
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+            for (int j = 0; j < NS; j += 2) {
+                u32 r[4];
+                ldmatrix_x4<false>(r, Ks + (j * 8 + r8 + (mat >> 1) * 8) * SLD + kk * 16 + (mat & 1) * 8);
+                mma_bf16_16816(s[j], qf[kk], r[0], r[1]);
+                mma_bf16_16816(s[j + 1], qf[kk], r[2], r[3]);
+            }
+        }
+
+        // Mask, scale to log2 units, and the tile's row maxima.
+        float mt_lo = neg_inf(), mt_hi = neg_inf();
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = j0 + j * 8 + 2 * t + (e & 1);
+                const int row = e < 2 ? row_lo : row_hi;
+                const float x = (key <= row + shift && key < p.Tk) ? s[j][e] * sl2 : neg_inf();
+                s[j][e] = x;
+                if (e < 2) mt_lo = fmaxf(mt_lo, x); else mt_hi = fmaxf(mt_hi, x);
+            }
+        }
+        mt_lo = fmaxf(mt_lo, __shfl_xor_sync(0xffffffffu, mt_lo, 1));
+        mt_lo = fmaxf(mt_lo, __shfl_xor_sync(0xffffffffu, mt_lo, 2));
+        mt_hi = fmaxf(mt_hi, __shfl_xor_sync(0xffffffffu, mt_hi, 1));
+        mt_hi = fmaxf(mt_hi, __shfl_xor_sync(0xffffffffu, mt_hi, 2));
+        // Tile 0 holds key 0, visible to every query (rows past Tq have zero Q and see it too),
+        // so the maxima are finite from the first tile on: no inf - inf below.
+        const float mn_lo = fmaxf(m_lo, mt_lo), mn_hi = fmaxf(m_hi, mt_hi);
+        const float a_lo = exp2f(m_lo - mn_lo), a_hi = exp2f(m_hi - mn_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        l_lo *= a_lo;
+        l_hi *= a_hi;
+#pragma unroll
+        for (int j = 0; j < ND; ++j) {
+            acc[j][0] *= a_lo;
+            acc[j][1] *= a_lo;
+            acc[j][2] *= a_hi;
+            acc[j][3] *= a_hi;
+        }
+
+        // P = exp2(S - m), summed per thread (the quad sum waits until the end), packed as bf16
+        // A fragments: keys 16kk..16kk+15 are score tiles 2kk (a0, a1) and 2kk + 1 (a2, a3).
+        u32 pf[KS][4];
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const float* sj = s[2 * kk + half];
+                const float p0 = exp2f(sj[0] - m_lo), p1 = exp2f(sj[1] - m_lo);
+                const float p2 = exp2f(sj[2] - m_hi), p3 = exp2f(sj[3] - m_hi);
+                l_lo += p0 + p1;
+                l_hi += p2 + p3;
+                pf[kk][2 * half] = pack_bf16x2(p0, p1);
+                pf[kk][2 * half + 1] = pack_bf16x2(p2, p3);
+            }
+        }
+
+        // O += P·V.
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int j = 0; j < ND; j += 2) {
+                u32 r[4];
+                ldmatrix_x4<true>(r, Vs + (kk * 16 + r8 + (mat & 1) * 8) * SLD + j * 8 + (mat >> 1) * 8);
+                mma_bf16_16816(acc[j], pf[kk], r[0], r[1]);
+                mma_bf16_16816(acc[j + 1], pf[kk], r[2], r[3]);
+            }
+        }
+    }
+
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
+    bf16* ob = o + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+    for (int j = 0; j < ND; ++j) {
+        const int d = j * 8 + 2 * t;
+        if (row_lo < p.Tq)
+            *reinterpret_cast<u32*>(ob + (i64)row_lo * p.o_st + d) = pack_bf16x2(acc[j][0] * inv_lo, acc[j][1] * inv_lo);
+        if (row_hi < p.Tq)
+            *reinterpret_cast<u32*>(ob + (i64)row_hi * p.o_st + d) = pack_bf16x2(acc[j][2] * inv_hi, acc[j][3] * inv_hi);
+    }
+    if (t == 0) {
+        if (row_lo < p.Tq) lse[(i64)bh * p.Tq + row_lo] = (m_lo + log2f(l_lo)) * LN2;
+        if (row_hi < p.Tq) lse[(i64)bh * p.Tq + row_hi] = (m_hi + log2f(l_hi)) * LN2;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FAM_THREADS) flash_attn_fwd_mma_bf16_d64(
+    AttnParams p, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+    bf16* __restrict__ o, float* __restrict__ lse) {
+    fa_fwd_mma_body<64>(p, q, k, v, o, lse);
+}
+extern "C" __global__ void __launch_bounds__(FAM_THREADS) flash_attn_fwd_mma_bf16_d128(
+    AttnParams p, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+    bf16* __restrict__ o, float* __restrict__ lse) {
+    fa_fwd_mma_body<128>(p, q, k, v, o, lse);
 }
 
 // ---- backward: delta = rowsum(dO ∘ O) ------------------------------------------------------
