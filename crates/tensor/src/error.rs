@@ -32,6 +32,10 @@ pub enum Error {
     /// so chained error reports print it once.
     #[error("{path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },
+    /// The CUDA backend: no driver library or device, an NVRTC compile error, a failed driver
+    /// call. Asking for a GPU where there is none is this error, never a panic.
+    #[error("{op}: {msg}")]
+    Cuda { op: &'static str, msg: String },
 }
 
 /// Shorthand used across the crate.
@@ -41,6 +45,14 @@ impl Error {
     /// An `Invalid` error for `op` with a formatted message.
     pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Invalid {
+            op,
+            msg: msg.into(),
+        }
+    }
+
+    /// A `Cuda` error for `op` with a formatted message.
+    pub fn cuda(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Cuda {
             op,
             msg: msg.into(),
         }

@@ -7,6 +7,8 @@
 
 pub mod autograd;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod gradcheck;

@@ -1,0 +1,25 @@
+//! The CUDA backend's foundation: devices, the kernel registry, NVRTC and the PTX cache.
+//!
+//! The kernels are CUDA C++ in kernels/*.cu (one file per op family), embedded in the binary
+//! and compiled at first use by NVRTC for the device's own compute capability (sm_80 and
+//! newer); the PTX is cached on disk by source hash and architecture ([`cache`]). cudarc loads
+//! libcuda and libnvrtc with dlopen, so this module builds, and every CPU test runs, on machines
+//! without CUDA; asking for a GPU there returns [`Error::Cuda`](crate::Error::Cuda), never a
+//! panic.
+//!
+//! Not here yet: CUDA storage for [`Tensor`](crate::Tensor) and the per-op dispatch that
+//! launches these kernels (docs/cuda.md has the plan and the kernel list).
+
+pub mod arch;
+pub mod cache;
+pub mod device;
+pub mod kernels;
+pub mod nvrtc;
+pub mod params;
+
+pub use arch::Arch;
+pub use cache::{PtxCache, PtxKey};
+pub use device::{device_count, driver_available, CudaDevice};
+pub use kernels::{KernelFile, KERNEL_FILES};
+pub use nvrtc::{compile_ptx, nvrtc_available, nvrtc_version, ptx_entry_points};
+pub use params::{AttnParams, GemmParams, SimtParams, Strided};

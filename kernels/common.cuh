@@ -1,0 +1,156 @@
+// common.cuh: the prelude the kernel registry puts in front of every kernels/*.cu file before
+// NVRTC compiles it (crates/tensor/src/cuda/kernels.rs; a `#line 1 "<file>.cu"` directive
+// follows it, so compiler messages point at the right file and line).
+//
+// Kernels include no headers at all: NVRTC alone compiles them, so a machine needs only
+// libnvrtc (or a PTX cache filled elsewhere) and no CUDA toolkit. That is why bf16 is handled
+// here as raw 16-bit patterns instead of through cuda_bf16.h: the conversions are single PTX
+// instructions on sm_80 and newer, which every kernel targets.
+//
+// Conventions shared by all kernels:
+// - Element counts, offsets and strides are `long long` (64-bit): tensors over 2^31 elements
+//   happen (a 50257 x 8192 logits matrix in f32 is 1.6 GB).
+// - Strides are in elements, not bytes; a pointer argument already includes the tensor's offset.
+// - Every reduction accumulates in f32, whatever the storage dtype.
+// - Work that needs a combination across threads combines in a fixed order (fixed trees,
+//   fixed per-thread ranges), never through floating-point atomics, so a launch with the same
+//   inputs and the same launch configuration gives bitwise-identical results.
+
+typedef unsigned short bf16;  // bfloat16 storage: the upper 16 bits of an IEEE f32
+typedef unsigned int u32;
+typedef long long i64;
+
+#define RLHF_MAX_DIMS 8
+#define RLHF_WARP 32
+
+// ---- bf16 <-> f32 ------------------------------------------------------------------------
+
+__device__ __forceinline__ float bf16_to_f32(bf16 h) {
+    return __uint_as_float(((u32)h) << 16);
+}
+
+// Round to nearest even, NaN stays NaN (cvt.rn.bf16.f32, sm_80+).
+__device__ __forceinline__ bf16 f32_to_bf16(float f) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Two f32 into one register of two bf16: `lo` in the low half (the lower-indexed element, the
+// order mma.sync and ldmatrix use).
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Loads and stores that convert through f32, so one template body serves f32 and bf16.
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const bf16* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f32(bf16* p, float v) { *p = f32_to_bf16(v); }
+
+// ---- warp and block reductions (fixed trees: deterministic) ---------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block; every thread gets the result. `scratch` holds 32 floats in shared
+// memory. blockDim.x must be a multiple of 32. Contains __syncthreads: call from all threads.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : -__int_as_float(0x7f800000);
+    return warp_max(v);
+}
+
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
+// ---- strided indexing -----------------------------------------------------------------------
+
+// Shape and strides of up to RLHF_MAX_DIMS dims, passed by value as a kernel parameter.
+// Dims beyond `rank` are ignored. A broadcast dim has stride 0.
+struct Strided {
+    int rank;
+    i64 shape[RLHF_MAX_DIMS];
+    i64 stride[RLHF_MAX_DIMS];
+};
+// Kernel parameter structs are filled by the host as #[repr(C)] Rust structs with the same
+// fields in the same order (crates/tensor/src/cuda/params.rs). Both sides assert the size, so
+// a field added or removed on one side only fails the build (NVRTC has no offsetof; the Rust
+// tests also pin the offsets).
+static_assert(sizeof(Strided) == 136,
+              "Strided must match crates/tensor/src/cuda/params.rs");
+
+// Storage offset of the i-th element in row-major order over `s.shape`.
+__device__ __forceinline__ i64 strided_offset(const Strided& s, i64 i) {
+    i64 off = 0;
+    for (int d = s.rank - 1; d >= 0; --d) {
+        const i64 n = s.shape[d];
+        off += (i % n) * s.stride[d];
+        i /= n;
+    }
+    return off;
+}
+
+// ---- shared-memory addresses for PTX ------------------------------------------------------
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// ---- tensor-core and async-copy PTX (sm_80+), shared by gemm.cu and flash_attention.cu ------
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const bf16* p) {
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(p)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}

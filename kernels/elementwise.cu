@@ -1,0 +1,204 @@
+// elementwise.cu: strided binary ops with broadcasting, unary ops (GELU forward and backward
+// among them), dtype casts, where/masked_fill and fill. f32 and bf16 storage; arithmetic is f32.
+//
+// Reference: crates/tensor/src/ops/{binary,unary}.rs and cpu/vec.rs (same formulas; GELU is
+// the tanh approximation GPT-2 uses, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))).
+//
+// Layouts:
+// - Inputs are read through a `Strided` (shape, strides in elements; the pointer includes the
+//   tensor's offset). The host passes every operand at the output's rank with the output's
+//   shape; a broadcast dim has stride 0. `rank == 0` means flat indexing (element i at i),
+//   which is the fast path for contiguous operands and also right for a single element.
+// - Outputs are contiguous, row-major over the output shape, `n` elements.
+//
+// Launch: 1-D, blockDim.x = 256, gridDim.x = min(ceil(n / 256), 65535); every kernel runs a
+// grid-stride loop, so any grid size is correct. No shared memory.
+//
+// Entry points (T = f32 | bf16):
+//   binary_{add,sub,mul,div,maximum,minimum}_T(n, a_layout, b_layout, a, b, out)
+//   unary_{copy,neg,exp,log,sqrt,tanh,relu,gelu,sigmoid,log_sigmoid,abs,powf,clamp,
+//          add_scalar,mul_scalar}_T(n, x_layout, x, out, p0, p1)
+//        powf uses p0 as the exponent, clamp [p0, p1], add_scalar/mul_scalar p0; others
+//        ignore p0 and p1.
+//   gelu_backward_T(n, x, dy, dx)               contiguous; dx = dy · gelu'(x)
+//   cast_f32_to_bf16(n, x_layout, x, out), cast_bf16_to_f32(n, x_layout, x, out)
+//   where_T(n, cond_layout, a_layout, b_layout, cond (u8), a, b, out): cond ? a : b
+//   fill_T(n, out, value)
+
+#define GRID_STRIDE_LOOP(i, n) \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ i64 offset_of(const Strided& l, i64 i) {
+    return l.rank == 0 ? i : strided_offset(l, i);
+}
+
+// ---- binary ---------------------------------------------------------------------------------
+
+struct OpAdd { __device__ static float f(float a, float b) { return a + b; } };
+struct OpSub { __device__ static float f(float a, float b) { return a - b; } };
+struct OpMul { __device__ static float f(float a, float b) { return a * b; } };
+struct OpDiv { __device__ static float f(float a, float b) { return a / b; } };
+// fmaxf/fminf return the other operand for one NaN; the CPU's f32::max does too.
+struct OpMaximum { __device__ static float f(float a, float b) { return fmaxf(a, b); } };
+struct OpMinimum { __device__ static float f(float a, float b) { return fminf(a, b); } };
+
+template <typename Op, typename T>
+__device__ __forceinline__ void binary_body(i64 n, const Strided& la, const Strided& lb,
+                                            const T* __restrict__ a, const T* __restrict__ b,
+                                            T* __restrict__ out) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float x = load_f32(a + offset_of(la, i));
+        const float y = load_f32(b + offset_of(lb, i));
+        store_f32(out + i, Op::f(x, y));
+    }
+}
+
+#define BINARY(name, Op, T, tname)                                                          \
+    extern "C" __global__ void binary_##name##_##tname(i64 n, Strided la, Strided lb,       \
+                                                       const T* __restrict__ a,             \
+                                                       const T* __restrict__ b,             \
+                                                       T* __restrict__ out) {               \
+        binary_body<Op, T>(n, la, lb, a, b, out);                                            \
+    }
+#define BINARY_BOTH(name, Op) BINARY(name, Op, float, f32) BINARY(name, Op, bf16, bf16)
+
+BINARY_BOTH(add, OpAdd)
+BINARY_BOTH(sub, OpSub)
+BINARY_BOTH(mul, OpMul)
+BINARY_BOTH(div, OpDiv)
+BINARY_BOTH(maximum, OpMaximum)
+BINARY_BOTH(minimum, OpMinimum)
+
+// ---- unary ----------------------------------------------------------------------------------
+
+#define GELU_C 0.7978845608028654f  // sqrt(2 / pi)
+#define GELU_A 0.044715f
+
+__device__ __forceinline__ float gelu_f(float x) {
+    return 0.5f * x * (1.0f + tanhf(GELU_C * (x + GELU_A * x * x * x)));
+}
+
+__device__ __forceinline__ float gelu_grad(float x) {
+    const float t = tanhf(GELU_C * (x + GELU_A * x * x * x));
+    const float du = GELU_C * (1.0f + 3.0f * GELU_A * x * x);
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+}
+
+struct UCopy { __device__ static float f(float x, float, float) { return x; } };
+struct UNeg { __device__ static float f(float x, float, float) { return -x; } };
+struct UExp { __device__ static float f(float x, float, float) { return expf(x); } };
+struct ULog { __device__ static float f(float x, float, float) { return logf(x); } };
+struct USqrt { __device__ static float f(float x, float, float) { return sqrtf(x); } };
+struct UTanh { __device__ static float f(float x, float, float) { return tanhf(x); } };
+struct URelu { __device__ static float f(float x, float, float) { return fmaxf(x, 0.0f); } };
+struct UGelu { __device__ static float f(float x, float, float) { return gelu_f(x); } };
+struct USigmoid {
+    __device__ static float f(float x, float, float) { return 1.0f / (1.0f + expf(-x)); }
+};
+// log σ(x) = min(x, 0) − log1p(e^−|x|): finite for every finite x, as on the CPU.
+struct ULogSigmoid {
+    __device__ static float f(float x, float, float) { return fminf(x, 0.0f) - log1pf(expf(-fabsf(x))); }
+};
+struct UAbs { __device__ static float f(float x, float, float) { return fabsf(x); } };
+struct UPowf { __device__ static float f(float x, float p, float) { return powf(x, p); } };
+struct UClamp {
+    __device__ static float f(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+};
+struct UAddScalar { __device__ static float f(float x, float s, float) { return x + s; } };
+struct UMulScalar { __device__ static float f(float x, float s, float) { return x * s; } };
+
+template <typename Op, typename T>
+__device__ __forceinline__ void unary_body(i64 n, const Strided& lx, const T* __restrict__ x,
+                                           T* __restrict__ out, float p0, float p1) {
+    GRID_STRIDE_LOOP(i, n) {
+        store_f32(out + i, Op::f(load_f32(x + offset_of(lx, i)), p0, p1));
+    }
+}
+
+#define UNARY(name, Op, T, tname)                                                              \
+    extern "C" __global__ void unary_##name##_##tname(i64 n, Strided lx,                       \
+                                                      const T* __restrict__ x,                 \
+                                                      T* __restrict__ out, float p0, float p1) { \
+        unary_body<Op, T>(n, lx, x, out, p0, p1);                                              \
+    }
+#define UNARY_BOTH(name, Op) UNARY(name, Op, float, f32) UNARY(name, Op, bf16, bf16)
+
+UNARY_BOTH(copy, UCopy)
+UNARY_BOTH(neg, UNeg)
+UNARY_BOTH(exp, UExp)
+UNARY_BOTH(log, ULog)
+UNARY_BOTH(sqrt, USqrt)
+UNARY_BOTH(tanh, UTanh)
+UNARY_BOTH(relu, URelu)
+UNARY_BOTH(gelu, UGelu)
+UNARY_BOTH(sigmoid, USigmoid)
+UNARY_BOTH(log_sigmoid, ULogSigmoid)
+UNARY_BOTH(abs, UAbs)
+UNARY_BOTH(powf, UPowf)
+UNARY_BOTH(clamp, UClamp)
+UNARY_BOTH(add_scalar, UAddScalar)
+UNARY_BOTH(mul_scalar, UMulScalar)
+
+// ---- GELU backward (contiguous: the backward reads the saved input and the incoming gradient,
+// both produced contiguous) ----------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void gelu_backward_body(i64 n, const T* __restrict__ x,
+                                                   const T* __restrict__ dy, T* __restrict__ dx) {
+    GRID_STRIDE_LOOP(i, n) {
+        store_f32(dx + i, load_f32(dy + i) * gelu_grad(load_f32(x + i)));
+    }
+}
+
+extern "C" __global__ void gelu_backward_f32(i64 n, const float* __restrict__ x,
+                                             const float* __restrict__ dy, float* __restrict__ dx) {
+    gelu_backward_body<float>(n, x, dy, dx);
+}
+extern "C" __global__ void gelu_backward_bf16(i64 n, const bf16* __restrict__ x,
+                                              const bf16* __restrict__ dy, bf16* __restrict__ dx) {
+    gelu_backward_body<bf16>(n, x, dy, dx);
+}
+
+// ---- casts ----------------------------------------------------------------------------------
+
+extern "C" __global__ void cast_f32_to_bf16(i64 n, Strided lx, const float* __restrict__ x,
+                                            bf16* __restrict__ out) {
+    GRID_STRIDE_LOOP(i, n) { out[i] = f32_to_bf16(x[offset_of(lx, i)]); }
+}
+extern "C" __global__ void cast_bf16_to_f32(i64 n, Strided lx, const bf16* __restrict__ x,
+                                            float* __restrict__ out) {
+    GRID_STRIDE_LOOP(i, n) { out[i] = bf16_to_f32(x[offset_of(lx, i)]); }
+}
+
+// ---- where / masked_fill ------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void where_body(i64 n, const Strided& lc, const Strided& la,
+                                           const Strided& lb, const unsigned char* __restrict__ c,
+                                           const T* __restrict__ a, const T* __restrict__ b,
+                                           T* __restrict__ out) {
+    GRID_STRIDE_LOOP(i, n) {
+        out[i] = c[offset_of(lc, i)] ? a[offset_of(la, i)] : b[offset_of(lb, i)];
+    }
+}
+
+extern "C" __global__ void where_f32(i64 n, Strided lc, Strided la, Strided lb,
+                                     const unsigned char* __restrict__ c, const float* __restrict__ a,
+                                     const float* __restrict__ b, float* __restrict__ out) {
+    where_body<float>(n, lc, la, lb, c, a, b, out);
+}
+extern "C" __global__ void where_bf16(i64 n, Strided lc, Strided la, Strided lb,
+                                      const unsigned char* __restrict__ c, const bf16* __restrict__ a,
+                                      const bf16* __restrict__ b, bf16* __restrict__ out) {
+    where_body<bf16>(n, lc, la, lb, c, a, b, out);
+}
+
+// ---- fill -----------------------------------------------------------------------------------
+
+extern "C" __global__ void fill_f32(i64 n, float* __restrict__ out, float value) {
+    GRID_STRIDE_LOOP(i, n) { out[i] = value; }
+}
+extern "C" __global__ void fill_bf16(i64 n, bf16* __restrict__ out, float value) {
+    const bf16 v = f32_to_bf16(value);
+    GRID_STRIDE_LOOP(i, n) { out[i] = v; }
+}

@@ -1,0 +1,559 @@
+// flash_attention.cu: causal scaled-dot-product attention, forward and backward, in the
+// flash-attention manner: keys and values stream through shared memory in tiles with an online
+// softmax, so no T × T score matrix ever exists, in memory or anywhere else. f32 and bf16
+// storage, f32 arithmetic; head dims 32, 64 and 128 (template instances).
+//
+// Reference: crates/tensor/src/ops/attention.rs (causal_attention and the composed
+// causal_attention_reference) and cpu/attention.rs:
+//   S = scale · Q·Kᵀ, query i (of Tq) at absolute position Tk - Tq + i sees keys 0..=that
+//   position (Tq < Tk when decoding with a KV cache); P = softmax(S); O = P·V;
+//   lse_i = log Σ_j exp(S_ij) is saved for the backward.
+//   Backward: δ_i = Σ_d dO_id · O_id;  dP = dO·Vᵀ;  dS = P ∘ (dP - δ);
+//             dQ = scale · dS·K;  dK = scale · dSᵀ·Q;  dV = Pᵀ·dO.
+//
+// Layouts: q, k, v, o, do are [B, H, T, D] tensors given by element strides over batch, head
+// and time (AttnParams; d contiguous), so head-split views of a packed [B, T, 3, H, D] QKV
+// activation need no copy. dq, dk, dv are written with the strides of q, k, v (a packed dQKV
+// buffer with the QKV layout works). lse and delta are [B·H, Tq] f32, contiguous.
+//
+// Two formulations. The SIMT kernels (FMA units; f32 and bf16; forward and backward) are the
+// straightforward one: each query (forward, dQ) or key (dK/dV) row is owned by D/16 consecutive
+// lanes, each holding 16 of its D values in registers; row dot products are finished with
+// butterfly shuffles among those lanes. flash_attn_fwd_mma_bf16_* is the forward on the tensor
+// cores (mma.sync, described above its code); the GPU tests hold it to the SIMT forward and
+// the CPU reference. A tensor-core backward is the next step.
+//
+// The backward is deterministic with no atomics: one kernel owns key tiles and accumulates
+// dK, dV over queries; a second owns query tiles and accumulates dQ over keys (recomputing P,
+// which costs one extra Q·Kᵀ and dO·Vᵀ pass instead of f32 atomics on dQ).
+//
+// Launch (R = rows per block = 64 for D ≤ 64, 32 for D = 128; threads = R · D / 16):
+//   flash_attn_fwd_T_dD:      gridDim = (ceil(Tq / R), B·H), blockDim.x = R · D / 16
+//   flash_attn_bwd_delta_T:   blockDim.x = 256 (8 warps, one row each),
+//                             gridDim.x = ceil(B·H·Tq / 8)
+//   flash_attn_bwd_dkdv_T_dD: gridDim = (ceil(Tk / R), B·H), blockDim.x = R · D / 16
+//   flash_attn_bwd_dq_T_dD:   gridDim = (ceil(Tq / R), B·H), blockDim.x = R · D / 16
+//   Static shared memory: 2 · R · D · 4 bytes (32 KB for D = 64 and 128) plus 2 · R floats.
+//   B·H ≤ 65535 (gridDim.y). Tq ≤ Tk (the host checks).
+//
+// Entry points (T = f32 | bf16, D = 32 | 64 | 128):
+//   flash_attn_fwd_T_dD(AttnParams p, q, k, v, o, lse)
+//   flash_attn_fwd_mma_bf16_d{64,128}(AttnParams p, q, k, v, o, lse)   (launch: see its code)
+//   flash_attn_bwd_delta_T(AttnParams p, D, o, do, delta)
+//   flash_attn_bwd_dkdv_T_dD(AttnParams p, q, k, v, do, lse, delta, dk, dv)
+//   flash_attn_bwd_dq_T_dD(AttnParams p, q, k, v, do, lse, delta, dq)
+
+struct AttnParams {
+    int B, H, Tq, Tk;
+    i64 q_sb, q_sh, q_st;
+    i64 k_sb, k_sh, k_st;
+    i64 v_sb, v_sh, v_st;
+    i64 o_sb, o_sh, o_st;     // o in the forward and the delta kernel
+    i64 do_sb, do_sh, do_st;  // dO in the backward
+    float scale;
+};
+static_assert(sizeof(AttnParams) == 144,
+              "AttnParams must match crates/tensor/src/cuda/params.rs");
+
+#define FA_DPT 16   // head-dim values per thread
+#define FA_CHUNK 16 // keys per online-softmax update in the forward
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+template <int D>
+struct FaCfg {
+    static constexpr int TPR = D / FA_DPT;       // lanes per row
+    static constexpr int R = D <= 64 ? 64 : 32;  // rows per block, and rows per streamed tile
+    static constexpr int THREADS = R * TPR;
+};
+
+// Sum over the TPR consecutive lanes that share a row (TPR divides 32, so they share a warp).
+template <int TPR>
+__device__ __forceinline__ float row_sum(float v) {
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <int N>
+__device__ __forceinline__ float dot_n(const float* a, const float* b) {
+    float s = 0.0f;
+#pragma unroll
+    for (int d = 0; d < N; ++d) s = fmaf(a[d], b[d], s);
+    return s;
+}
+
+// Loads rows [row0, row0 + R) of one head ([T, D] with row stride st) into shared memory as
+// f32 [R][D]; rows at or past `t_lim` read as zeros.
+template <int D, int R, int THREADS, typename T>
+__device__ __forceinline__ void load_rows(float* dst, const T* __restrict__ src, i64 st, int row0,
+                                          int t_lim) {
+    for (int e = threadIdx.x; e < R * D; e += THREADS) {
+        const int r = e / D, c = e % D;
+        const int t = row0 + r;
+        dst[e] = t < t_lim ? load_f32(src + (i64)t * st + c) : 0.0f;
+    }
+}
+
+// ---- forward --------------------------------------------------------------------------------
+
+template <int D, typename T>
+__device__ __forceinline__ void fa_fwd_body(const AttnParams& p, const T* __restrict__ q,
+                                            const T* __restrict__ k, const T* __restrict__ v,
+                                            T* __restrict__ o, float* __restrict__ lse) {
+    using C = FaCfg<D>;
+    constexpr int R = C::R, TPR = C::TPR;
+    __shared__ __align__(16) float Ks[R * D];
+    __shared__ __align__(16) float Vs[R * D];
+
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    const int row = threadIdx.x / TPR, d0 = (threadIdx.x % TPR) * FA_DPT;
+    const int i0 = blockIdx.x * R, i = i0 + row;
+    const bool active = i < p.Tq;
+    const int shift = p.Tk - p.Tq;  // absolute position of query i is i + shift
+    const T* kb = k + b * p.k_sb + h * p.k_sh;
+    const T* vb = v + b * p.v_sb + h * p.v_sh;
+
+    // The query slice, pre-scaled so that scores come out in log2 units (exp2 below).
+    float qr[FA_DPT], acc[FA_DPT];
+    const T* qp = q + b * p.q_sb + h * p.q_sh + (i64)i * p.q_st + d0;
+#pragma unroll
+    for (int d = 0; d < FA_DPT; ++d) {
+        qr[d] = active ? load_f32(qp + d) * (p.scale * LOG2E) : 0.0f;
+        acc[d] = 0.0f;
+    }
+    float m = neg_inf(), l = 0.0f;
+
+    // Keys up to the last position any row of this block can see.
+    const int last_key = min(i0 + R, p.Tq) - 1 + shift;
+    for (int j0 = 0; j0 <= last_key; j0 += R) {
+        __syncthreads();  // the previous tile is no longer read
+        load_rows<D, R, C::THREADS>(Ks, kb, p.k_st, j0, p.Tk);
+        load_rows<D, R, C::THREADS>(Vs, vb, p.v_st, j0, p.Tk);
+        __syncthreads();
+
+        // The tile in chunks of FA_CHUNK keys, each with its own online-softmax update: a
+        // score array of FA_CHUNK registers instead of R keeps the kernel at two blocks per SM.
+#pragma unroll 1
+        for (int c0 = 0; c0 < R; c0 += FA_CHUNK) {
+            float s[FA_CHUNK];
+            float m_chunk = neg_inf();
+#pragma unroll
+            for (int j = 0; j < FA_CHUNK; ++j) {
+                float x = row_sum<TPR>(dot_n<FA_DPT>(qr, Ks + (c0 + j) * D + d0));
+                const int key = j0 + c0 + j;
+                x = (key <= i + shift && key < p.Tk) ? x : neg_inf();
+                s[j] = x;
+                m_chunk = fmaxf(m_chunk, x);
+            }
+            // The first chunk holds key 0, which every query sees, so m is finite from then
+            // on and exp2(m - m_new) never meets inf - inf.
+            const float m_new = fmaxf(m, m_chunk);
+            const float alpha = exp2f(m - m_new);
+            l *= alpha;
+#pragma unroll
+            for (int d = 0; d < FA_DPT; ++d) acc[d] *= alpha;
+#pragma unroll
+            for (int j = 0; j < FA_CHUNK; ++j) {
+                const float pj = exp2f(s[j] - m_new);
+                l += pj;
+                const float* vr = Vs + (c0 + j) * D + d0;
+#pragma unroll
+                for (int d = 0; d < FA_DPT; ++d) acc[d] = fmaf(pj, vr[d], acc[d]);
+            }
+            m = m_new;
+        }
+    }
+
+    if (active) {
+        const float inv = 1.0f / l;
+        T* op = o + b * p.o_sb + h * p.o_sh + (i64)i * p.o_st + d0;
+#pragma unroll
+        for (int d = 0; d < FA_DPT; ++d) store_f32(op + d, acc[d] * inv);
+        if (d0 == 0) lse[(i64)bh * p.Tq + i] = (m + log2f(l)) * LN2;
+    }
+}
+
+// ---- forward on the tensor cores (bf16) ------------------------------------------------------
+//
+// FlashAttention-2 style: 4 warps, each owning 16 of the block's 64 query rows. Q stays in
+// registers as mma A fragments for the whole kernel; per key tile, S = Q·Kᵀ is computed with
+// mma.sync into accumulator fragments (K from shared memory through ldmatrix, K stored [key][d]
+// is the "col" operand directly), masked and exponentiated in registers with the online
+// softmax, converted to bf16 and reused in place as the A fragments of O += P·V (V stored
+// [key][d] is read with ldmatrix.trans). A C fragment of two adjacent n8 tiles has exactly the
+// register layout of one m16k16 A fragment, which is what makes that reuse free.
+// Each thread holds rows g and g + 8 of its warp's 16; a row's max and sum combine across the
+// 4 lanes of a quad (shuffles xor 1 and 2).
+//
+// Requirements (the host checks them and otherwise uses the SIMT kernels): q, k, v, o
+// 16-byte aligned with time strides and batch/head strides multiples of 8 elements.
+// Launch: gridDim = (ceil(Tq / 64), B·H), blockDim.x = 128; static shared memory: Q 64 × D,
+// K and V BC × D bf16 (BC = 64 for D = 64, 32 for D = 128), rows padded by 16 bytes:
+// 27 KB (D = 64) / 34 KB (D = 128).
+// Entry points: flash_attn_fwd_mma_bf16_d{64,128}(AttnParams p, q, k, v, o, lse)
+
+#define FAM_BR 64
+#define FAM_THREADS 128
+
+// Rows [row0, row0 + ROWS) of one head ([T, D] bf16, row stride st) into shared memory
+// (row stride D + 8), 16 bytes per copy; rows at or past t_lim are zeros.
+template <int D, int ROWS>
+__device__ __forceinline__ void fam_load_rows(bf16* dst, const bf16* __restrict__ src, i64 st, int row0,
+                                              int t_lim) {
+    constexpr int CPR = D / 8, SLD = D + 8;
+    for (int ch = threadIdx.x; ch < ROWS * CPR; ch += FAM_THREADS) {
+        const int r = ch / CPR, c = (ch % CPR) * 8;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (row0 + r < t_lim) val = *reinterpret_cast<const uint4*>(src + (i64)(row0 + r) * st + c);
+        *reinterpret_cast<uint4*>(dst + r * SLD + c) = val;
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16* __restrict__ q,
+                                                const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                                bf16* __restrict__ o, float* __restrict__ lse) {
+    constexpr int BC = D == 128 ? 32 : 64;  // keys per tile
+    constexpr int SLD = D + 8;
+    constexpr int KD = D / 16;   // k-steps over the head dim (Q·Kᵀ)
+    constexpr int NS = BC / 8;   // n8 tiles of scores per warp
+    constexpr int KS = BC / 16;  // k-steps over keys (P·V)
+    constexpr int ND = D / 8;    // n8 tiles of the output per warp
+    __shared__ __align__(16) bf16 Qs[FAM_BR * SLD];
+    __shared__ __align__(16) bf16 Ks[BC * SLD];
+    __shared__ __align__(16) bf16 Vs[BC * SLD];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    const int i0 = blockIdx.x * FAM_BR;
+    const int shift = p.Tk - p.Tq;
+    const bf16* kb = k + b * p.k_sb + h * p.k_sh;
+    const bf16* vb = v + b * p.v_sb + h * p.v_sh;
+
+    fam_load_rows<D, FAM_BR>(Qs, q + b * p.q_sb + h * p.q_sh, p.q_st, i0, p.Tq);
+    __syncthreads();
+    u32 qf[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+        ldmatrix_x4<false>(qf[kk], Qs + (warp * 16 + (lane & 15)) * SLD + kk * 16 + (lane >> 4) * 8);
+
+    // This thread's two rows (g and g + 8 of the warp's 16) as query indices.
+    const int row_lo = i0 + warp * 16 + g, row_hi = row_lo + 8;
+    const float sl2 = p.scale * LOG2E;  // scores in log2 units
+    float m_lo = neg_inf(), m_hi = neg_inf(), l_lo = 0.0f, l_hi = 0.0f;
+    float acc[ND][4];
+#pragma unroll
+    for (int j = 0; j < ND; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+
+    const int last_key = min(i0 + FAM_BR, p.Tq) - 1 + shift;
+    for (int j0 = 0; j0 <= last_key; j0 += BC) {
+        __syncthreads();  // the previous K and V tiles are no longer read
+        fam_load_rows<D, BC>(Ks, kb, p.k_st, j0, p.Tk);
+        fam_load_rows<D, BC>(Vs, vb, p.v_st, j0, p.Tk);
+        __syncthreads();
+
+        // S = Q·Kᵀ for this warp's 16 rows and the tile's BC keys.
+        float s[NS][4];
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+            for (int j = 0; j < NS; j += 2) {
+                u32 r[4];
+                ldmatrix_x4<false>(r, Ks + (j * 8 + r8 + (mat >> 1) * 8) * SLD + kk * 16 + (mat & 1) * 8);
+                mma_bf16_16816(s[j], qf[kk], r[0], r[1]);
+                mma_bf16_16816(s[j + 1], qf[kk], r[2], r[3]);
+            }
+        }
+
+        // Mask, scale to log2 units, and the tile's row maxima.
+        float mt_lo = neg_inf(), mt_hi = neg_inf();
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = j0 + j * 8 + 2 * t + (e & 1);
+                const int row = e < 2 ? row_lo : row_hi;
+                const float x = (key <= row + shift && key < p.Tk) ? s[j][e] * sl2 : neg_inf();
+                s[j][e] = x;
+                if (e < 2) mt_lo = fmaxf(mt_lo, x); else mt_hi = fmaxf(mt_hi, x);
+            }
+        }
+        mt_lo = fmaxf(mt_lo, __shfl_xor_sync(0xffffffffu, mt_lo, 1));
+        mt_lo = fmaxf(mt_lo, __shfl_xor_sync(0xffffffffu, mt_lo, 2));
+        mt_hi = fmaxf(mt_hi, __shfl_xor_sync(0xffffffffu, mt_hi, 1));
+        mt_hi = fmaxf(mt_hi, __shfl_xor_sync(0xffffffffu, mt_hi, 2));
+        // Tile 0 holds key 0, visible to every query (rows past Tq have zero Q and see it too),
+        // so the maxima are finite from the first tile on: no inf - inf below.
+        const float mn_lo = fmaxf(m_lo, mt_lo), mn_hi = fmaxf(m_hi, mt_hi);
+        const float a_lo = exp2f(m_lo - mn_lo), a_hi = exp2f(m_hi - mn_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        l_lo *= a_lo;
+        l_hi *= a_hi;
+#pragma unroll
+        for (int j = 0; j < ND; ++j) {
+            acc[j][0] *= a_lo;
+            acc[j][1] *= a_lo;
+            acc[j][2] *= a_hi;
+            acc[j][3] *= a_hi;
+        }
+
+        // P = exp2(S - m), summed per thread (the quad sum waits until the end), packed as bf16
+        // A fragments: keys 16kk..16kk+15 are score tiles 2kk (a0, a1) and 2kk + 1 (a2, a3).
+        u32 pf[KS][4];
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const float* sj = s[2 * kk + half];
+                const float p0 = exp2f(sj[0] - m_lo), p1 = exp2f(sj[1] - m_lo);
+                const float p2 = exp2f(sj[2] - m_hi), p3 = exp2f(sj[3] - m_hi);
+                l_lo += p0 + p1;
+                l_hi += p2 + p3;
+                pf[kk][2 * half] = pack_bf16x2(p0, p1);
+                pf[kk][2 * half + 1] = pack_bf16x2(p2, p3);
+            }
+        }
+
+        // O += P·V.
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int j = 0; j < ND; j += 2) {
+                u32 r[4];
+                ldmatrix_x4<true>(r, Vs + (kk * 16 + r8 + (mat & 1) * 8) * SLD + j * 8 + (mat >> 1) * 8);
+                mma_bf16_16816(acc[j], pf[kk], r[0], r[1]);
+                mma_bf16_16816(acc[j + 1], pf[kk], r[2], r[3]);
+            }
+        }
+    }
+
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
+    bf16* ob = o + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+    for (int j = 0; j < ND; ++j) {
+        const int d = j * 8 + 2 * t;
+        if (row_lo < p.Tq)
+            *reinterpret_cast<u32*>(ob + (i64)row_lo * p.o_st + d) = pack_bf16x2(acc[j][0] * inv_lo, acc[j][1] * inv_lo);
+        if (row_hi < p.Tq)
+            *reinterpret_cast<u32*>(ob + (i64)row_hi * p.o_st + d) = pack_bf16x2(acc[j][2] * inv_hi, acc[j][3] * inv_hi);
+    }
+    if (t == 0) {
+        if (row_lo < p.Tq) lse[(i64)bh * p.Tq + row_lo] = (m_lo + log2f(l_lo)) * LN2;
+        if (row_hi < p.Tq) lse[(i64)bh * p.Tq + row_hi] = (m_hi + log2f(l_hi)) * LN2;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FAM_THREADS) flash_attn_fwd_mma_bf16_d64(
+    AttnParams p, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+    bf16* __restrict__ o, float* __restrict__ lse) {
+    fa_fwd_mma_body<64>(p, q, k, v, o, lse);
+}
+extern "C" __global__ void __launch_bounds__(FAM_THREADS) flash_attn_fwd_mma_bf16_d128(
+    AttnParams p, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+    bf16* __restrict__ o, float* __restrict__ lse) {
+    fa_fwd_mma_body<128>(p, q, k, v, o, lse);
+}
+
+// ---- backward: delta = rowsum(dO ∘ O) ------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void fa_delta_body(const AttnParams& p, int D, const T* __restrict__ o,
+                                              const T* __restrict__ dout, float* __restrict__ delta) {
+    const i64 rows = (i64)p.B * p.H * p.Tq;
+    const i64 r = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (r >= rows) return;  // whole warps exit together
+    const int lane = threadIdx.x & 31;
+    const int i = (int)(r % p.Tq);
+    const int bh = (int)(r / p.Tq), b = bh / p.H, h = bh % p.H;
+    const T* op = o + b * p.o_sb + h * p.o_sh + (i64)i * p.o_st;
+    const T* gp = dout + b * p.do_sb + h * p.do_sh + (i64)i * p.do_st;
+    float s = 0.0f;
+    for (int d = lane; d < D; d += 32) s += load_f32(op + d) * load_f32(gp + d);
+    s = warp_sum(s);
+    if (lane == 0) delta[r] = s;
+}
+
+// ---- backward: dK, dV (one block per key tile) ----------------------------------------------
+
+template <int D, typename T>
+__device__ __forceinline__ void fa_dkdv_body(const AttnParams& p, const T* __restrict__ q,
+                                             const T* __restrict__ k, const T* __restrict__ v,
+                                             const T* __restrict__ dout, const float* __restrict__ lse,
+                                             const float* __restrict__ delta, T* __restrict__ dk,
+                                             T* __restrict__ dv) {
+    using C = FaCfg<D>;
+    constexpr int R = C::R, TPR = C::TPR;
+    __shared__ __align__(16) float Qs[R * D];
+    __shared__ __align__(16) float Gs[R * D];  // dO tile
+    __shared__ float Ls[R], Ds[R];
+
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    const int row = threadIdx.x / TPR, d0 = (threadIdx.x % TPR) * FA_DPT;
+    const int j0 = blockIdx.x * R, j = j0 + row;
+    const bool active = j < p.Tk;
+    const int shift = p.Tk - p.Tq;
+    const T* qb = q + b * p.q_sb + h * p.q_sh;
+    const T* gb = dout + b * p.do_sb + h * p.do_sh;
+    const float* lb = lse + (i64)bh * p.Tq;
+    const float* db = delta + (i64)bh * p.Tq;
+
+    float kr[FA_DPT], vr[FA_DPT], dkr[FA_DPT], dvr[FA_DPT];
+    const i64 koff = b * p.k_sb + h * p.k_sh + (i64)j * p.k_st + d0;
+    const i64 voff = b * p.v_sb + h * p.v_sh + (i64)j * p.v_st + d0;
+#pragma unroll
+    for (int d = 0; d < FA_DPT; ++d) {
+        kr[d] = active ? load_f32(k + koff + d) : 0.0f;
+        vr[d] = active ? load_f32(v + voff + d) : 0.0f;
+        dkr[d] = 0.0f;
+        dvr[d] = 0.0f;
+    }
+
+    // The first query that sees key j0 sits at position j0: query index j0 - shift.
+    const int i_first = max(0, j0 - shift);
+    for (int i0 = i_first; i0 < p.Tq; i0 += R) {
+        __syncthreads();
+        load_rows<D, R, C::THREADS>(Qs, qb, p.q_st, i0, p.Tq);
+        load_rows<D, R, C::THREADS>(Gs, gb, p.do_st, i0, p.Tq);
+        for (int e = threadIdx.x; e < R; e += C::THREADS) {
+            const bool in = i0 + e < p.Tq;
+            Ls[e] = in ? lb[i0 + e] : 0.0f;
+            Ds[e] = in ? db[i0 + e] : 0.0f;
+        }
+        __syncthreads();
+        // Unrolling this loop further only raises register pressure (each step holds a Q row
+        // and a dO row slice); two steps let loads of the next overlap the current.
+#pragma unroll 2
+        for (int r = 0; r < R; ++r) {
+            const int i = i0 + r;
+            const float* qi = Qs + r * D + d0;
+            const float* gi = Gs + r * D + d0;
+            // Every lane of the row computes the same full dot products, so the branch below
+            // is uniform within the row.
+            const float sdot = row_sum<TPR>(dot_n<FA_DPT>(qi, kr));
+            const float dpv = row_sum<TPR>(dot_n<FA_DPT>(gi, vr));
+            const bool visible = active && i < p.Tq && j <= i + shift;
+            const float pij = visible ? expf(sdot * p.scale - Ls[r]) : 0.0f;
+            const float ds = pij * (dpv - Ds[r]);
+#pragma unroll
+            for (int d = 0; d < FA_DPT; ++d) {
+                dvr[d] = fmaf(pij, gi[d], dvr[d]);
+                dkr[d] = fmaf(ds, qi[d], dkr[d]);
+            }
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int d = 0; d < FA_DPT; ++d) {
+            store_f32(dk + koff + d, dkr[d] * p.scale);
+            store_f32(dv + voff + d, dvr[d]);
+        }
+    }
+}
+
+// ---- backward: dQ (one block per query tile) -----------------------------------------------
+
+template <int D, typename T>
+__device__ __forceinline__ void fa_dq_body(const AttnParams& p, const T* __restrict__ q,
+                                           const T* __restrict__ k, const T* __restrict__ v,
+                                           const T* __restrict__ dout, const float* __restrict__ lse,
+                                           const float* __restrict__ delta, T* __restrict__ dq) {
+    using C = FaCfg<D>;
+    constexpr int R = C::R, TPR = C::TPR;
+    __shared__ __align__(16) float Ks[R * D];
+    __shared__ __align__(16) float Vs[R * D];
+
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    const int row = threadIdx.x / TPR, d0 = (threadIdx.x % TPR) * FA_DPT;
+    const int i0 = blockIdx.x * R, i = i0 + row;
+    const bool active = i < p.Tq;
+    const int shift = p.Tk - p.Tq;
+    const T* kb = k + b * p.k_sb + h * p.k_sh;
+    const T* vb = v + b * p.v_sb + h * p.v_sh;
+
+    float qr[FA_DPT], gr[FA_DPT], dqr[FA_DPT];
+    const i64 qoff = b * p.q_sb + h * p.q_sh + (i64)i * p.q_st + d0;
+    const i64 goff = b * p.do_sb + h * p.do_sh + (i64)i * p.do_st + d0;
+#pragma unroll
+    for (int d = 0; d < FA_DPT; ++d) {
+        qr[d] = active ? load_f32(q + qoff + d) : 0.0f;
+        gr[d] = active ? load_f32(dout + goff + d) : 0.0f;
+        dqr[d] = 0.0f;
+    }
+    const float li = active ? lse[(i64)bh * p.Tq + i] : 0.0f;
+    const float di = active ? delta[(i64)bh * p.Tq + i] : 0.0f;
+
+    const int last_key = min(i0 + R, p.Tq) - 1 + shift;
+    for (int j0 = 0; j0 <= last_key; j0 += R) {
+        __syncthreads();
+        load_rows<D, R, C::THREADS>(Ks, kb, p.k_st, j0, p.Tk);
+        load_rows<D, R, C::THREADS>(Vs, vb, p.v_st, j0, p.Tk);
+        __syncthreads();
+#pragma unroll 2
+        for (int jj = 0; jj < R; ++jj) {
+            const int j = j0 + jj;
+            const float* kj = Ks + jj * D + d0;
+            const float sdot = row_sum<TPR>(dot_n<FA_DPT>(qr, kj));
+            const float dpv = row_sum<TPR>(dot_n<FA_DPT>(gr, Vs + jj * D + d0));
+            const bool visible = active && j < p.Tk && j <= i + shift;
+            const float pij = visible ? expf(sdot * p.scale - li) : 0.0f;
+            const float ds = pij * (dpv - di);
+#pragma unroll
+            for (int d = 0; d < FA_DPT; ++d) dqr[d] = fmaf(ds, kj[d], dqr[d]);
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int d = 0; d < FA_DPT; ++d) store_f32(dq + qoff + d, dqr[d] * p.scale);
+    }
+}
+
+// ---- entry points ---------------------------------------------------------------------------
+
+#define FA_KERNELS(T, tname, D)                                                                    \
+    extern "C" __global__ void __launch_bounds__(FaCfg<D>::THREADS) flash_attn_fwd_##tname##_d##D(  \
+        AttnParams p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,    \
+        T* __restrict__ o, float* __restrict__ lse) {                                              \
+        fa_fwd_body<D, T>(p, q, k, v, o, lse);                                                     \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FaCfg<D>::THREADS) flash_attn_bwd_dkdv_##tname##_d##D( \
+        AttnParams p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,    \
+        const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, \
+        T* __restrict__ dk, T* __restrict__ dv) {                                                  \
+        fa_dkdv_body<D, T>(p, q, k, v, dout, lse, delta, dk, dv);                                  \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FaCfg<D>::THREADS) flash_attn_bwd_dq_##tname##_d##D( \
+        AttnParams p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,    \
+        const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, \
+        T* __restrict__ dq) {                                                                      \
+        fa_dq_body<D, T>(p, q, k, v, dout, lse, delta, dq);                                        \
+    }
+
+#define FA_ALL_D(T, tname) FA_KERNELS(T, tname, 32) FA_KERNELS(T, tname, 64) FA_KERNELS(T, tname, 128)
+
+FA_ALL_D(float, f32)
+FA_ALL_D(bf16, bf16)
+
+// The delta kernel reads D at run time (it is a plain row dot product).
+extern "C" __global__ void flash_attn_bwd_delta_f32(AttnParams p, int D, const float* __restrict__ o,
+                                                    const float* __restrict__ dout,
+                                                    float* __restrict__ delta) {
+    fa_delta_body<float>(p, D, o, dout, delta);
+}
+extern "C" __global__ void flash_attn_bwd_delta_bf16(AttnParams p, int D, const bf16* __restrict__ o,
+                                                     const bf16* __restrict__ dout,
+                                                     float* __restrict__ delta) {
+    fa_delta_body<bf16>(p, D, o, dout, delta);
+}
