@@ -15,6 +15,10 @@ pub enum BenchCommand {
     Gemm(GemmArgs),
     /// This machine's f32 FMA peak: one register-resident FMA loop per thread, all at once.
     Peak(CommonArgs),
+    /// One GPT training step (forward, backward, AdamW) on random tokens.
+    TrainStep(super::bench_model::TrainStepArgs),
+    /// Decoding speed with the KV cache and, for comparison, by recomputing every step.
+    Generate(super::bench_model::GenerateBenchArgs),
 }
 
 /// Options every kernel benchmark shares.
@@ -53,6 +57,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Gemm(args) => gemm(args),
         BenchCommand::Peak(args) => peak(args),
+        BenchCommand::TrainStep(args) => super::bench_model::train_step(args),
+        BenchCommand::Generate(args) => super::bench_model::generate_bench(args),
     }
 }
 

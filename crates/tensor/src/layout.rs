@@ -289,6 +289,48 @@ impl Layout {
         }
     }
 
+    /// Visits the elements in row-major logical order as runs: `f(storage_start, len)` covers
+    /// storage indices `storage_start..storage_start + len` when the innermost stride is 1, or
+    /// single elements otherwise. Copies through this move whole rows at memcpy speed.
+    pub fn for_each_run(&self, mut f: impl FnMut(usize, usize)) {
+        if self.numel() == 0 {
+            return;
+        }
+        if self.is_contiguous() {
+            return f(self.offset, self.numel());
+        }
+        let rank = self.rank();
+        if self.strides[rank - 1] != 1 {
+            return self.for_each_index(|i| f(i, 1));
+        }
+        let inner = self.shape[rank - 1];
+        let outer = Layout {
+            shape: self.shape[..rank - 1].to_vec(),
+            strides: self.strides[..rank - 1].to_vec(),
+            offset: self.offset,
+        };
+        if outer.rank() == 0 {
+            return f(self.offset, inner);
+        }
+        outer.for_each_index(|start| f(start, inner));
+    }
+
+    /// The elements of `src` under this layout, in row-major logical order.
+    pub fn gather<T: Copy>(&self, src: &[T]) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.numel());
+        self.for_each_run(|start, len| out.extend_from_slice(&src[start..start + len]));
+        out
+    }
+
+    /// Writes `values` (row-major logical order) into `dst` at this layout's positions.
+    pub fn scatter<T: Copy>(&self, values: &[T], dst: &mut [T]) {
+        let mut k = 0;
+        self.for_each_run(|start, len| {
+            dst[start..start + len].copy_from_slice(&values[k..k + len]);
+            k += len;
+        });
+    }
+
     /// Visits the storage index of every element in row-major logical order.
     pub fn for_each_index(&self, mut f: impl FnMut(usize)) {
         if self.numel() == 0 {
@@ -389,6 +431,26 @@ mod tests {
         l.for_each_index(|i| seen.push(i));
         assert_eq!(seen, vec![0, 3, 1, 4, 2, 5]);
         assert!(!l.is_contiguous());
+    }
+
+    #[test]
+    fn gather_and_scatter_follow_logical_order() {
+        let src: Vec<u32> = (0..24).collect();
+        for l in [
+            Layout::contiguous(&[2, 3, 4]).permute(&[1, 0, 2]).unwrap(),
+            Layout::contiguous(&[2, 3, 4]).permute(&[2, 1, 0]).unwrap(),
+            Layout::contiguous(&[2, 3, 4]).narrow(2, 1, 2).unwrap(),
+            Layout::contiguous(&[4]).broadcast_to(&[3, 4]).unwrap(),
+        ] {
+            let mut want = vec![];
+            l.for_each_index(|i| want.push(src[i]));
+            assert_eq!(l.gather(&src), want);
+            if l.strides().iter().all(|&s| s != 0) {
+                let mut dst = vec![0u32; 24];
+                l.scatter(&want, &mut dst);
+                l.for_each_index(|i| assert_eq!(dst[i], src[i]));
+            }
+        }
     }
 
     #[test]

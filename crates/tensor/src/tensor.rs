@@ -302,9 +302,7 @@ impl Tensor {
         if l.is_contiguous() {
             Ok(Cow::Borrowed(&s[l.offset()..l.offset() + l.numel()]))
         } else {
-            let mut v = Vec::with_capacity(l.numel());
-            l.for_each_index(|i| v.push(s[i]));
-            Ok(Cow::Owned(v))
+            Ok(Cow::Owned(l.gather(s)))
         }
     }
 
@@ -316,9 +314,7 @@ impl Tensor {
             .storage
             .as_slice::<T>()
             .ok_or_else(|| Error::invalid("to_vec", "storage is not readable as its dtype"))?;
-        let mut v = Vec::with_capacity(self.numel());
-        self.0.layout.for_each_index(|i| v.push(s[i]));
-        Ok(v)
+        Ok(self.0.layout.gather(s))
     }
 
     /// The elements converted to f64, any dtype (for tests, printing and index tensors).
@@ -507,11 +503,7 @@ impl Tensor {
         let mut buf = vec![0.0f32; shape.iter().product()];
         let src = self.f32_data()?;
         let region = Layout::contiguous(shape).narrow(dim as isize, start, self.shape()[dim])?;
-        let mut k = 0;
-        region.for_each_index(|i| {
-            buf[i] = src[k];
-            k += 1;
-        });
+        region.scatter(&src, &mut buf);
         Ok(Tensor::f32_owned(buf, shape))
     }
 

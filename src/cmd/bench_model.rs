@@ -1,0 +1,212 @@
+//! `rlhf bench train-step` and `rlhf bench generate`: whole-model timings on random tokens
+//! (warm-up, then the median of several runs), for comparison with tools/torch_train_step.py
+//! in the same run.
+
+use super::common::with_threads;
+use anyhow::{bail, Context};
+use clap::Args;
+use rlhf_model::generate::{generate, SamplingConfig};
+use rlhf_model::train::{LmBatch, TrainConfig, Trainer};
+use rlhf_model::{Gpt, GptConfig};
+use rlhf_tensor::{no_grad, Rng, Tensor};
+use serde_json::json;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct TrainStepArgs {
+    /// Model preset or config.json.
+    #[arg(long, default_value = "small-cpu")]
+    pub preset: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence (default: the model's context).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed steps (after 2 warm-up steps); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateBenchArgs {
+    #[arg(long, default_value = "small-cpu")]
+    pub preset: String,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// New tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub tokens: usize,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed runs of each method; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn random_ids(rng: &mut Rng, vocab: usize, rows: usize, cols: usize) -> anyhow::Result<Tensor> {
+    let ids: Vec<i64> = (0..rows * cols)
+        .map(|_| rng.below(vocab as u64) as i64)
+        .collect();
+    Ok(Tensor::from_vec(ids, &[rows, cols])?)
+}
+
+/// One forward, backward and AdamW step per timed run.
+pub fn train_step(args: TrainStepArgs) -> anyhow::Result<()> {
+    if args.runs == 0 || args.batch == 0 {
+        bail!("--runs and --batch must be at least 1");
+    }
+    let threads = args.threads;
+    with_threads(threads, move || {
+        let config = GptConfig::from_preset_or_file(&args.preset)?;
+        let seq = args.seq.unwrap_or(config.n_positions);
+        if seq < 2 || seq > config.n_positions {
+            bail!("--seq {seq} must be in 2..={}", config.n_positions);
+        }
+        let params = config.num_parameters();
+        let model = Gpt::new(config.clone(), 0)?;
+        let mut trainer =
+            Trainer::new(model.named_parameters(), TrainConfig::new(3e-4, 0, 1000, 0));
+        let mut rng = Rng::new(1);
+        let batch = LmBatch::new(
+            random_ids(&mut rng, config.vocab_size, args.batch, seq)?,
+            None,
+        );
+        let mut times = Vec::with_capacity(args.runs);
+        for i in 0..args.runs + 2 {
+            let t = Instant::now();
+            trainer.train_step(&model, std::slice::from_ref(&batch))?;
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let secs = median(times);
+        let tokens_per_s = (args.batch * seq) as f64 / secs;
+        let threads = rayon::current_num_threads();
+        if args.json {
+            println!(
+                "{}",
+                json!({"op": "train_step", "impl": "rlhf", "preset": args.preset, "batch": args.batch,
+                       "seq": seq, "threads": threads, "tokens_per_s": tokens_per_s,
+                       "ms_per_step": secs * 1e3, "params": params})
+            );
+        } else {
+            println!(
+                "train step {} ({params} parameters) batch {} × seq {seq}, {threads} threads: \
+                 {:.1} ms per step, {tokens_per_s:.0} tokens/s (median of {})",
+                args.preset,
+                args.batch,
+                secs * 1e3,
+                args.runs
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Greedy decoding of `tokens` new tokens after a one-token prompt, with the KV cache and by
+/// recomputing the whole sequence for every token.
+pub fn generate_bench(args: GenerateBenchArgs) -> anyhow::Result<()> {
+    if args.runs == 0 || args.batch == 0 || args.tokens == 0 {
+        bail!("--runs, --batch and --tokens must be at least 1");
+    }
+    let threads = args.threads;
+    with_threads(threads, move || {
+        let config = GptConfig::from_preset_or_file(&args.preset)?;
+        if args.tokens + 1 > config.n_positions {
+            bail!(
+                "--tokens {} does not fit the context of {}",
+                args.tokens,
+                config.n_positions
+            );
+        }
+        let model = Gpt::new(config.clone(), 0)?;
+        let prompts: Vec<Vec<u32>> = (0..args.batch).map(|i| vec![(i % 200) as u32]).collect();
+        let cfg = SamplingConfig {
+            max_new_tokens: args.tokens,
+            greedy: true,
+            ..Default::default()
+        };
+        let mut cached = Vec::new();
+        let mut cached_out = Vec::new();
+        for _ in 0..args.runs {
+            let t = Instant::now();
+            let g = generate(&model, &prompts, &cfg)?;
+            cached.push(t.elapsed().as_secs_f64());
+            cached_out = g.responses;
+        }
+        // Without the cache: a full forward over the whole sequence for every new token.
+        let mut recompute = Vec::new();
+        let mut recompute_out = Vec::new();
+        for _ in 0..args.runs {
+            let t = Instant::now();
+            let mut seqs: Vec<Vec<i64>> = prompts
+                .iter()
+                .map(|p| p.iter().map(|&x| i64::from(x)).collect())
+                .collect();
+            no_grad(|| -> anyhow::Result<()> {
+                for _ in 0..args.tokens {
+                    let len = seqs[0].len();
+                    let flat: Vec<i64> = seqs.iter().flatten().copied().collect();
+                    let logits =
+                        model.logits(&Tensor::from_vec(flat, &[args.batch, len])?, None)?;
+                    let last = logits
+                        .narrow(1, len - 1, 1)?
+                        .argmax(-1, false)?
+                        .to_i64_vec()?;
+                    for (s, &t) in seqs.iter_mut().zip(&last) {
+                        s.push(t);
+                    }
+                }
+                Ok(())
+            })?;
+            recompute.push(t.elapsed().as_secs_f64());
+            recompute_out = seqs;
+        }
+        // Both methods must pick the same greedy tokens, or the comparison means nothing.
+        let agree = cached_out
+            .iter()
+            .zip(&recompute_out)
+            .all(|(c, r)| c.iter().map(|&x| i64::from(x)).eq(r[1..].iter().copied()));
+        let produced = (args.batch * args.tokens) as f64;
+        let (c, r) = (median(cached), median(recompute));
+        let threads = rayon::current_num_threads();
+        if args.json {
+            println!(
+                "{}",
+                json!({"op": "generate", "preset": args.preset, "batch": args.batch, "tokens": args.tokens,
+                       "threads": threads, "kv_cache_tokens_per_s": produced / c,
+                       "recompute_tokens_per_s": produced / r, "speedup": r / c, "same_tokens": agree})
+            );
+        } else {
+            println!(
+                "generate {} batch {} × {} tokens, {threads} threads: KV cache {:.0} tokens/s, \
+                 recompute {:.0} tokens/s, {:.1}× (same tokens: {agree})",
+                args.preset,
+                args.batch,
+                args.tokens,
+                produced / c,
+                produced / r,
+                r / c
+            );
+        }
+        if !agree {
+            return Err(anyhow::anyhow!(
+                "cached and recomputed decoding chose different tokens"
+            ))
+            .context("bench generate");
+        }
+        Ok(())
+    })
+}
