@@ -319,19 +319,21 @@ impl Gpt {
         for bw in &w.h {
             let a = x.layer_norm(&bw.ln_1_weight, &bw.ln_1_bias, c.layer_norm_epsilon)?;
             let qkv = linear(&a, &bw.c_attn_weight, &bw.c_attn_bias)?;
-            // [B, T, 3d] → [3, B, H, T, Dh] as a view; q, k, v are slices of it.
-            let qkv = qkv
-                .reshape_to(&[b, t, 3, h, dh])?
-                .permute(&[2, 0, 3, 1, 4])?;
-            let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(0, i, 1)?.squeeze(0)?) };
-            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
             let att = if drop.active(c.attn_pdrop) {
+                // [B, T, 3d] → [3, B, H, T, Dh] as a view; q, k, v are slices of it.
+                let qkv = qkv
+                    .reshape_to(&[b, t, 3, h, dh])?
+                    .permute(&[2, 0, 3, 1, 4])?;
+                let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(0, i, 1)?.squeeze(0)?) };
+                let (q, k, v) = (part(0)?, part(1)?, part(2)?);
                 let seed = drop.rng.as_mut().map(Rng::next_u64).unwrap_or(0);
-                attention_with_dropout(&q, &k, &v, c.attn_pdrop, seed)?
+                let att = attention_with_dropout(&q, &k, &v, c.attn_pdrop, seed)?;
+                att.permute(&[0, 2, 1, 3])?.reshape_to(&[b, t, h * dh])?
             } else {
-                Tensor::causal_attention(&q, &k, &v)?
+                // The fused op splits and merges heads itself, and its backward writes
+                // d(qkv) in one buffer.
+                Tensor::causal_self_attention(&qkv, h)?
             };
-            let att = att.permute(&[0, 2, 1, 3])?.reshape_to(&[b, t, h * dh])?;
             let att = linear(&att, &bw.attn_c_proj_weight, &bw.attn_c_proj_bias)?;
             x = x.add(&drop.apply(att, c.resid_pdrop)?)?;
             let m = mlp(

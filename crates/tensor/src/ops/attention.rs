@@ -140,6 +140,130 @@ impl Tensor {
     }
 }
 
+/// Moves rows of `dh` between the fused [B, T, 3, H, Dh] projection layout and per-part
+/// [B, H, T, Dh] head layouts. `to_heads` copies `fused → parts[s]`; otherwise `parts[s] → fused`.
+fn shuffle_heads(
+    fused: &mut [f32],
+    parts: [&mut [f32]; 3],
+    dims: (usize, usize, usize, usize),
+    to_heads: bool,
+) {
+    let (b, t, h, dh) = dims;
+    let [p0, p1, p2] = parts;
+    let mut parts = [p0, p1, p2];
+    for bi in 0..b {
+        for ti in 0..t {
+            for (s, part) in parts.iter_mut().enumerate() {
+                for hi in 0..h {
+                    let f = (((bi * t + ti) * 3 + s) * h + hi) * dh;
+                    let p = ((bi * h + hi) * t + ti) * dh;
+                    if to_heads {
+                        part[p..p + dh].copy_from_slice(&fused[f..f + dh]);
+                    } else {
+                        fused[f..f + dh].copy_from_slice(&part[p..p + dh]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Index pairs (offset in [B, H, T, Dh], offset in [B, T, H·Dh]) of every head row.
+fn head_rows(dims: (usize, usize, usize, usize)) -> impl Iterator<Item = (usize, usize)> {
+    let (b, t, h, dh) = dims;
+    (0..b).flat_map(move |bi| {
+        (0..h).flat_map(move |hi| {
+            (0..t).map(move |ti| (((bi * h + hi) * t + ti) * dh, ((bi * t + ti) * h + hi) * dh))
+        })
+    })
+}
+
+/// [B, H, T, Dh] → [B, T, H·Dh].
+fn merge_heads(heads: &[f32], dims: (usize, usize, usize, usize)) -> Vec<f32> {
+    let dh = dims.3;
+    let mut merged = vec![0.0f32; heads.len()];
+    for (p, m) in head_rows(dims) {
+        merged[m..m + dh].copy_from_slice(&heads[p..p + dh]);
+    }
+    merged
+}
+
+/// [B, T, H·Dh] → [B, H, T, Dh].
+fn split_heads(merged: &[f32], dims: (usize, usize, usize, usize)) -> Vec<f32> {
+    let dh = dims.3;
+    let mut heads = vec![0.0f32; merged.len()];
+    for (p, m) in head_rows(dims) {
+        heads[p..p + dh].copy_from_slice(&merged[m..m + dh]);
+    }
+    heads
+}
+
+impl Tensor {
+    /// Causal multi-head self-attention straight from a fused projection: `qkv` is
+    /// [B, T, 3·D] holding Q, K and V (each `n_head` heads of D/n_head), the result [B, T, D]
+    /// with heads merged, as GPT-2's c_attn → attention → c_proj path needs.
+    ///
+    /// The same maths as splitting `qkv` with views and calling [`Tensor::causal_attention`],
+    /// fused because that path's backward builds three zero-padded copies of d(qkv) (one per
+    /// narrow) and adds them; here the backward writes d(qkv) once. Tests hold the two equal.
+    pub fn causal_self_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+        let bad = || {
+            Error::invalid(
+                "causal_self_attention",
+                format!(
+                    "qkv must be [batch, time, 3·d] with d divisible by {n_head} heads, got {:?}",
+                    qkv.shape()
+                ),
+            )
+        };
+        if qkv.rank() != 3
+            || n_head == 0
+            || qkv.shape()[2] % (3 * n_head) != 0
+            || qkv.shape()[2] == 0
+        {
+            return Err(bad());
+        }
+        let (b, t, d3) = (qkv.shape()[0], qkv.shape()[1], qkv.shape()[2]);
+        let (d, dh) = (d3 / 3, d3 / 3 / n_head);
+        let dims = (b, t, n_head, dh);
+        let n = b * t * d;
+        let shape = AttentionShape {
+            bh: b * n_head,
+            tq: t,
+            tk: t,
+            d: dh,
+        };
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut fused = qkv.f32_data()?.into_owned();
+        let (mut q, mut k, mut v) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+        shuffle_heads(&mut fused, [&mut q, &mut k, &mut v], dims, true);
+        drop(fused);
+        let mut out = vec![0.0f32; n];
+        let mut lse = vec![0.0f32; b * n_head * t];
+        if n > 0 {
+            causal_attention_forward(shape, scale, &q, &k, &v, &mut out, &mut lse)?;
+        }
+        let result = Tensor::f32_owned(merge_heads(&out, dims), &[b, t, d]);
+        Ok(Tensor::record(
+            result,
+            "causal_self_attention",
+            &[qkv],
+            move |g| {
+                let dout = split_heads(&g.f32_data()?, dims);
+                let (mut dq, mut dk, mut dv) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+                if n > 0 {
+                    causal_attention_backward(
+                        shape, scale, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv,
+                    )?;
+                }
+                let mut dqkv = vec![0.0f32; 3 * n];
+                shuffle_heads(&mut dqkv, [&mut dq, &mut dk, &mut dv], dims, false);
+                Ok(vec![Some(Tensor::f32_owned(dqkv, &[b, t, d3]))])
+            },
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::{Parameter, Tensor};
@@ -176,6 +300,38 @@ mod tests {
                 for (a, e) in ga.iter().zip(ge) { prop_assert!((a - e).abs() < 1e-3 * (1.0 + e.abs()), "grad {a} {e}"); }
             }
         }
+    }
+
+    #[test]
+    fn fused_self_attention_equals_split_views() {
+        let (b, t, h, dh) = (2, 7, 3, 5);
+        let qkv = Tensor::randn(&[b, t, 3 * h * dh], 0.0, 1.0, 4);
+        let w = Tensor::randn(&[b, t, h * dh], 0.0, 1.0, 5);
+        let split = |x: &Tensor| -> crate::Result<Tensor> {
+            let x = x.reshape_to(&[b, t, 3, h, dh])?.permute(&[2, 0, 3, 1, 4])?;
+            let part = |i| x.narrow(0, i, 1)?.squeeze(0);
+            let o = Tensor::causal_attention_reference(&part(0)?, &part(1)?, &part(2)?)?;
+            o.permute(&[0, 2, 1, 3])?.reshape_to(&[b, t, h * dh])
+        };
+        let run = |f: &dyn Fn(&Tensor) -> crate::Result<Tensor>| {
+            let p = Parameter::new(qkv.clone());
+            let o = f(&p.tensor()).unwrap();
+            o.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+            (o.to_f64_vec(), p.grad().unwrap().to_f64_vec())
+        };
+        let (o1, g1) = run(&|x| Tensor::causal_self_attention(x, h));
+        let (o2, g2) = run(&split);
+        for (a, e) in o1.iter().zip(&o2).chain(g1.iter().zip(&g2)) {
+            assert!((a - e).abs() < 1e-4 * (1.0 + e.abs()), "{a} vs {e}");
+        }
+        let err = crate::gradcheck::check_gradients(
+            &[qkv],
+            |x| Tensor::causal_self_attention(&x[0], h),
+            1e-2,
+        )
+        .unwrap();
+        assert!(err < 1e-3, "{err}");
+        assert!(Tensor::causal_self_attention(&Tensor::zeros(&[1, 2, 10]), 3).is_err());
     }
 
     #[test]
