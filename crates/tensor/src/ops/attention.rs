@@ -218,7 +218,7 @@ impl Tensor {
         };
         if qkv.rank() != 3
             || n_head == 0
-            || qkv.shape()[2] % (3 * n_head) != 0
+            || !qkv.shape()[2].is_multiple_of(3 * n_head)
             || qkv.shape()[2] == 0
         {
             return Err(bad());
