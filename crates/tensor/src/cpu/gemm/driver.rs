@@ -112,8 +112,8 @@ pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, 
                 let kc = kc_max.min(k - pc);
                 let packed = n_panels - direct_panels;
                 let bpack = bbuf.slice(packed * kc * K::NR);
-                // One contiguous group of micro-panels per thread.
-                let group = packed.div_ceil(threads).max(1);
+                // Contiguous groups of micro-panels, several per thread (see ITEMS_PER_THREAD).
+                let group = packed.div_ceil(ITEMS_PER_THREAD * threads).max(1);
                 let j_packed = jc + direct_panels * K::NR;
                 let pack = |(g, dst): (usize, &mut [f32])| {
                     pack_b_panels::<K>(&b, pc, kc, j_packed + g * group * K::NR, dst)
@@ -195,6 +195,11 @@ impl BSource<'_, '_> {
     }
 }
 
+/// Work items per thread to aim for at least: a worker that wakes late (tens of microseconds on
+/// this kind of VM) can still take its share from a thread that started alone, which matters
+/// when a whole product takes only some hundreds of microseconds.
+const ITEMS_PER_THREAD: usize = 4;
+
 /// How many row ranges (`mi`) and column ranges (`ni`) of micro-panels to cut the work into.
 fn split(
     m_panels: usize,
@@ -207,14 +212,15 @@ fn split(
     if threads <= 1 {
         return (blocks, 1);
     }
+    let items = ITEMS_PER_THREAD * threads;
     // With B read in place, cutting the columns lets each thread read only its part of B.
     if m_panels >= 2 * threads && !direct_b {
         // Enough rows: a multiple of the thread count, so each thread gets an equal share.
-        let mi = blocks.div_ceil(threads) * threads;
+        let mi = blocks.max(items).div_ceil(threads) * threads;
         (mi.min(m_panels), 1)
     } else {
         // Few rows (a short, wide product): also cut the columns.
-        (blocks, threads.min(n_panels).max(1))
+        (blocks, items.div_ceil(blocks).min(n_panels).max(1))
     }
 }
 
