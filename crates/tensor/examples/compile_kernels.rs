@@ -7,10 +7,16 @@
 //! cargo run --release -p rlhf-tensor --example compile_kernels -- --arch sm_80 --arch sm_90 --out DIR
 //! ```
 //!
+//! With `--cache DIR`, each PTX is also stored in a PTX cache at DIR under the key the device
+//! looks up at run time (`RLHF_PTX_CACHE=DIR`): tools/gpu-check fills one for sm_90 and carries
+//! it to the GPU machine, which has no libnvrtc of its own to rely on.
+//!
 //! Prints one line per file and arch (entry points, PTX size, compile time) and exits non-zero
 //! if any file fails to compile or compiles to a module without kernels.
 
-use rlhf_tensor::cuda::{nvrtc_version, ptx_entry_points, Arch, KernelFile, KERNEL_FILES};
+use rlhf_tensor::cuda::{
+    nvrtc_version, ptx_entry_points, Arch, KernelFile, PtxCache, KERNEL_FILES,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,11 +29,13 @@ type Outcome = (Result<String, String>, f64);
 struct Args {
     archs: Vec<Arch>,
     out: PathBuf,
+    cache: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut archs = Vec::new();
     let mut out = None;
+    let mut cache = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -36,11 +44,11 @@ fn parse_args() -> Result<Args, String> {
                 archs.push(Arch::parse(&v).map_err(|e| e.to_string())?);
             }
             "--out" => out = Some(PathBuf::from(it.next().ok_or("--out needs a folder")?)),
-            "-h" | "--help" => {
-                return Err(
-                    "usage: compile_kernels --arch sm_80 [--arch sm_90 ...] --out DIR".into(),
-                )
-            }
+            "--cache" => cache = Some(PathBuf::from(it.next().ok_or("--cache needs a folder")?)),
+            "-h" | "--help" => return Err(
+                "usage: compile_kernels --arch sm_80 [--arch sm_90 ...] --out DIR [--cache DIR]"
+                    .into(),
+            ),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
@@ -48,7 +56,7 @@ fn parse_args() -> Result<Args, String> {
         return Err("give at least one --arch (e.g. --arch sm_80 --arch sm_90)".into());
     }
     let out = out.ok_or("--out DIR is required")?;
-    Ok(Args { archs, out })
+    Ok(Args { archs, out, cache })
 }
 
 fn main() -> ExitCode {
@@ -113,6 +121,13 @@ fn main() -> ExitCode {
                     failures += 1;
                 } else if let Err(e) = std::fs::write(&path, &ptx) {
                     eprintln!("FAIL {}: {e}", path.display());
+                    failures += 1;
+                } else if let Some(Err(e)) = args
+                    .cache
+                    .as_ref()
+                    .map(|dir| PtxCache::new(dir).store(&kf.cache_key(*arch), &ptx))
+                {
+                    eprintln!("FAIL cache store of {} {arch}: {e}", kf.file_name());
                     failures += 1;
                 } else {
                     println!(

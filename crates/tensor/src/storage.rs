@@ -26,6 +26,11 @@ pub enum Storage {
         end: usize,
         dtype: DType,
     },
+    /// Elements in GPU memory ([`crate::cuda::CudaStorage`]). Not readable from the host:
+    /// [`Storage::as_slice`] gives `None`, [`Storage::as_bytes`] an empty slice and
+    /// [`Storage::get_f64`] NaN; copy with `Tensor::to_device(Device::Cpu)` first.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaStorage),
 }
 
 /// Element types a tensor can hold, and how they sit in [`Storage`].
@@ -102,12 +107,32 @@ impl Storage {
             Storage::U32(_) => DType::U32,
             Storage::U8(_) => DType::U8,
             Storage::Mapped { dtype, .. } => *dtype,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.dtype(),
         }
     }
 
     /// Whether this storage borrows a mapped file rather than owning its elements.
     pub fn is_mapped(&self) -> bool {
         matches!(self, Storage::Mapped { .. })
+    }
+
+    /// The GPU storage, when the elements live on a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn as_cuda(&self) -> Option<&crate::cuda::CudaStorage> {
+        match self {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The device holding the elements.
+    pub fn device(&self) -> crate::Device {
+        #[cfg(feature = "cuda")]
+        if let Storage::Cuda(c) = self {
+            return crate::Device::Cuda(c.device().ordinal());
+        }
+        crate::Device::Cpu
     }
 
     /// The elements as `T`, or `None` when the dtype differs.
@@ -137,6 +162,8 @@ impl Storage {
             Storage::Mapped {
                 begin, end, dtype, ..
             } => (end - begin) / dtype.size_in_bytes(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.len(),
         }
     }
 
@@ -157,6 +184,8 @@ impl Storage {
             Storage::Mapped {
                 source, begin, end, ..
             } => &source.bytes()[*begin..*end],
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => &[],
         }
     }
 

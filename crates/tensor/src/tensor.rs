@@ -13,10 +13,25 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// The device a tensor lives on. Only the CPU exists in this build of the engine.
+/// The device a tensor lives on.
+///
+/// `Cuda(n)` is the n-th CUDA device (cargo feature `cuda`, on by default). Ops whose inputs
+/// are all on one CUDA device run there when the op has a CUDA kernel (docs/cuda.md lists
+/// them); any other combination (a CUDA tensor meeting a CPU tensor, or an op with no CUDA
+/// kernel yet) is an [`Error::Cuda`], never a silent copy to the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
 /// How a tensor takes part in autograd.
@@ -181,7 +196,28 @@ impl Tensor {
     }
 
     pub fn device(&self) -> Device {
-        Device::Cpu
+        self.0.storage.device()
+    }
+
+    /// The GPU storage of a CUDA tensor.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_storage(&self) -> Option<&crate::cuda::CudaStorage> {
+        self.0.storage.as_cuda()
+    }
+
+    /// An error for host access to a tensor that lives on a GPU.
+    fn require_cpu(&self, op: &'static str) -> Result<()> {
+        match self.device() {
+            Device::Cpu => Ok(()),
+            d => Err(Error::cuda(
+                op,
+                format!(
+                    "tensor of shape {:?} ({}) is on {d}: this op has no CUDA kernel yet, or                      needs host data; copy with to_device(Device::Cpu) explicitly",
+                    self.shape(),
+                    self.dtype()
+                ),
+            )),
+        }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -268,7 +304,12 @@ impl Tensor {
                 ),
             ));
         }
-        self.backward_with(Tensor::ones(self.shape()))
+        // The seed lives where the output does, in its dtype, so a CUDA graph's backward
+        // runs on the GPU from its first step.
+        let seed = Tensor::ones(self.shape())
+            .to_dtype(self.dtype())?
+            .to_device(self.device())?;
+        self.backward_with(seed)
     }
 
     /// Back-propagates with an explicit output gradient of this tensor's shape.
@@ -292,6 +333,7 @@ impl Tensor {
     /// The f32 elements in row-major order: borrowed when contiguous, gathered otherwise.
     /// CPU compute is f32; other dtypes are an error here (convert with [`Tensor::to_dtype`]).
     pub fn f32_data(&self) -> Result<Cow<'_, [f32]>> {
+        self.require_cpu("f32 compute")?;
         self.require_dtype("f32 compute", DType::F32)?;
         let s = self
             .0
@@ -308,6 +350,9 @@ impl Tensor {
 
     /// A copy of the elements in row-major order as `T` (which must be the tensor's dtype).
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        if self.device() != Device::Cpu {
+            return self.to_device(Device::Cpu)?.to_vec();
+        }
         self.require_dtype("to_vec", T::DTYPE)?;
         let s = self
             .0
@@ -318,7 +363,16 @@ impl Tensor {
     }
 
     /// The elements converted to f64, any dtype (for tests, printing and index tensors).
+    /// A CUDA tensor is copied to the host first; should that copy fail (a broken device),
+    /// every element reads NaN, which no comparison passes. [`Tensor::to_vec`] returns the
+    /// error instead.
     pub fn to_f64_vec(&self) -> Vec<f64> {
+        if self.device() != Device::Cpu {
+            return match self.to_device(Device::Cpu) {
+                Ok(t) => t.to_f64_vec(),
+                Err(_) => vec![f64::NAN; self.numel()],
+            };
+        }
         let mut v = Vec::with_capacity(self.numel());
         self.0
             .layout
@@ -342,6 +396,9 @@ impl Tensor {
 
     /// The single value of a one-element tensor, as f32.
     pub fn item(&self) -> Result<f32> {
+        if self.device() != Device::Cpu {
+            return self.to_device(Device::Cpu)?.item();
+        }
         if self.numel() != 1 {
             return Err(Error::invalid(
                 "item",
@@ -360,6 +417,14 @@ impl Tensor {
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(cs) = self.cuda_storage() {
+            let out = crate::ops::cuda_cast(self, cs, dtype)?;
+            let from = self.dtype();
+            return Ok(Tensor::record(out, "to_dtype", &[self], move |g| {
+                Ok(vec![Some(g.to_dtype(from)?)])
+            }));
         }
         let shape = self.shape().to_vec();
         let storage = match (self.dtype(), dtype) {
@@ -412,10 +477,86 @@ impl Tensor {
         }))
     }
 
+    /// The tensor on `device`: itself when it is already there, else a contiguous copy there
+    /// (host ↔ GPU copies through the driver). Differentiable: the gradient is copied back.
+    /// Asking for a CUDA device where there is none (no driver, no such ordinal, the crate
+    /// built without the `cuda` feature) is an [`Error::Cuda`].
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        let from = self.device();
+        if device == from {
+            return Ok(self.clone());
+        }
+        let out = self.copy_to_device(device)?;
+        Ok(Tensor::record(out, "to_device", &[self], move |g| {
+            Ok(vec![Some(g.to_device(from)?)])
+        }))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn copy_to_device(&self, device: Device) -> Result<Tensor> {
+        Err(Error::cuda(
+            "to_device",
+            format!("cannot move to {device}: rlhf-tensor was built without the `cuda` feature"),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn copy_to_device(&self, device: Device) -> Result<Tensor> {
+        use crate::cuda::CudaStorage;
+        let shape = self.shape().to_vec();
+        // Off the GPU first (to the host, contiguous), then onto the target if it is a GPU.
+        let host = match self.cuda_storage() {
+            None => self.detach().contiguous()?,
+            Some(cs) => {
+                // A strided float view is made contiguous on the device (one copy kernel), so
+                // only the tensor's own elements cross the bus; other dtypes have no copy
+                // kernel and come back whole, to be gathered here.
+                let t = if self.is_contiguous() || !matches!(self.dtype(), DType::F32 | DType::BF16)
+                {
+                    self.detach()
+                } else {
+                    crate::ops::cuda_unary(self, "copy", 0.0, 0.0)?
+                };
+                let cs = t.cuda_storage().unwrap_or(cs);
+                let all = Tensor::from_parts(
+                    Arc::new(cs.to_host()?),
+                    t.layout().clone(),
+                    GradTrack::None,
+                );
+                all.contiguous()?
+            }
+        };
+        match device {
+            Device::Cpu => Ok(host),
+            Device::Cuda(n) => {
+                let dev = crate::cuda::device(n)?;
+                // `host` is contiguous but may view part of a larger storage (a narrowed
+                // view): copy exactly its elements.
+                let cs = if host.layout().offset() == 0 && host.storage().len() == host.numel() {
+                    CudaStorage::from_host(&dev, host.storage())?
+                } else {
+                    CudaStorage::from_host(&dev, &owned_storage(&host)?)?
+                };
+                Ok(Tensor::from_parts(
+                    Arc::new(Storage::Cuda(cs)),
+                    Layout::contiguous(&shape),
+                    GradTrack::None,
+                ))
+            }
+        }
+    }
+
     /// A contiguous copy when the layout is strided; the tensor itself otherwise.
     pub fn contiguous(&self) -> Result<Tensor> {
         if self.is_contiguous() {
             return Ok(self.clone());
+        }
+        #[cfg(feature = "cuda")]
+        if self.cuda_storage().is_some() {
+            let out = crate::ops::cuda_unary(self, "copy", 0.0, 0.0)?;
+            return Ok(Tensor::record(out, "contiguous", &[self], |g| {
+                Ok(vec![Some(g.clone())])
+            }));
         }
         let storage = match self.dtype() {
             DType::F32 => Storage::F32(self.to_vec()?),
@@ -538,6 +679,20 @@ impl Tensor {
     }
 }
 
+/// The elements of a host tensor in row-major order, in a storage of their own.
+#[cfg(feature = "cuda")]
+fn owned_storage(t: &Tensor) -> Result<Storage> {
+    Ok(match t.dtype() {
+        DType::F32 => Storage::F32(t.to_vec()?),
+        DType::BF16 => Storage::BF16(t.to_vec()?),
+        DType::F16 => Storage::F16(t.to_vec()?),
+        DType::I64 => Storage::I64(t.to_vec()?),
+        DType::I32 => Storage::I32(t.to_vec()?),
+        DType::U32 => Storage::U32(t.to_vec()?),
+        DType::U8 => Storage::U8(t.to_vec()?),
+    })
+}
+
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let v = self.to_f64_vec();
@@ -550,5 +705,47 @@ impl std::fmt::Debug for Tensor {
             shown,
             if v.len() > 8 { " ..." } else { "" }
         )
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use crate::{DType, Device, Tensor};
+
+    #[test]
+    fn cpu_tensors_report_the_cpu_and_to_device_cpu_is_identity() {
+        let x = Tensor::randn(&[2, 3], 0.0, 1.0, 1);
+        assert_eq!(x.device(), Device::Cpu);
+        let y = x.to_device(Device::Cpu).unwrap();
+        assert!(y.shares_storage(&x));
+        assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+    }
+
+    #[test]
+    fn to_cuda_without_a_gpu_is_a_clear_error() {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::device(0).is_ok() {
+            // A machine with a GPU: the round trip is exact (the GPU tests cover the rest).
+            let x = Tensor::randn(&[3, 5], 0.0, 1.0, 2).t().unwrap();
+            let back = x
+                .to_device(Device::Cuda(0))
+                .unwrap()
+                .to_device(Device::Cpu)
+                .unwrap();
+            assert_eq!(back.to_f64_vec(), x.to_f64_vec());
+            return;
+        }
+        for dtype in [DType::F32, DType::BF16, DType::I64] {
+            let x = Tensor::randn(&[2, 2], 0.0, 1.0, 3).to_dtype(dtype).unwrap();
+            let e = x.to_device(Device::Cuda(0)).unwrap_err();
+            assert!(matches!(e, crate::Error::Cuda { .. }), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("no CUDA driver library found")
+                    || msg.contains("no CUDA device 0")
+                    || msg.contains("without the `cuda` feature"),
+                "{msg}"
+            );
+        }
     }
 }

@@ -7,8 +7,8 @@
 //! without CUDA; asking for a GPU there returns [`Error::Cuda`](crate::Error::Cuda), never a
 //! panic.
 //!
-//! Not here yet: CUDA storage for [`Tensor`](crate::Tensor) and the per-op dispatch that
-//! launches these kernels (docs/cuda.md has the plan and the kernel list).
+//! [`storage`] holds tensors' GPU memory; each op's CUDA dispatch sits beside its CPU path in
+//! [`crate::ops`] (docs/cuda.md lists which ops have one).
 
 pub mod arch;
 pub mod cache;
@@ -16,6 +16,7 @@ pub mod device;
 pub mod kernels;
 pub mod nvrtc;
 pub mod params;
+pub mod storage;
 
 pub use arch::Arch;
 pub use cache::{PtxCache, PtxKey};
@@ -23,3 +24,4 @@ pub use device::{device_count, driver_available, CudaDevice};
 pub use kernels::{KernelFile, KERNEL_FILES};
 pub use nvrtc::{compile_ptx, nvrtc_available, nvrtc_version, ptx_entry_points};
 pub use params::{AttnParams, GemmParams, SimtParams, Strided};
+pub use storage::{device, CudaBuffer, CudaStorage};

@@ -24,6 +24,12 @@ impl BinaryOp {
         }
     }
 
+    /// The op's name in kernels/elementwise.cu (`binary_<name>_T`).
+    #[cfg(feature = "cuda")]
+    fn cuda_name(self) -> &'static str {
+        self.name()
+    }
+
     fn kernel(self) -> fn(&[f32], &[f32], &mut [f32]) {
         match self {
             BinaryOp::Add => vec::add,
@@ -37,6 +43,10 @@ impl BinaryOp {
 /// The forward of a broadcasting binary op, untracked.
 fn binary_forward(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let shape = broadcast_shapes(op.name(), a.shape(), b.shape())?;
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = super::cuda_inputs(op.name(), &[a, b])? {
+        return binary_cuda(&dev, op, a, b, &shape);
+    }
     let kernel = op.kernel();
     if a.shape() == b.shape() {
         return zip_f32(a, b, kernel);
@@ -56,6 +66,50 @@ fn binary_forward(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let ea = a.detach().broadcast_to(&shape)?;
     let eb = b.detach().broadcast_to(&shape)?;
     zip_f32(&ea, &eb, kernel)
+}
+
+/// `binary_<op>_T` of kernels/elementwise.cu: both operands read through their broadcast
+/// views (stride 0 on expanded dims), so no expanded copy is made; contiguous output.
+#[cfg(feature = "cuda")]
+fn binary_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    op: BinaryOp,
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+) -> Result<Tensor> {
+    use crate::cuda::storage::{elementwise_config, strided_of};
+    use cudarc::driver::PushKernelArg;
+    super::same_dtype(op.name(), a, b)?;
+    let entry = format!(
+        "binary_{}_{}",
+        op.cuda_name(),
+        super::tname(op.name(), a.dtype())?
+    );
+    let out = super::cuda_empty(dev, a.dtype(), shape)?;
+    let n = out.numel();
+    if n == 0 {
+        return Ok(out);
+    }
+    let (ea, eb) = (
+        a.detach().broadcast_to(shape)?,
+        b.detach().broadcast_to(shape)?,
+    );
+    let (la, lb) = (strided_of(ea.layout())?, strided_of(eb.layout())?);
+    let (pa, pb, po, n64) = (
+        super::ptr(&ea)?,
+        super::ptr(&eb)?,
+        super::ptr(&out)?,
+        n as i64,
+    );
+    let f = dev.function("elementwise", &entry)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&n64).arg(&la).arg(&lb).arg(&pa).arg(&pb).arg(&po);
+    // SAFETY: binary_*_T(i64 n, Strided la, Strided lb, const T* a, const T* b, T* out): both
+    // operands are read through layouts of the output's shape inside their storages; out is a
+    // fresh buffer of n elements of T.
+    unsafe { super::launch(op.name(), &entry, l, elementwise_config(n))? };
+    Ok(out)
 }
 
 fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -112,6 +166,13 @@ impl Tensor {
 
     /// `self + s`.
     pub fn add_scalar(&self, s: f32) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.cuda_storage().is_some() {
+            let out = super::cuda_unary(self, "add_scalar", s, 0.0)?;
+            return Ok(Tensor::record(out, "add_scalar", &[self], |g| {
+                Ok(vec![Some(g.clone())])
+            }));
+        }
         let out = map_f32(self, |x, o| vec::add_scalar(x, s, o))?;
         Ok(Tensor::record(out, "add_scalar", &[self], |g| {
             Ok(vec![Some(g.clone())])
@@ -120,6 +181,13 @@ impl Tensor {
 
     /// `self * s`.
     pub fn mul_scalar(&self, s: f32) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        let out = if self.cuda_storage().is_some() {
+            super::cuda_unary(self, "mul_scalar", s, 0.0)?
+        } else {
+            map_f32(self, |x, o| vec::mul_scalar(x, s, o))?
+        };
+        #[cfg(not(feature = "cuda"))]
         let out = map_f32(self, |x, o| vec::mul_scalar(x, s, o))?;
         Ok(Tensor::record(out, "mul_scalar", &[self], move |g| {
             Ok(vec![Some(g.mul_scalar(s)?)])
@@ -144,6 +212,7 @@ impl Tensor {
     /// Elementwise `cond ? a : b` with broadcasting of all three. `cond` is any dtype; nonzero
     /// is true. Gradients flow to `a` where the condition holds and to `b` elsewhere.
     pub fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        super::cpu_only("where", &[cond, a, b])?;
         let ab = broadcast_shapes("where", a.shape(), b.shape())?;
         let shape = broadcast_shapes("where", cond.shape(), &ab)?;
         let mask: Vec<bool> = cond

@@ -16,6 +16,10 @@ impl Tensor {
         ignore_index: Option<i64>,
         weights: Option<&Tensor>,
     ) -> Result<Tensor> {
+        super::cpu_only("cross_entropy", &[self, targets])?;
+        if let Some(w) = weights {
+            super::cpu_only("cross_entropy", &[w])?;
+        }
         let r = self.rank();
         if r == 0 || targets.shape() != &self.shape()[..r - 1] {
             return Err(Error::ShapeMismatch {

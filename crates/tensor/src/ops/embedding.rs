@@ -23,6 +23,7 @@ pub(crate) fn checked_indices(op: &'static str, ids: &Tensor, limit: usize) -> R
 impl Tensor {
     /// `table[ids]`: for ids of shape [...] and a table [V, D], returns [..., D].
     pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+        super::cpu_only("embedding", &[ids, table])?;
         if table.rank() != 2 {
             return Err(Error::invalid(
                 "embedding",

@@ -7,6 +7,7 @@ use crate::{Error, Result, Tensor};
 impl Tensor {
     /// Selects along the last dim: `idx` has self's shape except the last dim (any size K).
     pub fn gather_last(&self, idx: &Tensor) -> Result<Tensor> {
+        super::cpu_only("gather_last", &[self, idx])?;
         let r = self.rank();
         if r == 0 || idx.rank() != r || idx.shape()[..r - 1] != self.shape()[..r - 1] {
             return Err(Error::ShapeMismatch {

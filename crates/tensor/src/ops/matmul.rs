@@ -44,6 +44,11 @@ fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let mut out_shape = batch.clone();
     out_shape.extend([m, n]);
 
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = super::cuda_inputs("matmul", &[a, b])? {
+        return matmul_cuda(&dev, a, b, &batch, (m, k, n), &out_shape);
+    }
+
     // [.., m, k] · [k, n] with contiguous rows in `a`: one GEMM with m·batch rows. This is the
     // shape of every linear layer, and one large GEMM beats many small ones.
     if b.rank() == 2 && a.is_contiguous() {
@@ -131,6 +136,184 @@ fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         }
     }
     Ok(Tensor::f32_owned(out, &out_shape))
+}
+
+/// One operand of a batched GPU GEMM: its pointer, row/column element strides of each
+/// matrix, and the element stride between batch elements (0 broadcasts).
+#[cfg(feature = "cuda")]
+struct GpuOperand {
+    t: Tensor,
+    rs: usize,
+    cs: usize,
+    batch: usize,
+}
+
+/// `t` viewed as `batch ++ [r, c]`, with its batch dims merged into one stride: exact when they
+/// merge (contiguous batch dims, or all broadcast), else after a dense copy on the device.
+#[cfg(feature = "cuda")]
+fn gpu_operand(t: &Tensor, batch: &[usize], r: usize, c: usize) -> Result<GpuOperand> {
+    let e = t.detach().broadcast_to(&[batch, &[r, c]].concat())?;
+    let nb = batch.len();
+    let merged = |e: &Tensor| -> Option<usize> {
+        let (sh, st) = (&e.shape()[..nb], &e.layout().strides()[..nb]);
+        // Size-1 dims never move the pointer; the rest must be evenly spaced.
+        let dims: Vec<(usize, usize)> = sh
+            .iter()
+            .zip(st)
+            .filter(|(&d, _)| d > 1)
+            .map(|(&d, &s)| (d, s))
+            .collect();
+        let inner = dims.last().map_or(0, |&(_, s)| s);
+        let ok = dims.windows(2).all(|w| w[0].1 == w[1].1 * w[1].0);
+        ok.then_some(inner)
+    };
+    let e = match merged(&e) {
+        Some(_) => e,
+        None => super::dense(&e)?,
+    };
+    let batch_stride = merged(&e).unwrap_or(r * c);
+    let st = e.layout().strides();
+    Ok(GpuOperand {
+        rs: st[nb],
+        cs: st[nb + 1],
+        batch: batch_stride,
+        t: e,
+    })
+}
+
+/// kernels/gemm.cu: `gemm_bf16_{n,t}{n,t}_bf16` on the tensor cores for bf16 operands that
+/// meet its alignment rules (16-byte pointers, leading dims and batch strides multiples of 8),
+/// `gemm_simt_bf16` for other bf16 operands and `gemm_simt_f32` for f32. C is contiguous
+/// [batch, m, n]; beta = 0 (C is never read).
+#[cfg(feature = "cuda")]
+fn matmul_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    a: &Tensor,
+    b: &Tensor,
+    batch: &[usize],
+    (m, k, n): (usize, usize, usize),
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    use crate::cuda::{GemmParams, SimtParams};
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    const OP: &str = "matmul";
+    super::same_dtype(OP, a, b)?;
+    let tn = super::tname(OP, a.dtype())?;
+    let out = super::cuda_empty(dev, a.dtype(), out_shape)?;
+    if out.numel() == 0 || k == 0 {
+        // Empty, or an empty sum: the zero-filled output is the answer.
+        return Ok(out);
+    }
+    // Linear layers ([.., m, k]·[k, n], contiguous activations): one GEMM over all rows.
+    let (batch, m): (Vec<usize>, usize) = if b.rank() == 2 && a.is_contiguous() {
+        (vec![], out.numel() / n)
+    } else {
+        (batch.to_vec(), m)
+    };
+    let a2 = if batch.is_empty() && a.rank() > 2 {
+        a.detach().reshape_to(&[m, k])?
+    } else {
+        a.detach()
+    };
+    let (oa, ob) = (
+        gpu_operand(&a2, &batch, m, k)?,
+        gpu_operand(b, &batch, k, n)?,
+    );
+    let nb: usize = batch.iter().product();
+    let (pa, pb, pc) = (super::ptr(&oa.t)?, super::ptr(&ob.t)?, super::ptr(&out)?);
+    let esz = a.dtype().size_in_bytes() as u64;
+    // Tensor-core layouts: A 'n' has unit column stride, 't' unit row stride (likewise B).
+    let a_layout = if oa.cs == 1 {
+        Some(('n', oa.rs))
+    } else if oa.rs == 1 {
+        Some(('t', oa.cs))
+    } else {
+        None
+    };
+    let b_layout = if ob.cs == 1 {
+        Some(('n', ob.rs))
+    } else if ob.rs == 1 {
+        Some(('t', ob.cs))
+    } else {
+        None
+    };
+    let tensor_cores = match (tn, a_layout, b_layout) {
+        ("bf16", Some((_, lda)), Some((_, ldb))) => {
+            pa % 16 == 0
+                && pb % 16 == 0
+                && [lda, ldb, oa.batch, ob.batch].iter().all(|v| v % 8 == 0)
+        }
+        _ => false,
+    };
+    // gridDim.z is at most 65535: larger batches go in chunks (pointers advanced per chunk).
+    const MAX_Z: usize = 65535;
+    let mut z0 = 0;
+    while z0 < nb {
+        let z = (nb - z0).min(MAX_Z);
+        let (ca, cb, cc) = (
+            pa + (z0 * oa.batch) as u64 * esz,
+            pb + (z0 * ob.batch) as u64 * esz,
+            pc + (z0 * m * n) as u64 * esz,
+        );
+        if let (true, Some((la, lda)), Some((lb, ldb))) = (tensor_cores, a_layout, b_layout) {
+            let entry = format!("gemm_bf16_{la}{lb}_bf16");
+            let p = GemmParams {
+                m: m as i32,
+                n: n as i32,
+                k: k as i32,
+                lda: lda as i64,
+                ldb: ldb as i64,
+                ldc: n as i64,
+                stride_a: oa.batch as i64,
+                stride_b: ob.batch as i64,
+                stride_c: (m * n) as i64,
+                alpha: 1.0,
+                beta: 0.0,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, z as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = dev.function("gemm", &entry)?;
+            let mut l = dev.stream().launch_builder(&f);
+            l.arg(&p).arg(&ca).arg(&cb).arg(&cc);
+            // SAFETY: gemm_bf16_*(GemmParams p, const bf16* a, const bf16* b, bf16* c); the
+            // strides describe views inside a's and b's storages (batch chunk z0.. included),
+            // c is a fresh [nb, m, n] buffer; alignment and multiple-of-8 rules checked above.
+            unsafe { super::launch(OP, &entry, l, cfg)? };
+        } else {
+            let entry = format!("gemm_simt_{tn}");
+            let p = SimtParams {
+                m: m as i32,
+                n: n as i32,
+                k: k as i32,
+                sam: oa.rs as i64,
+                sak: oa.cs as i64,
+                sbk: ob.rs as i64,
+                sbn: ob.cs as i64,
+                ldc: n as i64,
+                stride_a: oa.batch as i64,
+                stride_b: ob.batch as i64,
+                stride_c: (m * n) as i64,
+                alpha: 1.0,
+                beta: 0.0,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(64) as u32, m.div_ceil(64) as u32, z as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = dev.function("gemm", &entry)?;
+            let mut l = dev.stream().launch_builder(&f);
+            l.arg(&p).arg(&ca).arg(&cb).arg(&cc);
+            // SAFETY: gemm_simt_T(SimtParams p, const T* a, const T* b, T* c): any strides
+            // inside the operands' storages; c a fresh [nb, m, n] buffer of T.
+            unsafe { super::launch(OP, &entry, l, cfg)? };
+        }
+        z0 += z;
+    }
+    Ok(out)
 }
 
 impl Tensor {

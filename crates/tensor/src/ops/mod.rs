@@ -20,6 +20,23 @@ pub mod unary;
 
 use crate::{Result, Tensor};
 
+/// An `Error::Cuda` when any input lives on a GPU: for ops without a CUDA kernel yet that read
+/// host data through paths that would otherwise copy it (index tensors, masks).
+pub(crate) fn cpu_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
+    match inputs.iter().find(|t| t.device() != crate::Device::Cpu) {
+        None => Ok(()),
+        Some(t) => Err(crate::Error::cuda(
+            op,
+            format!(
+                "input of shape {:?} is on {}: {op} has no CUDA kernel yet; copy with \
+                 to_device(Device::Cpu) explicitly",
+                t.shape(),
+                t.device()
+            ),
+        )),
+    }
+}
+
 /// Applies a slice kernel to the f32 elements of `x`, producing an untracked contiguous tensor.
 pub(crate) fn map_f32(x: &Tensor, kernel: impl Fn(&[f32], &mut [f32])) -> Result<Tensor> {
     let src = x.f32_data()?;
@@ -39,4 +56,172 @@ pub(crate) fn zip_f32(
     let mut out = vec![0.0f32; sa.len()];
     kernel(&sa, &sb, &mut out);
     Ok(Tensor::f32_owned(out, a.shape()))
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) use cuda_common::*;
+
+/// What every op's CUDA dispatch shares: which device the inputs are on, dtype names of the
+/// kernel entry points, fresh outputs, device pointers and the launch itself.
+#[cfg(feature = "cuda")]
+mod cuda_common {
+    use crate::cuda::{CudaDevice, CudaStorage};
+    use crate::layout::Layout;
+    use crate::storage::Storage;
+    use crate::tensor::GradTrack;
+    use crate::{DType, Device, Error, Result, Tensor};
+    use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+    use std::sync::Arc;
+
+    /// The CUDA device all of `inputs` are on; `None` when all are on the CPU. Inputs split
+    /// between devices are an error: ops never copy between devices on their own.
+    pub(crate) fn cuda_inputs(
+        op: &'static str,
+        inputs: &[&Tensor],
+    ) -> Result<Option<Arc<CudaDevice>>> {
+        let first = inputs.iter().find_map(|t| t.cuda_storage());
+        let Some(first) = first else {
+            return Ok(None);
+        };
+        let want = Device::Cuda(first.device().ordinal());
+        if let Some(t) = inputs.iter().find(|t| t.device() != want) {
+            return Err(Error::cuda(
+                op,
+                format!(
+                    "inputs on {want} and {} (shape {:?}): move them to one device with \
+                     to_device first",
+                    t.device(),
+                    t.shape()
+                ),
+            ));
+        }
+        Ok(Some(first.device().clone()))
+    }
+
+    /// The entry-point suffix of a compute dtype (`f32`, `bf16`); other dtypes are an error.
+    pub(crate) fn tname(op: &'static str, dtype: DType) -> Result<&'static str> {
+        match dtype {
+            DType::F32 => Ok("f32"),
+            DType::BF16 => Ok("bf16"),
+            d => Err(Error::cuda(
+                op,
+                format!("no CUDA kernel for dtype {d} (the kernels take f32 and bf16)"),
+            )),
+        }
+    }
+
+    /// Operands of one op must share a dtype on CUDA (no implicit casts on the GPU).
+    pub(crate) fn same_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+        if a.dtype() != b.dtype() {
+            return Err(Error::DTypeMismatch {
+                op,
+                expected: a.dtype(),
+                got: b.dtype(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A new contiguous tensor of `shape` on `dev` (zero-filled; kernels overwrite it).
+    pub(crate) fn cuda_empty(
+        dev: &Arc<CudaDevice>,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let s = CudaStorage::zeros(dev, dtype, n)?;
+        Ok(Tensor::from_parts(
+            Arc::new(Storage::Cuda(s)),
+            Layout::contiguous(shape),
+            GradTrack::None,
+        ))
+    }
+
+    /// The device address of a CUDA tensor's first element (its offset included).
+    pub(crate) fn ptr(t: &Tensor) -> Result<u64> {
+        let s = t.cuda_storage().ok_or_else(|| {
+            Error::cuda(
+                "cuda dispatch",
+                format!("tensor {:?} is not on a GPU", t.shape()),
+            )
+        })?;
+        Ok(s.ptr(t.layout().offset()))
+    }
+
+    /// A contiguous version of a CUDA tensor (a copy kernel when strided), untracked.
+    pub(crate) fn dense(t: &Tensor) -> Result<Tensor> {
+        if t.is_contiguous() {
+            Ok(t.detach())
+        } else {
+            cuda_unary(t, "copy", 0.0, 0.0)
+        }
+    }
+
+    /// Launches a built argument list, mapping a driver error to `Error::Cuda` naming `entry`.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameter list in kernels/*.cu in number, order
+    /// and type, every pointer must address a live buffer of the stream's device large enough
+    /// for what the kernel touches under `cfg`.
+    pub(crate) unsafe fn launch(
+        op: &'static str,
+        entry: &str,
+        mut args: LaunchArgs<'_>,
+        cfg: LaunchConfig,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract (argument list and buffer sizes match the kernel).
+        unsafe { args.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| Error::cuda(op, format!("launching {entry} with {cfg:?}: {e:?}")))
+    }
+
+    /// `unary_<name>_T` of kernels/elementwise.cu over any layout: contiguous output.
+    pub(crate) fn cuda_unary(x: &Tensor, name: &str, p0: f32, p1: f32) -> Result<Tensor> {
+        const OP: &str = "cuda unary";
+        let dev = cuda_inputs(OP, &[x])?.ok_or_else(|| Error::cuda(OP, "input not on a GPU"))?;
+        let entry = format!("unary_{name}_{}", tname(OP, x.dtype())?);
+        let out = cuda_empty(&dev, x.dtype(), x.shape())?;
+        let n = x.numel();
+        if n == 0 {
+            return Ok(out);
+        }
+        let lx = crate::cuda::storage::strided_of(x.layout())?;
+        let (px, po, n64) = (ptr(x)?, ptr(&out)?, n as i64);
+        let f = dev.function("elementwise", &entry)?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&n64).arg(&lx).arg(&px).arg(&po).arg(&p0).arg(&p1);
+        // SAFETY: unary_*_T(i64 n, Strided lx, const T* x, T* out, float p0, float p1); x is
+        // read through its own layout (inside its storage), out holds n elements of T.
+        unsafe { launch(OP, &entry, b, crate::cuda::storage::elementwise_config(n))? };
+        Ok(out)
+    }
+
+    /// `cast_f32_to_bf16` / `cast_bf16_to_f32` over any layout (the forward of `to_dtype`).
+    pub(crate) fn cuda_cast(x: &Tensor, _s: &CudaStorage, to: DType) -> Result<Tensor> {
+        const OP: &str = "to_dtype";
+        let entry = match (x.dtype(), to) {
+            (DType::F32, DType::BF16) => "cast_f32_to_bf16",
+            (DType::BF16, DType::F32) => "cast_bf16_to_f32",
+            (from, to) => {
+                return Err(Error::cuda(
+                    OP,
+                    format!("no CUDA cast from {from} to {to} (only f32 ↔ bf16)"),
+                ))
+            }
+        };
+        let dev = cuda_inputs(OP, &[x])?.ok_or_else(|| Error::cuda(OP, "input not on a GPU"))?;
+        let out = cuda_empty(&dev, to, x.shape())?;
+        let n = x.numel();
+        if n == 0 {
+            return Ok(out);
+        }
+        let lx = crate::cuda::storage::strided_of(x.layout())?;
+        let (px, po, n64) = (ptr(x)?, ptr(&out)?, n as i64);
+        let f = dev.function("elementwise", entry)?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&n64).arg(&lx).arg(&px).arg(&po);
+        // SAFETY: cast_*(i64 n, Strided lx, const From* x, To* out); out holds n elements.
+        unsafe { launch(OP, entry, b, crate::cuda::storage::elementwise_config(n))? };
+        Ok(out)
+    }
 }

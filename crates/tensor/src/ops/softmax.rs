@@ -41,6 +41,10 @@ fn softmax_like(
         return Err(crate::Error::invalid(op, "needs at least one dimension"));
     }
     let d = resolve_dim(op, dim, x.shape())?;
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = super::cuda_inputs(op, &[x])? {
+        return softmax_cuda(&dev, x, d, op);
+    }
     let out = along_dim(x, d, forward)?;
     let y = out.clone();
     Ok(Tensor::record(out, op, &[x], move |g| {
@@ -67,6 +71,82 @@ fn softmax_like(
         };
         Ok(vec![Some(dx)])
     }))
+}
+
+/// kernels/softmax.cu over rows of the tensor with `d` moved last (a dense copy on the device
+/// when it is not last or not contiguous): `{op}_fwd_T` and, in the backward, `{op}_bwd_T`.
+#[cfg(feature = "cuda")]
+fn softmax_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    x: &Tensor,
+    d: usize,
+    op: &'static str,
+) -> Result<Tensor> {
+    let last = x.rank() - 1;
+    let to_rows = move |t: &Tensor| -> Result<Tensor> {
+        if d == last {
+            super::dense(t)
+        } else {
+            super::dense(&t.detach().transpose(d as isize, -1)?)
+        }
+    };
+    let from_rows = move |t: Tensor| -> Result<Tensor> {
+        if d == last {
+            Ok(t)
+        } else {
+            super::dense(&t.transpose(d as isize, -1)?)
+        }
+    };
+    let xm = to_rows(x)?;
+    let y = softmax_launch(dev, op, "fwd", &[&xm])?;
+    let out = from_rows(y.clone())?;
+    let dev = dev.clone();
+    Ok(Tensor::record(out, op, &[x], move |g| {
+        let gm = to_rows(g)?;
+        super::same_dtype(op, &y, &gm)?;
+        Ok(vec![Some(from_rows(softmax_launch(
+            &dev,
+            op,
+            "bwd",
+            &[&y, &gm],
+        )?)?)])
+    }))
+}
+
+/// One softmax.cu launch over contiguous [rows, cols] operands (x for fwd; y, dy for bwd):
+/// one block of 256 threads per row, gridDim min(rows, 65535), as the file's header says.
+#[cfg(feature = "cuda")]
+fn softmax_launch(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    op: &'static str,
+    dir: &str,
+    ins: &[&Tensor],
+) -> Result<Tensor> {
+    use cudarc::driver::PushKernelArg;
+    let x = ins[0];
+    let entry = format!("{op}_{dir}_{}", super::tname(op, x.dtype())?);
+    let out = super::cuda_empty(dev, x.dtype(), x.shape())?;
+    let cols = *x.shape().last().unwrap_or(&1);
+    if out.numel() == 0 || cols == 0 {
+        return Ok(out);
+    }
+    let rows = (x.numel() / cols) as i64;
+    let cols = cols as i64;
+    let ptrs: Vec<u64> = ins.iter().map(|t| super::ptr(t)).collect::<Result<_>>()?;
+    let po = super::ptr(&out)?;
+    let f = dev.function("softmax", &entry)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&rows).arg(&cols);
+    for p in &ptrs {
+        l.arg(p);
+    }
+    l.arg(&po);
+    let cfg = crate::cuda::storage::rows_config(rows as usize, 256);
+    // SAFETY: {op}_fwd_T(i64 rows, i64 cols, const T* x, T* y) and {op}_bwd_T(rows, cols,
+    // const T* y, const T* dy, T* dx): every operand a contiguous [rows, cols] buffer of T
+    // (made dense above), the output fresh.
+    unsafe { super::launch(op, &entry, l, cfg)? };
+    Ok(out)
 }
 
 impl Tensor {

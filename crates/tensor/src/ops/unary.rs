@@ -14,10 +14,50 @@ fn map_scalar(x: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor> {
     })
 }
 
+/// A unary op's forward: the CUDA kernel `unary_<name>_T` (kernels/elementwise.cu) for a GPU
+/// tensor, the CPU kernel otherwise.
+fn unary_fwd(
+    x: &Tensor,
+    name: &str,
+    params: (f32, f32),
+    cpu: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.cuda_storage().is_some() {
+        return super::cuda_unary(x, name, params.0, params.1);
+    }
+    let _ = (name, params);
+    cpu(x)
+}
+
+/// A derivative factor for a backward rule: the scalar map on the CPU, or the same function
+/// composed from ops with CUDA kernels for a GPU tensor (`gpu: None` when there is no such
+/// composition yet, which is then an `Error::Cuda` naming the op).
+fn deriv(
+    x: &Tensor,
+    op: &'static str,
+    cpu: impl Fn(f32) -> f32,
+    gpu: Option<fn(&Tensor) -> Result<Tensor>>,
+) -> Result<Tensor> {
+    if x.device() != crate::Device::Cpu {
+        return match gpu {
+            Some(f) => f(x),
+            None => Err(crate::Error::cuda(
+                op,
+                format!(
+                    "the backward of {op} has no CUDA path yet (tensor on {})",
+                    x.device()
+                ),
+            )),
+        };
+    }
+    map_scalar(x, cpu)
+}
+
 impl Tensor {
     /// e^x.
     pub fn exp(&self) -> Result<Tensor> {
-        let out = map_f32(self, vec::exp)?;
+        let out = unary_fwd(self, "exp", (0.0, 0.0), |x| map_f32(x, vec::exp))?;
         let y = out.clone();
         Ok(Tensor::record(out, "exp", &[self], move |g| {
             Ok(vec![Some(g.mul(&y)?)])
@@ -26,7 +66,7 @@ impl Tensor {
 
     /// Natural logarithm.
     pub fn log(&self) -> Result<Tensor> {
-        let out = map_f32(self, vec::log)?;
+        let out = unary_fwd(self, "log", (0.0, 0.0), |x| map_f32(x, vec::log))?;
         let x = self.detach();
         Ok(Tensor::record(out, "log", &[self], move |g| {
             Ok(vec![Some(g.div(&x)?)])
@@ -35,7 +75,7 @@ impl Tensor {
 
     /// Square root.
     pub fn sqrt(&self) -> Result<Tensor> {
-        let out = map_scalar(self, f32::sqrt)?;
+        let out = unary_fwd(self, "sqrt", (0.0, 0.0), |x| map_scalar(x, f32::sqrt))?;
         let y = out.clone();
         Ok(Tensor::record(out, "sqrt", &[self], move |g| {
             Ok(vec![Some(g.div(&y.mul_scalar(2.0)?)?)])
@@ -44,29 +84,38 @@ impl Tensor {
 
     /// Hyperbolic tangent.
     pub fn tanh(&self) -> Result<Tensor> {
-        let out = map_f32(self, vec::tanh)?;
+        let out = unary_fwd(self, "tanh", (0.0, 0.0), |x| map_f32(x, vec::tanh))?;
         let y = out.clone();
         Ok(Tensor::record(out, "tanh", &[self], move |g| {
-            let d = map_scalar(&y, |t| 1.0 - t * t)?;
+            let d = deriv(
+                &y,
+                "tanh",
+                |t| 1.0 - t * t,
+                Some(|y| y.mul(y)?.neg()?.add_scalar(1.0)),
+            )?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
     }
 
     /// max(x, 0). The derivative at exactly 0 is taken as 0.
     pub fn relu(&self) -> Result<Tensor> {
-        let out = map_scalar(self, |x| x.max(0.0))?;
+        let out = unary_fwd(self, "relu", (0.0, 0.0), |x| map_scalar(x, |x| x.max(0.0)))?;
         let x = self.detach();
         Ok(Tensor::record(out, "relu", &[self], move |g| {
-            let d = map_scalar(&x, |v| if v > 0.0 { 1.0 } else { 0.0 })?;
+            let d = deriv(&x, "relu", |v| if v > 0.0 { 1.0 } else { 0.0 }, None)?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
     }
 
     /// GELU with the tanh approximation GPT-2 uses.
     pub fn gelu(&self) -> Result<Tensor> {
-        let out = map_f32(self, vec::gelu)?;
+        let out = unary_fwd(self, "gelu", (0.0, 0.0), |x| map_f32(x, vec::gelu))?;
         let x = self.detach();
         Ok(Tensor::record(out, "gelu", &[self], move |g| {
+            #[cfg(feature = "cuda")]
+            if let Some(dev) = super::cuda_inputs("gelu backward", &[&x, g])? {
+                return Ok(vec![Some(gelu_backward_cuda(&dev, &x, g)?)]);
+            }
             let g = g.contiguous()?;
             Ok(vec![Some(zip_f32(&x, &g, vec::gelu_backward)?)])
         }))
@@ -74,59 +123,87 @@ impl Tensor {
 
     /// 1 / (1 + e^-x).
     pub fn sigmoid(&self) -> Result<Tensor> {
-        let out = map_f32(self, vec::sigmoid)?;
+        let out = unary_fwd(self, "sigmoid", (0.0, 0.0), |x| map_f32(x, vec::sigmoid))?;
         let y = out.clone();
         Ok(Tensor::record(out, "sigmoid", &[self], move |g| {
-            let d = map_scalar(&y, |s| s * (1.0 - s))?;
+            let d = deriv(
+                &y,
+                "sigmoid",
+                |s| s * (1.0 - s),
+                Some(|y| y.mul(&y.neg()?.add_scalar(1.0)?)),
+            )?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
     }
 
     /// log σ(x) = min(x, 0) - log(1 + e^-|x|): finite for any finite x (no log of 0).
     pub fn log_sigmoid(&self) -> Result<Tensor> {
-        let out = map_scalar(self, |x| x.min(0.0) - (-x.abs()).exp().ln_1p())?;
+        let out = unary_fwd(self, "log_sigmoid", (0.0, 0.0), |x| {
+            map_scalar(x, |x| x.min(0.0) - (-x.abs()).exp().ln_1p())
+        })?;
         let x = self.detach();
         Ok(Tensor::record(out, "log_sigmoid", &[self], move |g| {
             // d/dx log σ(x) = 1 - σ(x) = σ(-x)
-            let d = map_scalar(&x, |v| 1.0 / (1.0 + v.exp()))?;
+            let d = deriv(
+                &x,
+                "log_sigmoid",
+                |v| 1.0 / (1.0 + v.exp()),
+                Some(|x| x.neg()?.sigmoid()),
+            )?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
     }
 
     /// x^p elementwise.
     pub fn powf(&self, p: f32) -> Result<Tensor> {
-        let out = map_scalar(self, |x| x.powf(p))?;
+        let out = unary_fwd(self, "powf", (p, 0.0), |x| map_scalar(x, |x| x.powf(p)))?;
         let x = self.detach();
         Ok(Tensor::record(out, "powf", &[self], move |g| {
-            let d = map_scalar(&x, |v| p * v.powf(p - 1.0))?;
+            let d = if x.device() == crate::Device::Cpu {
+                map_scalar(&x, |v| p * v.powf(p - 1.0))?
+            } else {
+                x.powf(p - 1.0)?.mul_scalar(p)?
+            };
             Ok(vec![Some(g.mul(&d)?)])
         }))
     }
 
     /// Elementwise clamp into [lo, hi]; the gradient is zero where the value was clipped.
     pub fn clamp(&self, lo: f32, hi: f32) -> Result<Tensor> {
-        let out = map_scalar(self, |x| x.clamp(lo, hi))?;
+        let out = unary_fwd(self, "clamp", (lo, hi), |x| {
+            map_scalar(x, |x| x.clamp(lo, hi))
+        })?;
         let x = self.detach();
         Ok(Tensor::record(out, "clamp", &[self], move |g| {
-            let d = map_scalar(&x, |v| if v >= lo && v <= hi { 1.0 } else { 0.0 })?;
+            let d = deriv(
+                &x,
+                "clamp",
+                |v| if v >= lo && v <= hi { 1.0 } else { 0.0 },
+                None,
+            )?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
     }
 
     /// |x|; the derivative at 0 is taken as 0.
     pub fn abs(&self) -> Result<Tensor> {
-        let out = map_scalar(self, f32::abs)?;
+        let out = unary_fwd(self, "abs", (0.0, 0.0), |x| map_scalar(x, f32::abs))?;
         let x = self.detach();
         Ok(Tensor::record(out, "abs", &[self], move |g| {
-            let d = map_scalar(&x, |v| {
-                if v > 0.0 {
-                    1.0
-                } else if v < 0.0 {
-                    -1.0
-                } else {
-                    0.0
-                }
-            })?;
+            let d = deriv(
+                &x,
+                "abs",
+                |v| {
+                    if v > 0.0 {
+                        1.0
+                    } else if v < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    }
+                },
+                None,
+            )?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
     }
@@ -135,6 +212,33 @@ impl Tensor {
     pub fn square(&self) -> Result<Tensor> {
         self.mul(self)
     }
+}
+
+/// `gelu_backward_T(n, x, dy, dx)` of kernels/elementwise.cu (contiguous operands).
+#[cfg(feature = "cuda")]
+fn gelu_backward_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    x: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    use cudarc::driver::PushKernelArg;
+    const OP: &str = "gelu backward";
+    super::same_dtype(OP, x, g)?;
+    let entry = format!("gelu_backward_{}", super::tname(OP, x.dtype())?);
+    let (x, g) = (super::dense(x)?, super::dense(g)?);
+    let dx = super::cuda_empty(dev, x.dtype(), x.shape())?;
+    let n = x.numel();
+    if n == 0 {
+        return Ok(dx);
+    }
+    let (px, pg, pd, n64) = (super::ptr(&x)?, super::ptr(&g)?, super::ptr(&dx)?, n as i64);
+    let f = dev.function("elementwise", &entry)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&n64).arg(&px).arg(&pg).arg(&pd);
+    // SAFETY: gelu_backward_T(i64 n, const T* x, const T* dy, T* dx), all three contiguous
+    // with n elements (x and g made dense above, dx fresh).
+    unsafe { super::launch(OP, &entry, l, crate::cuda::storage::elementwise_config(n))? };
+    Ok(dx)
 }
 
 #[cfg(test)]

@@ -92,7 +92,7 @@ pub fn save(
 ) -> Result<()> {
     let contiguous = tensors
         .iter()
-        .map(|(_, t)| t.detach().contiguous())
+        .map(|(_, t)| t.detach().to_device(crate::Device::Cpu)?.contiguous())
         .collect::<Result<Vec<_>>>()?;
     let raw = tensors
         .iter()

@@ -1,0 +1,228 @@
+//! Tensor storage in GPU memory, the per-process device registry, and the small helpers every
+//! op's CUDA dispatch uses (device pointers with offsets, 1-D launch shapes, fresh outputs).
+//!
+//! One stream per device: every allocation, copy and launch of the engine goes onto the
+//! device's default stream, so stream order alone orders a kernel after the kernels that wrote
+//! its inputs, and buffers are freed (stream-ordered) after the last launch that reads them.
+
+use super::device::CudaDevice;
+use crate::layout::Layout;
+use crate::storage::Storage;
+use crate::{DType, Error, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use half::bf16;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The open devices of this process, by ordinal. Opening a device creates a context and loads
+/// modules lazily, so each ordinal is opened once and shared by every tensor on it.
+pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+    let map = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+    // A poisoned lock only means a thread panicked while opening a device; the map holds only
+    // fully opened devices, so it is still valid.
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(d) = map.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let d = Arc::new(CudaDevice::new(ordinal)?);
+    map.insert(ordinal, d.clone());
+    Ok(d)
+}
+
+/// A device buffer of one dtype. bf16 is held as raw u16 bits (the kernels' `bf16` type).
+pub enum CudaBuffer {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<u16>),
+    I64(CudaSlice<i64>),
+    I32(CudaSlice<i32>),
+    U32(CudaSlice<u32>),
+    U8(CudaSlice<u8>),
+}
+
+/// The elements of one or more tensors in GPU memory.
+pub struct CudaStorage {
+    device: Arc<CudaDevice>,
+    buf: CudaBuffer,
+}
+
+fn driver(op: &'static str, what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    let what = what.to_string();
+    move |e| Error::cuda(op, format!("{what}: {e:?}"))
+}
+
+fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
+    dev.stream()
+        .clone_htod(v)
+        .map_err(driver("to_device", "host-to-device copy"))
+}
+
+fn download<T: DeviceRepr>(dev: &CudaDevice, s: &CudaSlice<T>) -> Result<Vec<T>> {
+    dev.stream()
+        .clone_dtoh(s)
+        .map_err(driver("to_device", "device-to-host copy"))
+}
+
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // Never a zero-length allocation: some drivers return a null pointer for it, and kernels
+    // are not launched for empty outputs anyway.
+    dev.stream()
+        .alloc_zeros(n.max(1))
+        .map_err(driver("cuda alloc", &format!("{n} elements")))
+}
+
+impl CudaStorage {
+    /// A zero-filled buffer of `len` elements of `dtype` (f16 has no CUDA storage).
+    ///
+    /// Zero-filled rather than uninitialised so that a kernel bug that leaves elements
+    /// unwritten reads as zeros, never as stale data from another tensor; the GPU tests poison
+    /// outputs themselves where it matters.
+    pub fn zeros(device: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<CudaStorage> {
+        let buf = match dtype {
+            DType::F32 => CudaBuffer::F32(zeros(device, len)?),
+            DType::BF16 => CudaBuffer::BF16(zeros(device, len)?),
+            DType::I64 => CudaBuffer::I64(zeros(device, len)?),
+            DType::I32 => CudaBuffer::I32(zeros(device, len)?),
+            DType::U32 => CudaBuffer::U32(zeros(device, len)?),
+            DType::U8 => CudaBuffer::U8(zeros(device, len)?),
+            DType::F16 => return Err(no_f16()),
+        };
+        Ok(CudaStorage {
+            device: device.clone(),
+            buf,
+        })
+    }
+
+    /// Copies `len` row-major host elements of `dtype` (raw little-endian bytes) to the device.
+    pub fn from_host(device: &Arc<CudaDevice>, host: &Storage) -> Result<CudaStorage> {
+        let bad = || Error::cuda("to_device", "host storage not readable as its dtype");
+        let buf = match host.dtype() {
+            DType::F32 => CudaBuffer::F32(upload(device, host.as_slice::<f32>().ok_or_else(bad)?)?),
+            DType::BF16 => {
+                let v: &[bf16] = host.as_slice().ok_or_else(bad)?;
+                CudaBuffer::BF16(upload(device, bytemuck::cast_slice::<bf16, u16>(v))?)
+            }
+            DType::I64 => CudaBuffer::I64(upload(device, host.as_slice::<i64>().ok_or_else(bad)?)?),
+            DType::I32 => CudaBuffer::I32(upload(device, host.as_slice::<i32>().ok_or_else(bad)?)?),
+            DType::U32 => CudaBuffer::U32(upload(device, host.as_slice::<u32>().ok_or_else(bad)?)?),
+            DType::U8 => CudaBuffer::U8(upload(device, host.as_slice::<u8>().ok_or_else(bad)?)?),
+            DType::F16 => return Err(no_f16()),
+        };
+        Ok(CudaStorage {
+            device: device.clone(),
+            buf,
+        })
+    }
+
+    /// Copies every element back to a host storage (waits for the stream).
+    pub fn to_host(&self) -> Result<Storage> {
+        let d = &self.device;
+        Ok(match &self.buf {
+            CudaBuffer::F32(s) => Storage::F32(download(d, s)?),
+            CudaBuffer::BF16(s) => {
+                Storage::BF16(download(d, s)?.into_iter().map(bf16::from_bits).collect())
+            }
+            CudaBuffer::I64(s) => Storage::I64(download(d, s)?),
+            CudaBuffer::I32(s) => Storage::I32(download(d, s)?),
+            CudaBuffer::U32(s) => Storage::U32(download(d, s)?),
+            CudaBuffer::U8(s) => Storage::U8(download(d, s)?),
+        })
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+
+    pub fn buffer(&self) -> &CudaBuffer {
+        &self.buf
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.buf {
+            CudaBuffer::F32(_) => DType::F32,
+            CudaBuffer::BF16(_) => DType::BF16,
+            CudaBuffer::I64(_) => DType::I64,
+            CudaBuffer::I32(_) => DType::I32,
+            CudaBuffer::U32(_) => DType::U32,
+            CudaBuffer::U8(_) => DType::U8,
+        }
+    }
+
+    /// Number of elements (a zero-length storage holds one unused element, see `zeros`).
+    pub fn len(&self) -> usize {
+        match &self.buf {
+            CudaBuffer::F32(s) => s.len(),
+            CudaBuffer::BF16(s) => s.len(),
+            CudaBuffer::I64(s) => s.len(),
+            CudaBuffer::I32(s) => s.len(),
+            CudaBuffer::U32(s) => s.len(),
+            CudaBuffer::U8(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device address of element `offset`, for a kernel argument. The engine uses one
+    /// stream per device, so no cross-stream event is needed: stream order covers it.
+    pub fn ptr(&self, offset: usize) -> u64 {
+        let stream = self.device.stream();
+        let (base, _) = match &self.buf {
+            CudaBuffer::F32(s) => s.device_ptr(stream),
+            CudaBuffer::BF16(s) => s.device_ptr(stream),
+            CudaBuffer::I64(s) => s.device_ptr(stream),
+            CudaBuffer::I32(s) => s.device_ptr(stream),
+            CudaBuffer::U32(s) => s.device_ptr(stream),
+            CudaBuffer::U8(s) => s.device_ptr(stream),
+        };
+        base + (offset * self.dtype().size_in_bytes()) as u64
+    }
+}
+
+fn no_f16() -> Error {
+    Error::cuda(
+        "to_device",
+        "f16 has no CUDA storage in this engine (the kernels take f32 and bf16): convert with \
+         to_dtype(DType::BF16) or to_dtype(DType::F32) first",
+    )
+}
+
+/// Threads per block of the 1-D elementwise kernels (kernels/elementwise.cu header).
+pub const ELEMENTWISE_THREADS: u32 = 256;
+
+/// The elementwise launch of kernels/elementwise.cu: blockDim 256, gridDim min(ceil(n/256),
+/// 65535); the kernels loop grid-stride, so the cap is only a cap.
+pub fn elementwise_config(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(ELEMENTWISE_THREADS as usize).clamp(1, 65535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (ELEMENTWISE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row (softmax, layer norm forward, row reductions): blockDim `threads`,
+/// gridDim min(rows, 65535); the kernels loop over rows.
+pub fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, 65535) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Whether a layout is contiguous row-major starting at its offset (flat indexing is right).
+pub fn is_flat(l: &Layout) -> bool {
+    l.is_contiguous()
+}
+
+/// The kernel `Strided` for an operand read at `l`'s shape: flat when contiguous, else the
+/// shape and strides (at most 8 dims).
+pub fn strided_of(l: &Layout) -> Result<super::Strided> {
+    if is_flat(l) {
+        Ok(super::Strided::flat())
+    } else {
+        super::Strided::new(l.shape(), l.strides())
+    }
+}

@@ -1,0 +1,404 @@
+//! CUDA ops against their CPU paths, forward and backward. Every test is `#[ignore]`d: no CPU
+//! machine can run them. tools/gpu-check builds this binary and runs it on a GPU machine with
+//! `--ignored` (docs/cuda.md).
+//!
+//! Inputs are fresh random values (never zeros) from a seed drawn per run and printed, so a
+//! failure can be replayed with RLHF_GPU_SEED. Tolerances follow the device README's METHOD.md:
+//! relative error ‖out − ref‖ / ‖ref‖ under 1e-5 for f32 arithmetic (1e-4 where the GPU's and
+//! the CPU's transcendental functions differ), under 1e-2 for bf16 operands; NaN never passes.
+//! bf16 is checked against the CPU's f32 op on the same bf16-rounded inputs.
+#![cfg(feature = "cuda")]
+
+use rlhf_tensor::{DType, Device, Error, Parameter, Rng, Tensor};
+
+const GPU: Device = Device::Cuda(0);
+
+fn seed(test: &str) -> u64 {
+    let base = std::env::var("RLHF_GPU_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("{test}: RLHF_GPU_SEED={base}");
+    base
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.shape(), want.shape(), "shapes differ");
+    assert_eq!(got.device(), Device::Cpu, "compare on the host");
+    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (a, b) in g.iter().zip(&w) {
+        if !a.is_finite() && a != b {
+            return f64::NAN;
+        }
+        num += (a - b) * (a - b);
+        den += b * b;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    let got = got
+        .to_device(Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let want = want.to_dtype(DType::F32).unwrap();
+    let e = rel_err(&got, &want);
+    assert!(e < tol, "{what}: relative error {e:e} (tolerance {tol:e})");
+}
+
+fn tol(dtype: DType, f32_tol: f64) -> f64 {
+    if dtype == DType::BF16 {
+        1e-2
+    } else {
+        f32_tol
+    }
+}
+
+/// A random shape of `rank` dims, each in 1..=max.
+fn shape(rng: &mut Rng, rank: usize, max: u64) -> Vec<usize> {
+    (0..rank).map(|_| 1 + rng.below(max) as usize).collect()
+}
+
+/// Random values in [lo, hi) as `dtype` on the CPU (bf16-rounded for bf16).
+fn rand(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32, dtype: DType) -> Tensor {
+    let t = Tensor::rand_uniform(shape, lo, hi, rng.next_u64());
+    t.to_dtype(dtype).unwrap()
+}
+
+/// (CPU f32 reference input, GPU input of `dtype`) holding the same values.
+fn pair(cpu: &Tensor, dtype: DType) -> (Tensor, Tensor) {
+    let c = cpu.to_dtype(dtype).unwrap();
+    let g = c.to_device(GPU).unwrap();
+    (c.to_dtype(DType::F32).unwrap(), g)
+}
+
+/// The gradient of `f` at `x` for output gradient `g` (values on x's device).
+fn grad_of(x: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> rlhf_tensor::Result<Tensor>) -> Tensor {
+    let p = Parameter::new(x.clone());
+    let y = f(&p.tensor()).unwrap();
+    y.backward_with(g.clone()).unwrap();
+    p.grad().expect("a gradient")
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_round_trips_are_exact() {
+    let mut rng = Rng::new(seed("round_trips"));
+    for dtype in [DType::F32, DType::BF16, DType::I64, DType::I32, DType::U8] {
+        let s = shape(&mut rng, 3, 9);
+        let x = rand(&mut rng, &s, 1.0, 100.0, dtype);
+        let back = x.to_device(GPU).unwrap().to_device(Device::Cpu).unwrap();
+        assert_eq!(back.dtype(), dtype);
+        assert_eq!(back.to_f64_vec(), x.to_f64_vec(), "{dtype}");
+        // Views: a transposed and narrowed GPU tensor comes back as its own elements.
+        let g = x.to_device(GPU).unwrap().transpose(0, 2).unwrap();
+        let want = x.transpose(0, 2).unwrap();
+        assert_eq!(
+            g.to_device(Device::Cpu).unwrap().to_f64_vec(),
+            want.to_f64_vec(),
+            "{dtype} view"
+        );
+        assert_eq!(g.device(), GPU);
+    }
+    let f16 = Tensor::ones(&[2]).to_dtype(DType::F16).unwrap();
+    assert!(matches!(f16.to_device(GPU), Err(Error::Cuda { .. })));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_casts_match_the_cpu_bitwise() {
+    let mut rng = Rng::new(seed("casts"));
+    let s = shape(&mut rng, 2, 300);
+    let x = rand(&mut rng, &s, -50.0, 50.0, DType::F32);
+    let g = x.to_device(GPU).unwrap().t().unwrap();
+    let b = g.to_dtype(DType::BF16).unwrap();
+    let want = x.t().unwrap().to_dtype(DType::BF16).unwrap();
+    assert_eq!(
+        b.to_device(Device::Cpu).unwrap().to_f64_vec(),
+        want.to_f64_vec()
+    );
+    let back = b.to_dtype(DType::F32).unwrap();
+    assert_eq!(
+        back.to_device(Device::Cpu).unwrap().to_f64_vec(),
+        want.to_dtype(DType::F32).unwrap().to_f64_vec()
+    );
+}
+
+type Unary = fn(&Tensor) -> rlhf_tensor::Result<Tensor>;
+/// (name, op, input range, f32 tolerance, whether the backward has a CUDA path)
+type UnaryCase = (&'static str, Unary, (f32, f32), f64, bool);
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_unary_ops_forward_and_backward() {
+    let mut rng = Rng::new(seed("unary"));
+    // (name, op, input range, f32 tolerance, has a CUDA backward)
+    let ops: Vec<UnaryCase> = vec![
+        ("exp", |x| x.exp(), (-3.0, 3.0), 1e-4, true),
+        ("log", |x| x.log(), (0.1, 5.0), 1e-4, true),
+        ("sqrt", |x| x.sqrt(), (0.1, 5.0), 1e-5, true),
+        ("tanh", |x| x.tanh(), (-3.0, 3.0), 1e-4, true),
+        ("gelu", |x| x.gelu(), (-4.0, 4.0), 1e-4, true),
+        ("sigmoid", |x| x.sigmoid(), (-6.0, 6.0), 1e-4, true),
+        ("log_sigmoid", |x| x.log_sigmoid(), (-6.0, 6.0), 1e-4, true),
+        ("powf", |x| x.powf(1.7), (0.1, 3.0), 1e-4, true),
+        (
+            "add_scalar",
+            |x| x.add_scalar(0.75),
+            (-2.0, 2.0),
+            1e-5,
+            true,
+        ),
+        (
+            "mul_scalar",
+            |x| x.mul_scalar(-1.25),
+            (-2.0, 2.0),
+            1e-5,
+            true,
+        ),
+        ("neg", |x| x.neg(), (-2.0, 2.0), 1e-5, true),
+        ("relu", |x| x.relu(), (-2.0, 2.0), 1e-5, false),
+        ("abs", |x| x.abs(), (-2.0, 2.0), 1e-5, false),
+        ("clamp", |x| x.clamp(-0.5, 0.5), (-2.0, 2.0), 1e-5, false),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (name, f, (lo, hi), t32, has_bwd) in &ops {
+            let s = shape(&mut rng, 3, 40);
+            let x = rand(&mut rng, &s, *lo, *hi, DType::F32);
+            let (xc, xg) = pair(&x, dtype);
+            let tol = tol(dtype, *t32);
+            check(
+                &format!("{name} {dtype}"),
+                &f(&xg).unwrap(),
+                &f(&xc).unwrap(),
+                tol,
+            );
+            // A strided (transposed) input goes through the Strided path.
+            let xt = xg.transpose(0, 2).unwrap();
+            check(
+                &format!("{name} {dtype} strided"),
+                &f(&xt).unwrap(),
+                &f(&xc.transpose(0, 2).unwrap()).unwrap(),
+                tol,
+            );
+            let g = rand(&mut rng, &s, -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            if *has_bwd {
+                let want = grad_of(&xc, &gc, f);
+                check(
+                    &format!("{name} {dtype} backward"),
+                    &grad_of(&xg, &gg, f),
+                    &want,
+                    tol * 2.0,
+                );
+            } else {
+                let p = Parameter::new(xg.clone());
+                let e = f(&p.tensor()).unwrap().backward_with(gg).unwrap_err();
+                assert!(matches!(e, Error::Cuda { .. }), "{name}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_binary_ops_with_broadcasting() {
+    let mut rng = Rng::new(seed("binary"));
+    type Bin = fn(&Tensor, &Tensor) -> rlhf_tensor::Result<Tensor>;
+    let ops: Vec<(&str, Bin)> = vec![
+        ("add", |a, b| a.add(b)),
+        ("sub", |a, b| a.sub(b)),
+        ("mul", |a, b| a.mul(b)),
+        ("div", |a, b| a.div(b)),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (name, f) in &ops {
+            let s = shape(&mut rng, 3, 30);
+            // b broadcasts: [D], [1, N, 1] or the full shape.
+            let sb: Vec<usize> = match rng.below(3) {
+                0 => vec![s[2]],
+                1 => vec![1, s[1], 1],
+                _ => s.clone(),
+            };
+            let a = rand(&mut rng, &s, -2.0, 2.0, DType::F32);
+            let b = rand(&mut rng, &sb, 0.5, 2.0, DType::F32);
+            let ((ac, ag), (bc, bg)) = (pair(&a, dtype), pair(&b, dtype));
+            let t = tol(dtype, 1e-5);
+            check(
+                &format!("{name} {dtype} {s:?}·{sb:?}"),
+                &f(&ag, &bg).unwrap(),
+                &f(&ac, &bc).unwrap(),
+                t,
+            );
+            // Same shapes: the backward needs no reduction.
+            let b2 = rand(&mut rng, &s, 0.5, 2.0, DType::F32);
+            let g = rand(&mut rng, &s, -1.0, 1.0, DType::F32);
+            let ((b2c, b2g), (gc, gg)) = (pair(&b2, dtype), pair(&g, dtype));
+            let want = grad_of(&ac, &gc, &|x| f(x, &b2c));
+            let got = grad_of(&ag, &gg, &|x| f(x, &b2g));
+            check(
+                &format!("{name} {dtype} backward (lhs)"),
+                &got,
+                &want,
+                t * 2.0,
+            );
+            let want = grad_of(&b2c, &gc, &|y| f(&ac, y));
+            let got = grad_of(&b2g, &gg, &|y| f(&ag, y));
+            check(
+                &format!("{name} {dtype} backward (rhs)"),
+                &got,
+                &want,
+                t * 4.0,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_matmul_f32_and_bf16_forward_and_backward() {
+    let mut rng = Rng::new(seed("matmul"));
+    for trial in 0..12 {
+        let dtype = if trial % 2 == 0 {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        // Aligned shapes (multiples of 8: the bf16 tensor-core path) and ragged ones (SIMT).
+        let dim = |rng: &mut Rng| {
+            if trial % 4 < 2 {
+                8 * (1 + rng.below(40) as usize)
+            } else {
+                1 + rng.below(300) as usize
+            }
+        };
+        let (m, k, n) = (dim(&mut rng), dim(&mut rng), dim(&mut rng));
+        let batch = 1 + rng.below(3) as usize;
+        let a = rand(&mut rng, &[batch, m, k], -1.0, 1.0, DType::F32);
+        let w = rand(&mut rng, &[n, k], -1.0, 1.0, DType::F32);
+        let ((ac, ag), (wc, wg)) = (pair(&a, dtype), pair(&w, dtype));
+        let t = tol(dtype, 1e-5);
+        // x·Wᵀ (a linear layer: 'n','t'), and a batched product with a transposed lhs.
+        let lin = |x: &Tensor, w: &Tensor| x.matmul(&w.t()?);
+        check(
+            &format!("linear {dtype} {m}x{k}x{n}"),
+            &lin(&ag, &wg).unwrap(),
+            &lin(&ac, &wc).unwrap(),
+            t,
+        );
+        let b = rand(&mut rng, &[batch, m, n], -1.0, 1.0, DType::F32);
+        let (bc, bg) = pair(&b, dtype);
+        let bmm = |x: &Tensor, y: &Tensor| x.transpose(1, 2)?.matmul(y);
+        check(
+            &format!("batched tn {dtype}"),
+            &bmm(&ag, &bg).unwrap(),
+            &bmm(&ac, &bc).unwrap(),
+            t,
+        );
+        let g = rand(&mut rng, &[batch, m, n], -1.0, 1.0, DType::F32);
+        let (gc, gg) = pair(&g, dtype);
+        check(
+            &format!("linear {dtype} dX"),
+            &grad_of(&ag, &gg, &|x| lin(x, &wg)),
+            &grad_of(&ac, &gc, &|x| lin(x, &wc)),
+            t * 2.0,
+        );
+        // dW sums over the batch dims: one GEMM with all rows folded in (no reduction op).
+        check(
+            &format!("linear {dtype} dW"),
+            &grad_of(&wg, &gg, &|w| lin(&ag, w)),
+            &grad_of(&wc, &gc, &|w| lin(&ac, w)),
+            t * 2.0,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_matmul_is_deterministic() {
+    let mut rng = Rng::new(seed("matmul_det"));
+    for dtype in [DType::F32, DType::BF16] {
+        let a = rand(&mut rng, &[4, 264, 520], -1.0, 1.0, dtype)
+            .to_device(GPU)
+            .unwrap();
+        let b = rand(&mut rng, &[520, 136], -1.0, 1.0, dtype)
+            .to_device(GPU)
+            .unwrap();
+        let x = a.matmul(&b).unwrap().to_f64_vec();
+        let y = a.matmul(&b).unwrap().to_f64_vec();
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{dtype}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_softmax_and_log_softmax_forward_and_backward() {
+    let mut rng = Rng::new(seed("softmax"));
+    let ops: Vec<(&str, Unary)> = vec![
+        ("softmax last", |x| x.softmax(-1)),
+        ("log_softmax last", |x| x.log_softmax(-1)),
+        ("softmax dim 1", |x| x.softmax(1)),
+        ("log_softmax dim 0", |x| x.log_softmax(0)),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (name, f) in &ops {
+            let mut s = shape(&mut rng, 3, 20);
+            s[2] = 1 + rng.below(3000) as usize; // vocab-like rows too
+            let x = rand(&mut rng, &s, -8.0, 8.0, DType::F32);
+            let g = rand(&mut rng, &s, -1.0, 1.0, DType::F32);
+            let ((xc, xg), (gc, gg)) = (pair(&x, dtype), pair(&g, dtype));
+            let t = tol(dtype, 1e-4);
+            check(
+                &format!("{name} {dtype} {s:?}"),
+                &f(&xg).unwrap(),
+                &f(&xc).unwrap(),
+                t,
+            );
+            check(
+                &format!("{name} {dtype} backward"),
+                &grad_of(&xg, &gg, f),
+                &grad_of(&xc, &gc, f),
+                t * 2.0,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_errors_for_mixed_devices_and_missing_kernels() {
+    let x = Tensor::randn(&[4, 8], 0.0, 1.0, 5);
+    let g = x.to_device(GPU).unwrap();
+    for e in [
+        g.add(&x).unwrap_err(),
+        x.matmul(&g.t().unwrap()).unwrap_err(),
+        g.layer_norm(&Tensor::ones(&[8]), &Tensor::zeros(&[8]), 1e-5)
+            .unwrap_err(),
+        g.sum(0, false).unwrap_err(),
+        Tensor::embedding(
+            &Tensor::from_vec(vec![0i64, 1], &[2])
+                .unwrap()
+                .to_device(GPU)
+                .unwrap(),
+            &x,
+        )
+        .unwrap_err(),
+        g.to_dtype(DType::I64).unwrap_err(),
+    ] {
+        assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    }
+}

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Reference GPU timings from PyTorch, run by gpu-bundle/run.sh (tools/gpu-check) on the same
+card in the same call as the engine's own benchmarks (crates/tensor/tests/gpu_bench.rs).
+
+- bf16 GEMM C = A·B at n = 4096 and 8192 through torch.matmul (cuBLAS): the reference for the
+  engine's gemm_bf16 kernel (issue 4 asks for at least 70% of it).
+- causal scaled_dot_product_attention, forward and forward+backward, bf16, T = 1024, D = 64:
+  the reference for the flash-attention kernels (not yet dispatched by the engine).
+
+Each figure is the median over repeats timed with CUDA events after warm-up, with several
+random input sets rotated so the L2 cache does not serve repeats (METHOD.md). Prints one
+`BENCH {json}` line per figure.
+"""
+import json
+
+import torch
+
+
+def median_ms(fn, sets, warm=3, reps=20):
+    for i in range(warm):
+        fn(*sets[i % len(sets)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*sets[i % len(sets)])
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def emit(**kw):
+    kw["card"] = torch.cuda.get_device_name(0)
+    kw["engine"] = "torch " + torch.__version__
+    print("BENCH " + json.dumps(kw), flush=True)
+
+
+def main():
+    torch.manual_seed(0)
+    dev = "cuda"
+    for n in (4096, 8192):
+        sets = [
+            (torch.randn(n, n, device=dev, dtype=torch.bfloat16),
+             torch.randn(n, n, device=dev, dtype=torch.bfloat16))
+            for _ in range(3)
+        ]
+        ms = median_ms(torch.matmul, sets, reps=20 if n == 4096 else 7)
+        emit(bench="gemm_bf16_nn", n=n, ms=round(ms, 4), tflops=round(2 * n**3 / (ms * 1e-3) / 1e12, 2))
+        del sets
+    b, h, t, d = 8, 12, 1024, 64
+    sets = [
+        tuple(torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        for _ in range(3)
+    ]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    fwd = lambda q, k, v: sdpa(q, k, v, is_causal=True)
+    ms = median_ms(lambda q, k, v: fwd(q, k, v).detach(), sets)
+    flops = 4 * b * h * t * t * d / 2  # causal: half of QK^T and PV
+    emit(bench="sdpa_causal_fwd", b=b, h=h, t=t, d=d, ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 2))
+    grad = torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16)
+    ms = median_ms(lambda q, k, v: fwd(q, k, v).backward(grad), sets)
+    emit(bench="sdpa_causal_fwd_bwd", b=b, h=h, t=t, d=d, ms=round(ms, 4),
+         tflops=round(3.5 * flops / (ms * 1e-3) / 1e12, 2))
+
+
+if __name__ == "__main__":
+    main()
