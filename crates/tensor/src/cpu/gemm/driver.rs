@@ -399,10 +399,15 @@ fn pack_b_panels<K: Microkernel>(b: &MatRef, p0: usize, kc: usize, j0: usize, ds
             let row = &b.data[(p0 + p) * b.row_stride + j0..][..cols];
             for (q, d) in dst.chunks_exact_mut(panel).enumerate() {
                 let d = &mut d[p * nr_full..][..nr_full];
-                let src = &row[(q * nr_full).min(cols)..];
-                let w = src.len().min(nr_full);
-                d[..w].copy_from_slice(&src[..w]);
-                d[w..].fill(0.0);
+                let start = q * nr_full;
+                if start + nr_full <= cols {
+                    // A fixed-size copy the compiler inlines: no memcpy call per 128 bytes.
+                    d.copy_from_slice(&row[start..start + nr_full]);
+                } else {
+                    let w = cols.saturating_sub(start);
+                    d[..w].copy_from_slice(&row[start.min(cols)..][..w]);
+                    d[w..].fill(0.0);
+                }
             }
         }
     } else {

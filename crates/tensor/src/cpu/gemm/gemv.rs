@@ -63,9 +63,18 @@ pub(super) fn try_gemv(
         return false;
     };
     let mut out = vec![0.0f32; len];
-    let chunk = match layout {
+    let threads = rayon::current_num_threads();
+    let parallel = threads > 1 && k.saturating_mul(len) >= PARALLEL_MIN_ELEMS;
+    let max_chunk = match layout {
         Layout::SumRows => SUM_ROWS_CHUNK,
         Layout::Dots => DOTS_CHUNK,
+    };
+    // Several chunks per thread when parallel, so the threads end together; the chunking does
+    // not change any element's arithmetic.
+    let chunk = if parallel {
+        max_chunk.min(len.div_ceil(4 * threads).next_multiple_of(16))
+    } else {
+        max_chunk
     };
     let work = |(q, dst): (usize, &mut [f32])| {
         let start = q * chunk;
@@ -74,7 +83,7 @@ pub(super) fn try_gemv(
             Layout::Dots => dots(isa, &x, mat, stride, start, dst),
         }
     };
-    if rayon::current_num_threads() > 1 && k.saturating_mul(len) >= PARALLEL_MIN_ELEMS {
+    if parallel {
         out.par_chunks_mut(chunk).enumerate().for_each(work);
     } else {
         out.chunks_mut(chunk).enumerate().for_each(work);
