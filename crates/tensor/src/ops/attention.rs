@@ -140,32 +140,41 @@ impl Tensor {
     }
 }
 
-/// Moves rows of `dh` between the fused [B, T, 3, H, Dh] projection layout and per-part
-/// [B, H, T, Dh] head layouts. `to_heads` copies `fused → parts[s]`; otherwise `parts[s] → fused`.
-fn shuffle_heads(
-    fused: &mut [f32],
-    parts: [&mut [f32]; 3],
-    dims: (usize, usize, usize, usize),
-    to_heads: bool,
-) {
+/// (part s of Q/K/V, offset in the fused [B, T, 3, H, Dh] projection, offset in that part's
+/// [B, H, T, Dh] head layout) for every row of `dh` values.
+fn qkv_rows(dims: (usize, usize, usize, usize)) -> impl Iterator<Item = (usize, usize, usize)> {
     let (b, t, h, dh) = dims;
-    let [p0, p1, p2] = parts;
-    let mut parts = [p0, p1, p2];
-    for bi in 0..b {
-        for ti in 0..t {
-            for (s, part) in parts.iter_mut().enumerate() {
-                for hi in 0..h {
-                    let f = (((bi * t + ti) * 3 + s) * h + hi) * dh;
-                    let p = ((bi * h + hi) * t + ti) * dh;
-                    if to_heads {
-                        part[p..p + dh].copy_from_slice(&fused[f..f + dh]);
-                    } else {
-                        fused[f..f + dh].copy_from_slice(&part[p..p + dh]);
-                    }
-                }
-            }
-        }
+    (0..b).flat_map(move |bi| {
+        (0..t).flat_map(move |ti| {
+            (0..3).flat_map(move |s| {
+                (0..h).map(move |hi| {
+                    let fused = (((bi * t + ti) * 3 + s) * h + hi) * dh;
+                    (s, fused, ((bi * h + hi) * t + ti) * dh)
+                })
+            })
+        })
+    })
+}
+
+/// The fused projection [B, T, 3·H·Dh] split into Q, K and V, each [B, H, T, Dh].
+fn split_qkv(fused: &[f32], dims: (usize, usize, usize, usize)) -> [Vec<f32>; 3] {
+    let n = fused.len() / 3;
+    let mut parts = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
+    let dh = dims.3;
+    for (s, f, p) in qkv_rows(dims) {
+        parts[s][p..p + dh].copy_from_slice(&fused[f..f + dh]);
     }
+    parts
+}
+
+/// The inverse of [`split_qkv`].
+fn merge_qkv(parts: &[Vec<f32>; 3], dims: (usize, usize, usize, usize)) -> Vec<f32> {
+    let mut fused = vec![0.0f32; 3 * parts[0].len()];
+    let dh = dims.3;
+    for (s, f, p) in qkv_rows(dims) {
+        fused[f..f + dh].copy_from_slice(&parts[s][p..p + dh]);
+    }
+    fused
 }
 
 /// Index pairs (offset in [B, H, T, Dh], offset in [B, T, H·Dh]) of every head row.
@@ -234,10 +243,7 @@ impl Tensor {
             d: dh,
         };
         let scale = 1.0 / (dh as f32).sqrt();
-        let mut fused = qkv.f32_data()?.into_owned();
-        let (mut q, mut k, mut v) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
-        shuffle_heads(&mut fused, [&mut q, &mut k, &mut v], dims, true);
-        drop(fused);
+        let [q, k, v] = split_qkv(&qkv.f32_data()?, dims);
         let mut out = vec![0.0f32; n];
         let mut lse = vec![0.0f32; b * n_head * t];
         if n > 0 {
@@ -250,14 +256,14 @@ impl Tensor {
             &[qkv],
             move |g| {
                 let dout = split_heads(&g.f32_data()?, dims);
-                let (mut dq, mut dk, mut dv) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+                let mut d = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
                 if n > 0 {
+                    let [dq, dk, dv] = &mut d;
                     causal_attention_backward(
-                        shape, scale, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv,
+                        shape, scale, &q, &k, &v, &out, &lse, &dout, dq, dk, dv,
                     )?;
                 }
-                let mut dqkv = vec![0.0f32; 3 * n];
-                shuffle_heads(&mut dqkv, [&mut dq, &mut dk, &mut dv], dims, false);
+                let dqkv = merge_qkv(&d, dims);
                 Ok(vec![Some(Tensor::f32_owned(dqkv, &[b, t, d3]))])
             },
         ))
