@@ -9,37 +9,15 @@
 //! input is valid (by a rule written out independently here).
 
 use proptest::prelude::*;
-use proptest::test_runner::TestRunner;
 use rlhf_tensor::autograd::is_no_grad;
 use rlhf_tensor::{no_grad, DType, NoGradGuard, Parameter, Rng, Tensor};
 
-/// `cases` per property, unless `PROPTEST_CASES` asks for another count (a long soak, say).
-fn config(cases: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(cases);
-    ProptestConfig {
-        cases,
-        // Failing inputs are saved beside this file and replayed first on later runs.
-        source_file: Some(file!()),
-        max_shrink_iters: 256,
-        ..ProptestConfig::default()
-    }
-}
+mod common;
+use common::run;
 
-/// Runs `test` on values drawn from `strategy` under `config`, shrinking a failure to a
-/// minimal input, as the `proptest!` macro does (but in plain Rust that rustfmt lays out).
-fn run<S: Strategy>(
-    config: ProptestConfig,
-    strategy: &S,
-    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
-) where
-    S::Value: std::fmt::Debug,
-{
-    if let Err(e) = TestRunner::new(config).run(strategy, test) {
-        panic!("{e}");
-    }
+/// `cases` per property (see [`common::config_for`]), regressions saved beside this file.
+fn config(cases: u32) -> ProptestConfig {
+    common::config_for(file!(), cases)
 }
 
 /// f32 unit roundoff.
