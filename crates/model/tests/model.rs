@@ -210,6 +210,46 @@ fn whole_model_gradient_check() {
     assert!(err < 2e-3, "worst relative gradient error {err}");
 }
 
+/// The engine reuses freed activation buffers (rlhf_tensor::cpu::pool) without clearing them
+/// where an op overwrites every element. Poisoning the pool with NaN before every step must
+/// change nothing: a kernel that read a stale element would turn the run into NaN.
+#[test]
+fn stale_pooled_buffers_never_reach_results() {
+    // Big enough that activations, logits and gradients pass the pool's size threshold.
+    let mut cfg = tiny();
+    cfg.n_embd = 64;
+    let (b, t) = (8, 64);
+    assert!(b * t * 3 * cfg.n_embd >= rlhf_tensor::cpu::pool::MIN_ELEMS);
+    let run = |poison: bool| -> (Vec<f32>, Vec<Vec<f64>>) {
+        let m = Gpt::new(cfg.clone(), 31).unwrap();
+        let batch = LmBatch::new(random_ids(b, t, 258, 32), None);
+        let mut trainer = Trainer::new(m.named_parameters(), TrainConfig::new(1e-3, 0, 10, 0));
+        let mut losses = Vec::new();
+        for _ in 0..3 {
+            if poison {
+                rlhf_tensor::cpu::pool::poison(f32::NAN);
+            }
+            let s = trainer
+                .train_step(&m, std::slice::from_ref(&batch))
+                .unwrap();
+            losses.push(s.loss);
+        }
+        let params = m
+            .parameters()
+            .iter()
+            .map(|p| p.tensor().to_f64_vec())
+            .collect();
+        (losses, params)
+    };
+    let (clean, poisoned) = (run(false), run(true));
+    assert!(clean.0.iter().all(|l| l.is_finite()), "{:?}", clean.0);
+    assert_eq!(clean.0, poisoned.0, "losses");
+    assert!(
+        clean.1 == poisoned.1,
+        "parameters differ after poisoning the pool"
+    );
+}
+
 #[test]
 fn overfits_one_batch() {
     let m = Gpt::new(tiny(), 21).unwrap();

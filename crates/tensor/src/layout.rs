@@ -322,6 +322,20 @@ impl Layout {
         out
     }
 
+    /// As [`Layout::gather`] for f32, into a buffer from the CPU pool (`crate::cpu::pool`).
+    pub fn gather_f32(&self, src: &[f32]) -> Vec<f32> {
+        let mut out = crate::cpu::pool::for_overwrite(self.numel());
+        let mut k = 0;
+        // The runs cover the layout's elements exactly once, in order: every element of `out`
+        // is written.
+        self.for_each_run(|start, len| {
+            out[k..k + len].copy_from_slice(&src[start..start + len]);
+            k += len;
+        });
+        debug_assert_eq!(k, out.len());
+        out
+    }
+
     /// Writes `values` (row-major logical order) into `dst` at this layout's positions.
     pub fn scatter<T: Copy>(&self, values: &[T], dst: &mut [T]) {
         let mut k = 0;

@@ -94,7 +94,10 @@ impl AdamW {
                 continue;
             };
             let g = grad.f32_data()?;
-            let mut p = slot.param.tensor().f32_data()?.into_owned();
+            let p_now = slot.param.tensor();
+            let src = p_now.f32_data()?;
+            let mut p = crate::cpu::pool::for_overwrite(src.len());
+            p.copy_from_slice(&src);
             let wd = if slot.decay { c.weight_decay } else { 0.0 };
             vec::adamw(
                 &mut p,

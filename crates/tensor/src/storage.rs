@@ -75,6 +75,18 @@ element!(i32, I32, |x| x as f64, |v| v as i32);
 element!(u32, U32, |x| x as f64, |v| v as u32);
 element!(u8, U8, |x| x as f64, |v| v as u8);
 
+impl Drop for Storage {
+    /// Large f32 buffers go back to the CPU buffer pool for the next op of their size
+    /// (`crate::cpu::pool`), instead of back to the system.
+    fn drop(&mut self) {
+        if let Storage::F32(v) = self {
+            if v.capacity() >= crate::cpu::pool::MIN_ELEMS {
+                crate::cpu::pool::recycle(std::mem::take(v));
+            }
+        }
+    }
+}
+
 impl Storage {
     /// A zero-copy view of `source.bytes()[begin..end]` as elements of `dtype`; `None` when the
     /// range is out of bounds, not a whole number of elements, or misaligned for the dtype.

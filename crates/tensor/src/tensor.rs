@@ -344,7 +344,7 @@ impl Tensor {
         if l.is_contiguous() {
             Ok(Cow::Borrowed(&s[l.offset()..l.offset() + l.numel()]))
         } else {
-            Ok(Cow::Owned(l.gather(s)))
+            Ok(Cow::Owned(l.gather_f32(s)))
         }
     }
 
@@ -359,6 +359,14 @@ impl Tensor {
             .storage
             .as_slice::<T>()
             .ok_or_else(|| Error::invalid("to_vec", "storage is not readable as its dtype"))?;
+        if let Some(f) = self.0.storage.as_slice::<f32>() {
+            // f32 copies come from the buffer pool (no fresh pages to fault in). T is f32 here
+            // (the dtype was checked), so the downcast succeeds.
+            let v: Box<dyn std::any::Any> = Box::new(self.0.layout.gather_f32(f));
+            if let Ok(v) = v.downcast::<Vec<T>>() {
+                return Ok(*v);
+            }
+        }
         Ok(self.0.layout.gather(s))
     }
 
@@ -641,7 +649,7 @@ impl Tensor {
     /// The inverse of `narrow` for gradients: zeros of `shape` with `self` written at
     /// `start..` along `dim`.
     fn pad_into(&self, shape: &[usize], dim: usize, start: usize) -> Result<Tensor> {
-        let mut buf = vec![0.0f32; shape.iter().product()];
+        let mut buf = crate::cpu::pool::zeroed(shape.iter().product());
         let src = self.f32_data()?;
         let region = Layout::contiguous(shape).narrow(dim as isize, start, self.shape()[dim])?;
         region.scatter(&src, &mut buf);

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod gemm;
 pub mod peak;
+pub mod pool;
 pub mod vec;
 
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -9,6 +9,7 @@
 //! position Tk - Tq + i and sees keys 0..=that position.
 
 use crate::cpu::attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
+use crate::cpu::pool::Pooled;
 use crate::{Error, Result, Tensor};
 
 /// Checks q [.., Tq, D] against k, v [.., Tk, D] and returns (leading dims, shape).
@@ -76,8 +77,8 @@ impl Tensor {
             k.contiguous()?.detach(),
             v.contiguous()?.detach(),
         );
-        let mut out = vec![0.0f32; q.numel()];
-        let mut lse = vec![0.0f32; shape.bh * shape.tq];
+        let mut out = crate::cpu::pool::zeroed(q.numel());
+        let mut lse = crate::cpu::pool::zeroed(shape.bh * shape.tq);
         causal_attention_forward(
             shape,
             scale,
@@ -96,9 +97,9 @@ impl Tensor {
             move |g| {
                 let g = g.contiguous()?;
                 let (mut dq, mut dk, mut dv) = (
-                    vec![0.0f32; qc.numel()],
-                    vec![0.0f32; kc.numel()],
-                    vec![0.0f32; vc.numel()],
+                    crate::cpu::pool::zeroed(qc.numel()),
+                    crate::cpu::pool::zeroed(kc.numel()),
+                    crate::cpu::pool::zeroed(vc.numel()),
                 );
                 causal_attention_backward(
                     shape,
@@ -159,7 +160,8 @@ fn qkv_rows(dims: (usize, usize, usize, usize)) -> impl Iterator<Item = (usize, 
 /// The fused projection [B, T, 3·H·Dh] split into Q, K and V, each [B, H, T, Dh].
 fn split_qkv(fused: &[f32], dims: (usize, usize, usize, usize)) -> [Vec<f32>; 3] {
     let n = fused.len() / 3;
-    let mut parts = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
+    // Every row of every part is copied in below: pooled buffers need no clearing.
+    let mut parts = [0, 1, 2].map(|_| crate::cpu::pool::for_overwrite(n));
     let dh = dims.3;
     for (s, f, p) in qkv_rows(dims) {
         parts[s][p..p + dh].copy_from_slice(&fused[f..f + dh]);
@@ -169,7 +171,7 @@ fn split_qkv(fused: &[f32], dims: (usize, usize, usize, usize)) -> [Vec<f32>; 3]
 
 /// The inverse of [`split_qkv`].
 fn merge_qkv(parts: &[Vec<f32>; 3], dims: (usize, usize, usize, usize)) -> Vec<f32> {
-    let mut fused = vec![0.0f32; 3 * parts[0].len()];
+    let mut fused = crate::cpu::pool::for_overwrite(3 * parts[0].len());
     let dh = dims.3;
     for (s, f, p) in qkv_rows(dims) {
         fused[f..f + dh].copy_from_slice(&parts[s][p..p + dh]);
@@ -190,7 +192,7 @@ fn head_rows(dims: (usize, usize, usize, usize)) -> impl Iterator<Item = (usize,
 /// [B, H, T, Dh] → [B, T, H·Dh].
 fn merge_heads(heads: &[f32], dims: (usize, usize, usize, usize)) -> Vec<f32> {
     let dh = dims.3;
-    let mut merged = vec![0.0f32; heads.len()];
+    let mut merged = crate::cpu::pool::for_overwrite(heads.len());
     for (p, m) in head_rows(dims) {
         merged[m..m + dh].copy_from_slice(&heads[p..p + dh]);
     }
@@ -200,7 +202,7 @@ fn merge_heads(heads: &[f32], dims: (usize, usize, usize, usize)) -> Vec<f32> {
 /// [B, T, H·Dh] → [B, H, T, Dh].
 fn split_heads(merged: &[f32], dims: (usize, usize, usize, usize)) -> Vec<f32> {
     let dh = dims.3;
-    let mut heads = vec![0.0f32; merged.len()];
+    let mut heads = crate::cpu::pool::for_overwrite(merged.len());
     for (p, m) in head_rows(dims) {
         heads[p..p + dh].copy_from_slice(&merged[m..m + dh]);
     }
@@ -243,9 +245,11 @@ impl Tensor {
             d: dh,
         };
         let scale = 1.0 / (dh as f32).sqrt();
-        let [q, k, v] = split_qkv(&qkv.f32_data()?, dims);
-        let mut out = vec![0.0f32; n];
-        let mut lse = vec![0.0f32; b * n_head * t];
+        // Pooled: the backward closure keeps these until the graph is freed, then the next
+        // step's forward reuses them.
+        let [q, k, v] = split_qkv(&qkv.f32_data()?, dims).map(Pooled);
+        let mut out = Pooled(crate::cpu::pool::zeroed(n));
+        let mut lse = Pooled(crate::cpu::pool::zeroed(b * n_head * t));
         if n > 0 {
             causal_attention_forward(shape, scale, &q, &k, &v, &mut out, &mut lse)?;
         }
@@ -255,8 +259,8 @@ impl Tensor {
             "causal_self_attention",
             &[qkv],
             move |g| {
-                let dout = split_heads(&g.f32_data()?, dims);
-                let mut d = [vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]];
+                let dout = Pooled(split_heads(&g.f32_data()?, dims));
+                let mut d = [0, 1, 2].map(|_| crate::cpu::pool::zeroed(n));
                 if n > 0 {
                     let [dq, dk, dv] = &mut d;
                     causal_attention_backward(
@@ -264,6 +268,7 @@ impl Tensor {
                     )?;
                 }
                 let dqkv = merge_qkv(&d, dims);
+                d.into_iter().for_each(crate::cpu::pool::recycle);
                 Ok(vec![Some(Tensor::f32_owned(dqkv, &[b, t, d3]))])
             },
         ))

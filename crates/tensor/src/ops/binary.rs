@@ -56,7 +56,8 @@ fn binary_forward(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let last = *shape.last().unwrap_or(&1);
     if a.shape() == shape.as_slice() && b.shape().len() <= 1 && b.numel() == last && last > 0 {
         let (sa, sb) = (a.f32_data()?, b.f32_data()?);
-        let mut out = vec![0.0f32; sa.len()];
+        // Every row is written by the kernel: a pooled buffer needs no clearing.
+        let mut out = crate::cpu::pool::for_overwrite(sa.len());
         for (ra, ro) in sa.chunks(last).zip(out.chunks_mut(last)) {
             kernel(ra, &sb, ro);
         }
@@ -233,7 +234,10 @@ impl Tensor {
         let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
         Ok(Tensor::record(out, "where", &[a, b], move |g| {
             let gv = g.f32_data()?;
-            let (mut ga, mut gb) = (vec![0.0f32; gv.len()], vec![0.0f32; gv.len()]);
+            let (mut ga, mut gb) = (
+                crate::cpu::pool::zeroed(gv.len()),
+                crate::cpu::pool::zeroed(gv.len()),
+            );
             for (i, &m) in mask.iter().enumerate() {
                 if m {
                     ga[i] = gv[i];

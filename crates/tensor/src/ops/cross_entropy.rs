@@ -57,7 +57,7 @@ impl Tensor {
         }
         let total: f32 = w.iter().sum();
         let logits = self.f32_data()?;
-        let mut logp = vec![0.0f32; logits.len()];
+        let mut logp = crate::cpu::pool::zeroed(logits.len());
         if v > 0 {
             vec::log_softmax_rows(&logits, v, &mut logp);
         }
@@ -72,7 +72,7 @@ impl Tensor {
         let shape = self.shape().to_vec();
         Ok(Tensor::record(out, "cross_entropy", &[self], move |g| {
             let gs = g.item()? * scale;
-            let mut dx = vec![0.0f32; logp.len()];
+            let mut dx = crate::cpu::pool::zeroed(logp.len());
             for i in 0..n {
                 if w[i] == 0.0 {
                     continue;

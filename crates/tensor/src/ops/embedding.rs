@@ -33,7 +33,7 @@ impl Tensor {
         let (v, d) = (table.shape()[0], table.shape()[1]);
         let idx = checked_indices("embedding", ids, v)?;
         let t = table.f32_data()?;
-        let mut out = vec![0.0f32; idx.len() * d];
+        let mut out = crate::cpu::pool::zeroed(idx.len() * d);
         for (o, &i) in out.chunks_mut(d.max(1)).zip(&idx) {
             o.copy_from_slice(&t[i * d..(i + 1) * d]);
         }
@@ -42,7 +42,7 @@ impl Tensor {
         let out = Tensor::f32_owned(out, &shape);
         Ok(Tensor::record(out, "embedding", &[table], move |g| {
             let gv = g.f32_data()?;
-            let mut gt = vec![0.0f32; v * d];
+            let mut gt = crate::cpu::pool::zeroed(v * d);
             // Sequential in token order: repeated ids accumulate deterministically.
             for (row, &i) in gv.chunks(d.max(1)).zip(&idx) {
                 crate::cpu::vec::axpy(1.0, row, &mut gt[i * d..(i + 1) * d]);

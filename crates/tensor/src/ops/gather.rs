@@ -21,7 +21,7 @@ impl Tensor {
         let ids = checked_indices("gather_last", idx, v)?;
         let x = self.f32_data()?;
         let rows = ids.len().checked_div(k).unwrap_or(0);
-        let mut out = vec![0.0f32; ids.len()];
+        let mut out = crate::cpu::pool::zeroed(ids.len());
         for row in 0..rows {
             for j in 0..k {
                 out[row * k + j] = x[row * v + ids[row * k + j]];
@@ -31,7 +31,7 @@ impl Tensor {
         let in_shape = self.shape().to_vec();
         Ok(Tensor::record(out, "gather_last", &[self], move |g| {
             let gv = g.f32_data()?;
-            let mut gx = vec![0.0f32; rows * v];
+            let mut gx = crate::cpu::pool::zeroed(rows * v);
             for row in 0..rows {
                 for j in 0..k {
                     gx[row * v + ids[row * k + j]] += gv[row * k + j];

@@ -22,9 +22,9 @@ impl Tensor {
         let x = self.f32_data()?;
         let rows = x.len().checked_div(cols).unwrap_or(0);
         let (mut out, mut mean, mut rstd) = (
-            vec![0.0f32; x.len()],
-            vec![0.0f32; rows],
-            vec![0.0f32; rows],
+            crate::cpu::pool::zeroed(x.len()),
+            crate::cpu::pool::zeroed(rows),
+            crate::cpu::pool::zeroed(rows),
         );
         let (w, b) = (weight.f32_data()?, bias.f32_data()?);
         if rows > 0 {
@@ -39,8 +39,11 @@ impl Tensor {
             move |g| {
                 let g = g.contiguous()?;
                 let (xv, wv, gv) = (xs.f32_data()?, ws.f32_data()?, g.f32_data()?);
-                let mut dx = vec![0.0f32; xv.len()];
-                let (mut dw, mut db) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+                let mut dx = crate::cpu::pool::zeroed(xv.len());
+                let (mut dw, mut db) = (
+                    crate::cpu::pool::zeroed(cols),
+                    crate::cpu::pool::zeroed(cols),
+                );
                 if rows > 0 {
                     vec::layer_norm_backward_rows(
                         &xv, &wv, &mean, &rstd, &gv, cols, &mut dx, &mut dw, &mut db,

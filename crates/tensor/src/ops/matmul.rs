@@ -54,7 +54,8 @@ fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b.rank() == 2 && a.is_contiguous() {
         // Counted from the shape, not numel / k, which is 0 when k is.
         let rows: usize = a.shape()[..a.rank() - 1].iter().product();
-        let mut out = vec![0.0f32; rows * n];
+        // sgemm with beta = 0 writes every element of C without reading it.
+        let mut out = crate::cpu::pool::for_overwrite(rows * n);
         let (sa, sb) = (a.storage().as_slice::<f32>(), b.storage().as_slice::<f32>());
         let (sa, sb) = (sa.unwrap_or(&[]), sb.unwrap_or(&[]));
         let bl = b.layout();
@@ -93,7 +94,8 @@ fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         eb.storage().as_slice::<f32>().unwrap_or(&[]),
     );
     let r = batch.len();
-    let mut out = vec![0.0f32; nb * m * n];
+    // Every batch element's C is written by its sgemm (beta = 0), when m·n > 0.
+    let mut out = crate::cpu::pool::for_overwrite(nb * m * n);
     let run = |bi: usize, c: &mut [f32]| -> Result<()> {
         let oa = la.offset() + batch_offset(bi, &batch, &la.strides()[..r]);
         let ob = lb.offset() + batch_offset(bi, &batch, &lb.strides()[..r]);

@@ -38,14 +38,16 @@ pub(crate) fn cpu_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
 }
 
 /// Applies a slice kernel to the f32 elements of `x`, producing an untracked contiguous tensor.
+/// The kernel must write every element of its output (a pooled buffer with stale values).
 pub(crate) fn map_f32(x: &Tensor, kernel: impl Fn(&[f32], &mut [f32])) -> Result<Tensor> {
     let src = x.f32_data()?;
-    let mut out = vec![0.0f32; src.len()];
+    let mut out = crate::cpu::pool::for_overwrite(src.len());
     kernel(&src, &mut out);
     Ok(Tensor::f32_owned(out, x.shape()))
 }
 
-/// Applies a two-input slice kernel to same-shape tensors.
+/// Applies a two-input slice kernel to same-shape tensors; as [`map_f32`], it must write every
+/// output element.
 pub(crate) fn zip_f32(
     a: &Tensor,
     b: &Tensor,
@@ -53,7 +55,7 @@ pub(crate) fn zip_f32(
 ) -> Result<Tensor> {
     debug_assert_eq!(a.shape(), b.shape());
     let (sa, sb) = (a.f32_data()?, b.f32_data()?);
-    let mut out = vec![0.0f32; sa.len()];
+    let mut out = crate::cpu::pool::for_overwrite(sa.len());
     kernel(&sa, &sb, &mut out);
     Ok(Tensor::f32_owned(out, a.shape()))
 }

@@ -30,7 +30,7 @@ impl Tensor {
         let d = resolve_dim("sum", dim, self.shape())?;
         let (outer, n, inner) = split(self.shape(), d);
         let x = self.f32_data()?;
-        let mut out = vec![0.0f32; outer * inner];
+        let mut out = crate::cpu::pool::zeroed(outer * inner);
         if inner == 1 {
             for (o, row) in out.iter_mut().zip(x.chunks(n.max(1))) {
                 *o = if n == 0 { 0.0 } else { vec::sum(row) };
@@ -130,7 +130,7 @@ impl Tensor {
         Ok(Tensor::record(out, "max", &[self], move |g| {
             let (outer, n, inner) = split(&in_shape, d);
             let gv = g.f32_data()?;
-            let mut gx = vec![0.0f32; outer * n * inner];
+            let mut gx = crate::cpu::pool::zeroed(outer * n * inner);
             for o in 0..outer {
                 for i in 0..inner {
                     gx[(o * n + idx[o * inner + i]) * inner + i] = gv[o * inner + i];

@@ -18,7 +18,7 @@ fn along_dim(x: &Tensor, d: usize, kernel: impl Fn(&[f32], usize, &mut [f32])) -
     };
     let cols = moved.shape()[last];
     let src = moved.f32_data()?;
-    let mut out = vec![0.0f32; src.len()];
+    let mut out = crate::cpu::pool::zeroed(src.len());
     if cols > 0 {
         kernel(&src, cols, &mut out);
     }
@@ -59,7 +59,7 @@ fn softmax_like(
         };
         let cols = ym.shape()[last];
         let (yv, gv) = (ym.f32_data()?, gm.f32_data()?);
-        let mut dx = vec![0.0f32; yv.len()];
+        let mut dx = crate::cpu::pool::zeroed(yv.len());
         if cols > 0 {
             backward(&yv, &gv, cols, &mut dx);
         }

@@ -484,7 +484,7 @@ pub fn layer_norm_backward_rows_with(
     let chunk_rows = layer_norm_chunk_rows(rows, cols);
     let chunks = rows.div_ceil(chunk_rows);
     // partial[k] = [dgamma partial (cols) | dbeta partial (cols)] of chunk k, from zero.
-    let mut partial = vec![0.0f32; chunks * 2 * cols];
+    let mut partial = super::pool::zeroed(chunks * 2 * cols);
     let block = chunk_rows * cols;
     let run = |k: usize, dx: &mut [f32], part: &mut [f32]| {
         let r0 = k * chunk_rows;
