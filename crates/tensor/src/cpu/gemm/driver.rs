@@ -368,9 +368,17 @@ fn pack_a_panel<K: Microkernel>(
         let src = &a.data[r0 * rs + p0..];
         K::interleave(src, rs, mr, mr_full, kc, dst);
     } else if rs == 1 {
-        // Transposed A: each k step is a contiguous run of rows.
-        for (p, d) in dst.chunks_exact_mut(mr_full).enumerate() {
-            d[..mr].copy_from_slice(&a.data[(p0 + p) * cs + r0..][..mr]);
+        // Transposed A (the weight gradient Xᵀ·dY): each k step is a contiguous run of rows.
+        if mr == K::MR && mr_full == K::MR {
+            // A copy of a compile-time length the compiler inlines (two zmm moves for MR = 14)
+            // instead of a memcpy call per k step.
+            for (p, d) in dst.chunks_exact_mut(K::MR).enumerate() {
+                d.copy_from_slice(&a.data[(p0 + p) * cs + r0..][..K::MR]);
+            }
+        } else {
+            for (p, d) in dst.chunks_exact_mut(mr_full).enumerate() {
+                d[..mr].copy_from_slice(&a.data[(p0 + p) * cs + r0..][..mr]);
+            }
         }
     } else {
         for (p, d) in dst.chunks_exact_mut(mr_full).enumerate() {
