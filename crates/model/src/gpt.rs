@@ -79,7 +79,7 @@ impl Dropout {
 
 /// `x · W + b` with a Conv1D weight `[in, out]`.
 fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(w)?.add(b)?)
+    Ok(x.linear(w, b)?)
 }
 
 fn mlp(x: &Tensor, w: &BlockWeights<Tensor>) -> Result<Tensor> {

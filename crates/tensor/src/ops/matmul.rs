@@ -340,6 +340,87 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// A linear layer, `self · w + bias`: `self` is [.., k], `w` [k, n] (any strides, e.g. a
+    /// transposed view), `bias` [n]. The same values, bitwise, and the same gradients as
+    /// `self.matmul(w)?.add(bias)`; on the CPU with contiguous rows the bias is added in the
+    /// GEMM's epilogue, saving a pass over the output. Other layouts, dtypes and devices take
+    /// the composed path.
+    pub fn linear(&self, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let fused = self.device() == crate::Device::Cpu
+            && w.device() == crate::Device::Cpu
+            && bias.device() == crate::Device::Cpu
+            && [self, w, bias]
+                .iter()
+                .all(|t| t.dtype() == crate::DType::F32)
+            && self.rank() >= 2
+            && self.is_contiguous()
+            && w.rank() == 2
+            && bias.rank() == 1
+            && bias.is_contiguous()
+            && self.shape()[self.rank() - 1] == w.shape()[0]
+            && bias.shape()[0] == w.shape()[1];
+        if !fused {
+            return self.matmul(w)?.add(bias);
+        }
+        let (k, n) = (w.shape()[0], w.shape()[1]);
+        let rows: usize = self.shape()[..self.rank() - 1].iter().product();
+        let mut out_shape = self.shape().to_vec();
+        *out_shape.last_mut().expect("rank >= 2") = n;
+        // sgemm with beta = 0 writes every element of C without reading it.
+        let mut out = crate::cpu::pool::for_overwrite(rows * n);
+        {
+            let x = self.f32_data()?;
+            let bv = bias.f32_data()?;
+            let sw = w.storage().as_slice::<f32>().unwrap_or(&[]);
+            let wl = w.layout();
+            crate::cpu::gemm::sgemm_bias(
+                1.0,
+                MatRef {
+                    data: &x,
+                    rows,
+                    cols: k,
+                    row_stride: k,
+                    col_stride: 1,
+                },
+                MatRef {
+                    data: &sw[wl.offset()..],
+                    rows: k,
+                    cols: n,
+                    row_stride: wl.strides()[0],
+                    col_stride: wl.strides()[1],
+                },
+                0.0,
+                &bv,
+                MatMut {
+                    data: &mut out,
+                    rows,
+                    cols: n,
+                    row_stride: n,
+                },
+            )?;
+        }
+        let out = Tensor::f32_owned(out, &out_shape);
+        let (x, wd) = (self.detach(), w.detach());
+        let needs = (self.tracks_grad(), w.tracks_grad(), bias.tracks_grad());
+        Ok(Tensor::record(out, "linear", &[self, w, bias], move |g| {
+            let gx = match needs.0 {
+                true => Some(g.matmul(&wd.t()?)?),
+                false => None,
+            };
+            let gw = match needs.1 {
+                true => Some(matmul_weight_grad(&x, g, wd.shape())?),
+                false => None,
+            };
+            let gb = match needs.2 {
+                true => Some(g.sum_to_shape(&[n])?),
+                false => None,
+            };
+            Ok(vec![gx, gw, gb])
+        }))
+    }
+}
+
 /// Aᵀ·dC, folding batch dims into the reduction when B was a 2-D weight (one GEMM, not a
 /// batched product followed by a sum).
 fn matmul_weight_grad(a: &Tensor, g: &Tensor, b_shape: &[usize]) -> Result<Tensor> {
@@ -360,8 +441,67 @@ fn matmul_weight_grad(a: &Tensor, g: &Tensor, b_shape: &[usize]) -> Result<Tenso
 #[cfg(test)]
 mod tests {
     use crate::gradcheck::check_gradients;
-    use crate::Tensor;
+    use crate::{Parameter, Tensor};
     use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+        /// `linear` (bias in the GEMM epilogue) against the composed matmul + add: bitwise
+        /// values, and the same gradients for x, w (also as a transposed view) and the bias.
+        #[test]
+        fn linear_equals_matmul_then_add(
+            b in 1usize..4, t in 1usize..20, k in 1usize..70, n in 1usize..70,
+            transposed in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let x = Parameter::new(Tensor::randn(&[b, t, k], 0.0, 1.0, seed));
+            let w = if transposed {
+                Parameter::new(Tensor::randn(&[n, k], 0.0, 1.0, seed ^ 1))
+            } else {
+                Parameter::new(Tensor::randn(&[k, n], 0.0, 1.0, seed ^ 1))
+            };
+            let bias = Parameter::new(Tensor::randn(&[n], 0.0, 1.0, seed ^ 2));
+            let dy = Tensor::randn(&[b, t, n], 0.0, 1.0, seed ^ 3);
+            let run = |fused: bool| {
+                let wv = if transposed { w.tensor().t().unwrap() } else { w.tensor() };
+                let y = if fused {
+                    x.tensor().linear(&wv, &bias.tensor()).unwrap()
+                } else {
+                    x.tensor().matmul(&wv).unwrap().add(&bias.tensor()).unwrap()
+                };
+                y.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads: Vec<Vec<f64>> =
+                    [&x, &w, &bias].iter().map(|p| p.grad().unwrap().to_f64_vec()).collect();
+                [&x, &w, &bias].iter().for_each(|p| p.zero_grad());
+                (y.to_f64_vec(), grads)
+            };
+            let (y1, g1) = run(true);
+            let (y2, g2) = run(false);
+            prop_assert_eq!(y1, y2);
+            for (a, e) in g1.iter().flatten().zip(g2.iter().flatten()) {
+                prop_assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "grad {} vs {}", a, e);
+            }
+        }
+    }
+
+    #[test]
+    fn linear_shape_errors_and_fallbacks() {
+        let x = Tensor::randn(&[2, 3, 4], 0.0, 1.0, 1);
+        let w = Tensor::randn(&[4, 5], 0.0, 1.0, 2);
+        assert!(x.linear(&w, &Tensor::zeros(&[4])).is_err());
+        assert!(x
+            .linear(&Tensor::zeros(&[3, 5]), &Tensor::zeros(&[5]))
+            .is_err());
+        // A non-contiguous input takes the composed path: same values.
+        let xt = Tensor::randn(&[2, 4, 3], 0.0, 1.0, 3)
+            .transpose(1, 2)
+            .unwrap();
+        let bias = Tensor::randn(&[5], 0.0, 1.0, 4);
+        assert_eq!(
+            xt.linear(&w, &bias).unwrap().to_f64_vec(),
+            xt.matmul(&w).unwrap().add(&bias).unwrap().to_f64_vec()
+        );
+    }
 
     fn naive(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
         let mut c = vec![0.0; m * n];

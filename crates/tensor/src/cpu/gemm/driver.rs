@@ -70,12 +70,23 @@ unsafe impl Sync for CPtr {}
 
 /// Largest MR·NR over the kernels, for the edge-tile buffer.
 const MAX_TILE: usize = 14 * 32;
+/// Largest NR over the kernels, for an edge tile's bias row.
+const MAX_NR: usize = 32;
 
-/// `C = alpha·A·B + beta·C` for validated, non-empty operands (m, n, k ≥ 1).
-pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
+/// `C = alpha·A·B + beta·C (+ bias on every row)` for validated, non-empty operands (m, n, k ≥
+/// 1; `bias` of length n). The bias is added in the last k block, after the sum is complete, so
+/// the result is bitwise that of the GEMM followed by a separate bias add.
+pub(super) fn gemm<K: Microkernel>(
+    alpha: f32,
+    a: MatRef,
+    b: MatRef,
+    beta: f32,
+    bias: Option<&[f32]>,
+    c: MatMut,
+) {
     assert!(
-        K::MR * K::NR <= MAX_TILE,
-        "edge buffer too small for the kernel"
+        K::MR * K::NR <= MAX_TILE && K::NR <= MAX_NR,
+        "edge buffers too small for the kernel"
     );
     assert!(
         K::MC % K::MR == 0 && K::NC % K::NR == 0,
@@ -83,6 +94,10 @@ pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, 
     );
     let (m, n, k) = (a.rows, b.cols, a.cols);
     debug_assert!(m > 0 && n > 0 && k > 0);
+    assert!(
+        bias.is_none_or(|v| v.len() == n),
+        "gemm: bias length must be n = {n}"
+    );
     let flops = 2usize.saturating_mul(m).saturating_mul(n).saturating_mul(k);
     let threads = if flops >= PARALLEL_MIN_FLOPS {
         rayon::current_num_threads().max(1)
@@ -133,6 +148,7 @@ pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, 
                 };
                 // Later k blocks add onto what the earlier ones stored.
                 let beta_k = if pi == 0 { beta } else { 1.0 };
+                let bias_k = if pc + kc == k { bias } else { None };
                 let item = |idx: usize| {
                     let (ii, jj) = (idx / ni, idx % ni);
                     let rows = ii * m_panels / mi..(ii + 1) * m_panels / mi;
@@ -147,6 +163,7 @@ pub(super) fn gemm<K: Microkernel>(alpha: f32, a: MatRef, b: MatRef, beta: f32, 
                         n,
                         alpha,
                         beta: beta_k,
+                        bias: bias_k,
                         c: cp,
                     };
                     block.run::<K>(rows, cols);
@@ -235,6 +252,8 @@ struct Block<'a, 'b> {
     n: usize,
     alpha: f32,
     beta: f32,
+    /// Added to every row of C in this step (the last k block only).
+    bias: Option<&'a [f32]>,
     c: CPtr,
 }
 
@@ -292,12 +311,23 @@ impl Block<'_, '_> {
         let (kc, ldc) = (self.kc, self.c.ldc);
         debug_assert!(ap.len() == kc * K::MR);
         debug_assert!(i0 + mr <= self.m && j0 + nr <= self.n);
+        // An edge tile's bias is copied into a full-width row (the kernel reads NR values).
+        let mut bias_row = [0.0f32; MAX_NR];
+        let bias = match self.bias {
+            Some(bias) if nr == K::NR => bias[j0..j0 + nr].as_ptr(),
+            Some(bias) => {
+                bias_row[..nr].copy_from_slice(&bias[j0..j0 + nr]);
+                bias_row.as_ptr()
+            }
+            None => std::ptr::null(),
+        };
         if mr == K::MR && nr == K::NR {
             // SAFETY: ap holds kc full groups (asserted above) and bp kc rows of NR at stride
             // b_stride (`BSource::panel`: a packed panel, or a full-width panel inside B, whose
             // extent validation checked); the tile's MR rows × NR columns lie inside C
             // (i0 + MR <= m, j0 + NR <= n, and validation checked the extent of m × n at
-            // stride ldc); no other thread writes this tile; the kernel's ISA was checked by
+            // stride ldc); a bias pointer, when not null, has NR values (j0 + NR <= n = the
+            // bias length); no other thread writes this tile; the kernel's ISA was checked by
             // `sgemm_with` before this kernel type was chosen.
             unsafe {
                 K::run(
@@ -309,6 +339,7 @@ impl Block<'_, '_> {
                     ldc,
                     self.alpha,
                     self.beta,
+                    bias,
                     b_next,
                 )
             }
@@ -328,7 +359,8 @@ impl Block<'_, '_> {
             }
         }
         // SAFETY: ap and bp as above; tmp holds MR rows of NR at stride NR (MR·NR <=
-        // MAX_TILE, asserted in `gemm`); the ISA was checked by `sgemm_with`.
+        // MAX_TILE, asserted in `gemm`); the bias pointer is null or the MAX_NR >= NR row;
+        // the ISA was checked by `sgemm_with`.
         unsafe {
             K::run(
                 kc,
@@ -339,6 +371,7 @@ impl Block<'_, '_> {
                 K::NR,
                 self.alpha,
                 self.beta,
+                bias,
                 b_next,
             )
         };

@@ -24,6 +24,10 @@ pub(super) trait Microkernel {
     /// where C is not read when `beta == 0`. `b_stride` is `NR` for a packed B micro-panel, or
     /// B's row stride when the kernel reads a row-major B in place.
     ///
+    /// `bias` (or null) holds `NR` values added to every row last, as a separate rounding:
+    /// `C[i][j] = (alpha·Σ + beta·C[i][j]) + bias[j]`, bitwise what a GEMM followed by a bias
+    /// add gives (a linear layer's epilogue, saving a pass over C).
+    ///
     /// `b_next` is the B micro-panel the following tiles will use (or null): a kernel may
     /// prefetch it into L2 while it computes, so the next column of tiles does not start by
     /// waiting on L3. It is only ever prefetched, never read.
@@ -31,7 +35,8 @@ pub(super) trait Microkernel {
     /// # Safety
     /// `a` must be valid for `kc·MR` reads, `b` for reads of `NR` elements at each
     /// `b + p·b_stride` (`p < kc`), and `c` for reads and writes of `MR` rows of `NR` elements at
-    /// row stride `ldc`, not aliased by `a` or `b`; `kc >= 1`; the CPU must support the kernel's
+    /// row stride `ldc`, not aliased by `a` or `b`; `bias`, when not null, valid for `NR` reads;
+    /// `kc >= 1`; the CPU must support the kernel's
     /// instruction set (checked through [`super::Isa`]).
     #[allow(clippy::too_many_arguments)]
     unsafe fn run(
@@ -43,6 +48,7 @@ pub(super) trait Microkernel {
         ldc: usize,
         alpha: f32,
         beta: f32,
+        bias: *const f32,
         b_next: *const f32,
     );
 
@@ -106,6 +112,7 @@ impl Microkernel for Scalar {
         ldc: usize,
         alpha: f32,
         beta: f32,
+        bias: *const f32,
         _b_next: *const f32,
     ) {
         const MR: usize = Scalar::TILE_M;
@@ -122,14 +129,20 @@ impl Microkernel for Scalar {
                 }
             }
         }
+        // SAFETY: the caller guarantees NR readable elements at a non-null bias.
+        let bias = (!bias.is_null()).then(|| unsafe { std::slice::from_raw_parts(bias, NR) });
         for (i, row) in acc.iter().enumerate() {
             // SAFETY: the caller guarantees MR rows of NR writable elements at stride ldc.
             let out = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), NR) };
-            for (o, &v) in out.iter_mut().zip(row) {
-                *o = if beta == 0.0 {
+            for (j, (o, &v)) in out.iter_mut().zip(row).enumerate() {
+                let r = if beta == 0.0 {
                     alpha * v
                 } else {
                     alpha * v + beta * *o
+                };
+                *o = match bias {
+                    Some(bias) => r + bias[j],
+                    None => r,
                 };
             }
         }
@@ -173,15 +186,16 @@ mod x86 {
             ldc: usize,
             alpha: f32,
             beta: f32,
+            bias: *const f32,
             b_next: *const f32,
         ) {
             // SAFETY: forwarded contract; `Avx512` is only chosen after `Isa::Avx512` was found
             // available (avx512f).
             unsafe {
                 if b_next.is_null() {
-                    kernel_14x32::<false>(kc, a, b, b_stride, c, ldc, alpha, beta, b)
+                    kernel_14x32::<false>(kc, a, b, b_stride, c, ldc, alpha, beta, bias, b)
                 } else {
-                    kernel_14x32::<true>(kc, a, b, b_stride, c, ldc, alpha, beta, b_next)
+                    kernel_14x32::<true>(kc, a, b, b_stride, c, ldc, alpha, beta, bias, b_next)
                 }
             }
         }
@@ -261,6 +275,7 @@ mod x86 {
         ldc: usize,
         alpha: f32,
         beta: f32,
+        bias: *const f32,
         b_next: *const f32,
     ) {
         // b_next is only prefetched, so plain address arithmetic suffices.
@@ -327,20 +342,35 @@ mod x86 {
             b = b.wrapping_add(bs);
         }
         let va = _mm512_set1_ps(alpha);
+        // The bias is added only when there is one: adding zeros would turn a -0 into +0.
+        let (bias0, bias1) = if bias.is_null() {
+            (_mm512_setzero_ps(), _mm512_setzero_ps())
+        } else {
+            // SAFETY: the caller guarantees NR512 readable elements at a non-null bias.
+            unsafe { (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))) }
+        };
+        let with_bias = !bias.is_null();
         for (i, row) in acc.iter().enumerate() {
             // SAFETY: the caller guarantees MR512 rows of NR512 elements at stride ldc.
             unsafe {
                 let p = c.add(i * ldc);
-                if beta == 0.0 {
-                    _mm512_storeu_ps(p, _mm512_mul_ps(va, row[0]));
-                    _mm512_storeu_ps(p.add(16), _mm512_mul_ps(va, row[1]));
+                let (mut r0, mut r1) = if beta == 0.0 {
+                    (_mm512_mul_ps(va, row[0]), _mm512_mul_ps(va, row[1]))
                 } else {
                     let vb = _mm512_set1_ps(beta);
                     let c0 = _mm512_mul_ps(vb, _mm512_loadu_ps(p));
                     let c1 = _mm512_mul_ps(vb, _mm512_loadu_ps(p.add(16)));
-                    _mm512_storeu_ps(p, _mm512_fmadd_ps(va, row[0], c0));
-                    _mm512_storeu_ps(p.add(16), _mm512_fmadd_ps(va, row[1], c1));
+                    (
+                        _mm512_fmadd_ps(va, row[0], c0),
+                        _mm512_fmadd_ps(va, row[1], c1),
+                    )
+                };
+                if with_bias {
+                    r0 = _mm512_add_ps(r0, bias0);
+                    r1 = _mm512_add_ps(r1, bias1);
                 }
+                _mm512_storeu_ps(p, r0);
+                _mm512_storeu_ps(p.add(16), r1);
             }
         }
     }
@@ -368,11 +398,12 @@ mod x86 {
             ldc: usize,
             alpha: f32,
             beta: f32,
+            bias: *const f32,
             _b_next: *const f32,
         ) {
             // SAFETY: forwarded contract; `Avx2` is only chosen after `Isa::Avx2` was found
             // available (avx2 and fma).
-            unsafe { kernel_6x16(kc, a, b, b_stride, c, ldc, alpha, beta) }
+            unsafe { kernel_6x16(kc, a, b, b_stride, c, ldc, alpha, beta, bias) }
         }
     }
 
@@ -387,6 +418,7 @@ mod x86 {
         ldc: usize,
         alpha: f32,
         beta: f32,
+        bias: *const f32,
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR256];
         for _ in 0..kc {
@@ -404,20 +436,29 @@ mod x86 {
             }
         }
         let va = _mm256_set1_ps(alpha);
+        let with_bias = !bias.is_null();
         for (i, row) in acc.iter().enumerate() {
-            // SAFETY: the caller guarantees MR256 rows of NR256 elements at stride ldc.
+            // SAFETY: the caller guarantees MR256 rows of NR256 elements at stride ldc, and
+            // NR256 readable elements at a non-null bias.
             unsafe {
                 let p = c.add(i * ldc);
-                if beta == 0.0 {
-                    _mm256_storeu_ps(p, _mm256_mul_ps(va, row[0]));
-                    _mm256_storeu_ps(p.add(8), _mm256_mul_ps(va, row[1]));
+                let (mut r0, mut r1) = if beta == 0.0 {
+                    (_mm256_mul_ps(va, row[0]), _mm256_mul_ps(va, row[1]))
                 } else {
                     let vb = _mm256_set1_ps(beta);
                     let c0 = _mm256_mul_ps(vb, _mm256_loadu_ps(p));
                     let c1 = _mm256_mul_ps(vb, _mm256_loadu_ps(p.add(8)));
-                    _mm256_storeu_ps(p, _mm256_fmadd_ps(va, row[0], c0));
-                    _mm256_storeu_ps(p.add(8), _mm256_fmadd_ps(va, row[1], c1));
+                    (
+                        _mm256_fmadd_ps(va, row[0], c0),
+                        _mm256_fmadd_ps(va, row[1], c1),
+                    )
+                };
+                if with_bias {
+                    r0 = _mm256_add_ps(r0, _mm256_loadu_ps(bias));
+                    r1 = _mm256_add_ps(r1, _mm256_loadu_ps(bias.add(8)));
                 }
+                _mm256_storeu_ps(p, r0);
+                _mm256_storeu_ps(p.add(8), r1);
             }
         }
     }

@@ -109,7 +109,41 @@ pub fn sgemm(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) -> Result<(
 
 /// [`sgemm`] on an explicit instruction set; errors when this CPU cannot run `isa`.
 pub fn sgemm_with(isa: Isa, alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) -> Result<()> {
+    sgemm_bias_with(isa, alpha, a, b, beta, None, c)
+}
+
+/// `C = (alpha·A·B + beta·C) + bias` with `bias` (length n) added to every row: a linear
+/// layer in one pass over C. Bitwise equal to [`sgemm`] followed by adding the bias.
+pub fn sgemm_bias(
+    alpha: f32,
+    a: MatRef,
+    b: MatRef,
+    beta: f32,
+    bias: &[f32],
+    c: MatMut,
+) -> Result<()> {
+    sgemm_bias_with(super::isa(), alpha, a, b, beta, Some(bias), c)
+}
+
+/// [`sgemm_bias`] (or, without a bias, [`sgemm`]) on an explicit instruction set.
+pub fn sgemm_bias_with(
+    isa: Isa,
+    alpha: f32,
+    a: MatRef,
+    b: MatRef,
+    beta: f32,
+    bias: Option<&[f32]>,
+    c: MatMut,
+) -> Result<()> {
     validate(&a, &b, &c)?;
+    if let Some(v) = bias {
+        if v.len() != b.cols {
+            return Err(Error::invalid(
+                "sgemm",
+                format!("bias has {} values for {} columns", v.len(), b.cols),
+            ));
+        }
+    }
     if !isa.is_available() {
         return Err(Error::invalid(
             "sgemm",
@@ -120,21 +154,23 @@ pub fn sgemm_with(isa: Isa, alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatM
     if m == 0 || n == 0 {
         return Ok(());
     }
+    let mut c = c;
     if k == 0 {
         // A·B is all zeros: only the beta term remains.
-        scale_c(beta, c);
+        scale_c(beta, &mut c);
+        add_bias(bias, &mut c);
         return Ok(());
     }
-    let mut c = c;
     if gemv::try_gemv(isa, alpha, &a, &b, beta, &mut c) {
+        add_bias(bias, &mut c);
         return Ok(());
     }
     match isa {
-        Isa::Scalar => driver::gemm::<kernels::Scalar>(alpha, a, b, beta, c),
+        Isa::Scalar => driver::gemm::<kernels::Scalar>(alpha, a, b, beta, bias, c),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => driver::gemm::<kernels::Avx2>(alpha, a, b, beta, c),
+        Isa::Avx2 => driver::gemm::<kernels::Avx2>(alpha, a, b, beta, bias, c),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => driver::gemm::<kernels::Avx512>(alpha, a, b, beta, c),
+        Isa::Avx512 => driver::gemm::<kernels::Avx512>(alpha, a, b, beta, bias, c),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("is_available() is false for SIMD levels off x86_64"),
     }
@@ -162,8 +198,18 @@ pub fn sgemm_reference(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) -
     Ok(())
 }
 
+/// Adds `bias` to every row of C (the paths that do not run the microkernels).
+fn add_bias(bias: Option<&[f32]>, c: &mut MatMut) {
+    if let Some(bias) = bias {
+        for i in 0..c.rows {
+            let row = &mut c.data[i * c.row_stride..][..c.cols];
+            row.iter_mut().zip(bias).for_each(|(x, &b)| *x += b);
+        }
+    }
+}
+
 /// `C = beta·C` (C zeroed, not read, when beta is 0).
-fn scale_c(beta: f32, c: MatMut) {
+fn scale_c(beta: f32, c: &mut MatMut) {
     for i in 0..c.rows {
         let row = &mut c.data[i * c.row_stride..][..c.cols];
         if beta == 0.0 {

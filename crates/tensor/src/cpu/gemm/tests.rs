@@ -444,3 +444,91 @@ fn bounds_and_shape_errors() {
     )
     .is_err());
 }
+
+/// C from `sgemm_bias_with` and from `sgemm_with` followed by adding the bias to each row.
+fn bias_pair(isa: Isa, case: &Case) -> (Vec<f32>, Vec<f32>) {
+    let (m, n, k) = (case.m, case.n, case.k);
+    let mut rng = Rng(case.seed | 1);
+    let a = Operand::new(&mut rng, m, k, case.trans_a, case.pad, 1);
+    let b = Operand::new(&mut rng, k, n, case.trans_b, case.pad, 2);
+    let bias = rng.fill(n);
+    let c0 = rng.fill(m * n);
+    fn mat(c: &mut [f32], m: usize, n: usize) -> MatMut<'_> {
+        MatMut {
+            data: c,
+            rows: m,
+            cols: n,
+            row_stride: n,
+        }
+    }
+    let (mut fused, mut split) = (c0.clone(), c0);
+    sgemm_bias_with(
+        isa,
+        case.alpha,
+        a.view(),
+        b.view(),
+        case.beta,
+        Some(&bias),
+        mat(&mut fused, m, n),
+    )
+    .unwrap();
+    sgemm_with(
+        isa,
+        case.alpha,
+        a.view(),
+        b.view(),
+        case.beta,
+        mat(&mut split, m, n),
+    )
+    .unwrap();
+    for row in split.chunks_mut(n.max(1)) {
+        row.iter_mut().zip(&bias).for_each(|(x, &b)| *x += b);
+    }
+    (fused, split)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// The bias epilogue (a linear layer) is bitwise the GEMM followed by a bias add: the bias
+    /// goes in after the last k block, with its own rounding. Shapes cover edge tiles, several
+    /// k blocks (k past every kernel's KC), matrix-vector shapes and k = 0.
+    #[test]
+    fn bias_epilogue_is_bitwise_gemm_then_add(
+        m in prop_oneof![Just(1usize), 1usize..60], n in prop_oneof![Just(1usize), 1usize..80],
+        k in prop_oneof![Just(0usize), 1usize..40, 700usize..1700],
+        trans_a in any::<bool>(), trans_b in any::<bool>(), pad in 0usize..3,
+        alpha in scalar_choice(), beta in scalar_choice(), seed in any::<u64>(),
+    ) {
+        let case = Case { m, n, k, trans_a, trans_b, pad, alpha, beta, seed };
+        for isa in Isa::available() {
+            let (fused, split) = bias_pair(isa, &case);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&fused), bits(&split), "{:?} m={} n={} k={}", isa, m, n, k);
+        }
+    }
+}
+
+#[test]
+fn bias_of_the_wrong_length_is_an_error() {
+    let (a, b) = (vec![1.0f32; 6], vec![1.0f32; 6]);
+    let mut c = vec![0.0f32; 4];
+    let e = sgemm_bias(
+        1.0,
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 3, 2),
+        0.0,
+        &[1.0; 3],
+        MatMut {
+            data: &mut c,
+            rows: 2,
+            cols: 2,
+            row_stride: 2,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("bias has 3 values for 2 columns"),
+        "{e}"
+    );
+}
