@@ -37,6 +37,24 @@ pub(crate) fn cpu_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
     }
 }
 
+/// An `Error::Cuda` when an index tensor (ids, indices, targets) is on a GPU while the data
+/// it indexes is on the CPU: indices may follow their data up to a GPU (see ops/embedding.rs),
+/// but data never silently comes down to the host.
+pub(crate) fn indices_on_host(op: &'static str, idx: &Tensor) -> Result<()> {
+    if idx.device() == crate::Device::Cpu {
+        return Ok(());
+    }
+    Err(crate::Error::cuda(
+        op,
+        format!(
+            "indices of shape {:?} are on {} but the data is on the CPU: move them with \
+             to_device(Device::Cpu), or the data to their GPU",
+            idx.shape(),
+            idx.device()
+        ),
+    ))
+}
+
 /// Applies a slice kernel to the f32 elements of `x`, producing an untracked contiguous tensor.
 pub(crate) fn map_f32(x: &Tensor, kernel: impl Fn(&[f32], &mut [f32])) -> Result<Tensor> {
     let src = x.f32_data()?;
