@@ -97,7 +97,12 @@ fn cross_entropy_cuda(
         let has_ignore = i32::from(ignore_index.is_some());
         let f = dev.function("cross_entropy", entry)?;
         let mut l = dev.stream().launch_builder(&f);
-        l.arg(&r64).arg(&v64).arg(&pt).arg(&pwts).arg(&ignore).arg(&has_ignore);
+        l.arg(&r64)
+            .arg(&v64)
+            .arg(&pt)
+            .arg(&pwts)
+            .arg(&ignore)
+            .arg(&has_ignore);
         l.arg(&pw).arg(&pinv).arg(&pb);
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),

@@ -10,8 +10,10 @@
 //!   back (a wait for the GPU) to return the same error;
 //! - other ids on the GPU (a narrowed view, i32) go through the host once (no integer copy
 //!   kernel exists), then as host ids.
+//!
 //! Ids on another device, or a table on the CPU with ids on a GPU, are an `Error::Cuda`.
 //! A bad id is never a device fault: the kernels bounds-check every id before reading.
+//!
 //! The backward adds rows in token order, one thread per (row, column): bitwise the CPU's sum
 //! for f32, with no atomics; the f32 sum is cast to a bf16 table's dtype once at the end.
 
@@ -52,7 +54,9 @@ pub(crate) fn bad_index_error(op: &'static str, idx: &Tensor, pos: usize, limit:
             Err(e) => e,
             Ok(_) => Error::cuda(
                 op,
-                format!("the kernel flagged index position {pos}, but every index is in 0..{limit}"),
+                format!(
+                    "the kernel flagged index position {pos}, but every index is in 0..{limit}"
+                ),
             ),
         },
         Err(e) => e,
@@ -137,7 +141,13 @@ fn embedding_cuda(
         );
         let f = dev.function("embedding", &entry)?;
         let mut l = dev.stream().launch_builder(&f);
-        l.arg(&n64).arg(&d64).arg(&v64).arg(&pi).arg(&pt).arg(&po).arg(&pb);
+        l.arg(&n64)
+            .arg(&d64)
+            .arg(&v64)
+            .arg(&pi)
+            .arg(&pt)
+            .arg(&po)
+            .arg(&pb);
         // SAFETY: embedding_fwd_T(i64 n, i64 dim, i64 vocab, const i64* ids, const T* table,
         // T* out, u64* bad): ids n contiguous i64, table a contiguous [vocab, dim] buffer of T
         // (every id is bounds-checked by the kernel before the read), out a fresh [n, dim]
@@ -176,7 +186,13 @@ fn embedding_cuda(
             );
             let f = dev.function("embedding", &entry)?;
             let mut l = dev.stream().launch_builder(&f);
-            l.arg(&n64).arg(&d64).arg(&v64).arg(&pi).arg(&pg).arg(&pd).arg(&pb);
+            l.arg(&n64)
+                .arg(&d64)
+                .arg(&v64)
+                .arg(&pi)
+                .arg(&pg)
+                .arg(&pd)
+                .arg(&pb);
             let cfg = LaunchConfig {
                 grid_dim: (d.div_ceil(128) as u32, EMB_BUCKETS.min(v).max(1) as u32, 1),
                 block_dim: (128, 1, 1),

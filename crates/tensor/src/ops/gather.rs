@@ -87,7 +87,13 @@ fn gather_last_cuda(
         );
         let f = dev.function("gather", &entry)?;
         let mut l = dev.stream().launch_builder(&f);
-        l.arg(&r64).arg(&v64).arg(&k64).arg(&px).arg(&pi).arg(&po).arg(&pb);
+        l.arg(&r64)
+            .arg(&v64)
+            .arg(&k64)
+            .arg(&px)
+            .arg(&pi)
+            .arg(&po)
+            .arg(&pb);
         // SAFETY: gather_last_fwd_T(i64 rows, i64 v, i64 k, const T* x, const i64* idx, T*
         // out, u64* bad): x a contiguous [rows, v] buffer of T (each index bounds-checked by
         // the kernel before the read), idx contiguous [rows, k] i64, out a fresh [rows, k]
@@ -123,7 +129,13 @@ fn gather_last_cuda(
             );
             let f = dev.function("gather", &entry)?;
             let mut l = dev.stream().launch_builder(&f);
-            l.arg(&r64).arg(&v64).arg(&k64).arg(&pi).arg(&pg).arg(&pd).arg(&pb);
+            l.arg(&r64)
+                .arg(&v64)
+                .arg(&k64)
+                .arg(&pi)
+                .arg(&pg)
+                .arg(&pd)
+                .arg(&pb);
             // SAFETY: gather_last_bwd_T(i64 rows, i64 v, i64 k, const i64* idx, const T* dout,
             // float* dx, u64* bad): idx and dout contiguous [rows, k] (i64, T), dx a zeroed
             // [rows, v] f32 buffer (indices bounds-checked by the kernel), bad one u64.

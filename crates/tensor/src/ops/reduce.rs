@@ -104,14 +104,7 @@ pub(crate) fn reduce_cuda(
         l.arg(&rows).arg(&cols).arg(&x_ptr).arg(&po).arg(&scale);
         // SAFETY: reduce_OP_rows_T(i64 rows, i64 cols, const T* x, T* out, float scale): x is a
         // contiguous [rows, cols] buffer of T, out a fresh buffer of `rows` elements of T.
-        unsafe {
-            super::launch(
-                op,
-                &entry,
-                l,
-                rows_config(rows as usize, REDUCE_THREADS),
-            )
-        }
+        unsafe { super::launch(op, &entry, l, rows_config(rows as usize, REDUCE_THREADS)) }
     };
     if outer * inner == 1 {
         // Every element into one: two passes when there is more than one chunk of work, so
@@ -166,7 +159,12 @@ pub(crate) fn reduce_cuda(
     let (o64, l64, i64_, po) = (outer as i64, len as i64, inner as i64, super::ptr(&out)?);
     let f = dev.function("reduce", &entry)?;
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&o64).arg(&l64).arg(&i64_).arg(&px).arg(&po).arg(&scale);
+    l.arg(&o64)
+        .arg(&l64)
+        .arg(&i64_)
+        .arg(&px)
+        .arg(&po)
+        .arg(&scale);
     // SAFETY: reduce_OP_mid_T(i64 outer, i64 len, i64 inner, const T* x, T* out, float scale):
     // x is a contiguous [outer, len, inner] buffer of T, out a fresh [outer, inner] one.
     unsafe { super::launch(op, &entry, l, mid_config(outer * inner))? };
