@@ -326,6 +326,23 @@ mod cuda_common {
         dev.context()
             .bind_to_thread()
             .map_err(|e| Error::cuda(op, format!("binding the CUDA context: {e:?}")))?;
+        let stream = dev.stream().cu_stream();
+        // The driver refuses 2-D pitches past its maximum (2^31 - 1 bytes on current cards):
+        // one row, or rows that long, go as plain linear copies instead.
+        if height == 1 || src_pitch.max(dst_pitch) > i32::MAX as usize {
+            for r in 0..height {
+                let (d, s) = ((dst_pitch * r) as u64, (src_pitch * r) as u64);
+                // SAFETY: row r of both regions, inside live buffers of this context by the
+                // caller's contract; ordered on the engine's stream.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(dst + d, src + s, width, stream)
+                }
+                .map_err(|e| {
+                    Error::cuda(op, format!("device copy of {width} bytes (row {r}): {e:?}"))
+                })?;
+            }
+            return Ok(());
+        }
         let p = sys::CUDA_MEMCPY2D {
             srcXInBytes: 0,
             srcY: 0,
@@ -348,7 +365,7 @@ mod cuda_common {
         // array fields unused and null); the caller guarantees both regions lie in live
         // buffers of this context and do not overlap; the copy is ordered on the engine's
         // one stream like every launch.
-        let r = unsafe { sys::cuMemcpy2DAsync_v2(&p, dev.stream().cu_stream()) };
+        let r = unsafe { sys::cuMemcpy2DAsync_v2(&p, stream) };
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(Error::cuda(
                 op,

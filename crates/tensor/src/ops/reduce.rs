@@ -96,15 +96,16 @@ pub(crate) fn reduce_cuda(
     }
     let x = super::dense(x)?;
     let px = super::ptr(&x)?;
-    let rows_launch = |x_ptr: u64, tn: &str, rows: usize, cols: usize, out: &Tensor| {
+    // One block per row of x viewed as [rows, cols].
+    let rows_launch = |rows: usize, cols: usize, out: &Tensor| {
         let entry = format!("reduce_{kind}_rows_{tn}");
-        let (rows, cols, po) = (rows as i64, cols as i64, super::ptr(out)?);
+        let (r64, c64, po) = (rows as i64, cols as i64, super::ptr(out)?);
         let f = dev.function("reduce", &entry)?;
         let mut l = dev.stream().launch_builder(&f);
-        l.arg(&rows).arg(&cols).arg(&x_ptr).arg(&po).arg(&scale);
+        l.arg(&r64).arg(&c64).arg(&px).arg(&po).arg(&scale);
         // SAFETY: reduce_OP_rows_T(i64 rows, i64 cols, const T* x, T* out, float scale): x is a
         // contiguous [rows, cols] buffer of T, out a fresh buffer of `rows` elements of T.
-        unsafe { super::launch(op, &entry, l, rows_config(rows as usize, REDUCE_THREADS)) }
+        unsafe { super::launch(op, &entry, l, rows_config(rows, REDUCE_THREADS)) }
     };
     if outer * inner == 1 {
         // Every element into one: two passes when there is more than one chunk of work, so
@@ -112,7 +113,7 @@ pub(crate) fn reduce_cuda(
         let g = len.div_ceil(PARTIAL_CHUNK).min(1024);
         let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
         if g == 1 {
-            rows_launch(px, tn, 1, len, &out)?;
+            rows_launch(1, len, &out)?;
             return Ok(out);
         }
         let partial = super::cuda_empty(dev, DType::F32, &[g])?;
@@ -152,7 +153,7 @@ pub(crate) fn reduce_cuda(
     }
     let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
     if inner == 1 {
-        rows_launch(px, tn, outer, len, &out)?;
+        rows_launch(outer, len, &out)?;
         return Ok(out);
     }
     let entry = format!("reduce_{kind}_mid_{tn}");
