@@ -3,13 +3,16 @@
 //
 // Reference: crates/tensor/src/ops/gather.rs.
 //
-// Layouts: x, dx [rows, v] contiguous (T); idx [rows, k] int64; out, dout [rows, k] (T).
-// dx is accumulated into (the host zeroes it first). `bad`: one u64 the host sets to ~0; an
+// Layouts: x [rows, v] contiguous (T); idx [rows, k] int64; out, dout [rows, k] (T);
+// dx [rows, v] f32, accumulated into (the host zeroes it first, and casts it to T afterwards
+// when T is bf16): repeated indices in a row then add in f32, as the CPU does, instead of
+// rounding to bf16 after every add. `bad`: one u64 the host sets to ~0; an
 // index outside 0..v reads as 0 (forward) or is skipped (backward), and the first bad flat
 // position idx-wise is atomicMin'ed into it (deterministic).
 //
 // The backward gives each row to one thread, which adds its k gradients in order j = 0..k-1:
-// repeated indices in a row accumulate in the same order as on the CPU, with no atomics.
+// repeated indices in a row accumulate in the same order as on the CPU (bitwise equal for
+// f32), with no atomics.
 //
 // Launch: blockDim.x = 256; gather_last_fwd_T: gridDim.x = min(ceil(rows·k / 256), 65535);
 // gather_last_bwd_T: gridDim.x = min(ceil(rows / 256), 65535). Grid-stride loops; no shared
@@ -17,7 +20,7 @@
 //
 // Entry points (T = f32 | bf16):
 //   gather_last_fwd_T(rows, v, k, x, idx, out, bad)
-//   gather_last_bwd_T(rows, v, k, idx, dout, dx, bad)
+//   gather_last_bwd_T(rows, v, k, idx, dout, dx, bad)     dx: f32
 
 template <typename T>
 __device__ __forceinline__ void gather_fwd_body(i64 rows, i64 v, i64 k, const T* __restrict__ x,
@@ -38,7 +41,7 @@ __device__ __forceinline__ void gather_fwd_body(i64 rows, i64 v, i64 k, const T*
 
 template <typename T>
 __device__ __forceinline__ void gather_bwd_body(i64 rows, i64 v, i64 k, const i64* __restrict__ idx,
-                                                const T* __restrict__ dout, T* __restrict__ dx,
+                                                const T* __restrict__ dout, float* __restrict__ dx,
                                                 unsigned long long* __restrict__ bad) {
     for (i64 r = (i64)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += (i64)gridDim.x * blockDim.x) {
         for (i64 j = 0; j < k; ++j) {
@@ -47,8 +50,7 @@ __device__ __forceinline__ void gather_bwd_body(i64 rows, i64 v, i64 k, const i6
                 atomicMin(bad, (unsigned long long)(r * k + j));
                 continue;
             }
-            T* p = dx + r * v + id;
-            store_f32(p, load_f32(p) + load_f32(dout + r * k + j));
+            dx[r * v + id] += load_f32(dout + r * k + j);
         }
     }
 }
@@ -64,7 +66,7 @@ __device__ __forceinline__ void gather_bwd_body(i64 rows, i64 v, i64 k, const i6
     extern "C" __global__ void gather_last_bwd_##tname(i64 rows, i64 v, i64 k,                   \
                                                        const i64* __restrict__ idx,              \
                                                        const T* __restrict__ dout,               \
-                                                       T* __restrict__ dx,                       \
+                                                       float* __restrict__ dx,                   \
                                                        unsigned long long* __restrict__ bad) {   \
         gather_bwd_body<T>(rows, v, k, idx, dout, dx, bad);                                       \
     }

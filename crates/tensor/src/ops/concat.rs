@@ -1,7 +1,77 @@
 //! concat and stack. The backward hands each input its slice of the gradient (a narrow view).
+//!
+//! On CUDA each input (made dense first when strided) lands in its slot of the output with one
+//! 2-D device copy (`outer` rows of `len·inner` elements): no kernel, no host traffic.
 
 use crate::layout::resolve_dim;
 use crate::{Error, Result, Tensor};
+
+/// The CPU concat: for each outer index, each input's block in turn.
+fn concat_cpu(tensors: &[&Tensor], d: usize, shape: &[usize]) -> Result<Tensor> {
+    let outer: usize = shape[..d].iter().product();
+    let inner: usize = shape[d + 1..].iter().product();
+    let mut out = Vec::with_capacity(shape.iter().product());
+    let datas = tensors
+        .iter()
+        .map(|t| t.f32_data())
+        .collect::<Result<Vec<_>>>()?;
+    for o in 0..outer {
+        for (t, data) in tensors.iter().zip(&datas) {
+            let block = t.shape()[d] * inner;
+            out.extend_from_slice(&data[o * block..(o + 1) * block]);
+        }
+    }
+    Ok(Tensor::f32_owned(out, shape))
+}
+
+/// The CUDA concat: input i, dense, is `outer` rows of `len_i · inner` elements; its slot in
+/// the output is the same rows, `shape[d] · inner` elements apart, starting at the sum of the
+/// earlier inputs' lengths. One cuMemcpy2DAsync per input.
+#[cfg(feature = "cuda")]
+fn concat_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    tensors: &[&Tensor],
+    d: usize,
+    shape: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "concat";
+    let first = tensors[0];
+    for t in tensors {
+        super::same_dtype(OP, first, t)?;
+    }
+    super::tname(OP, first.dtype())?;
+    let esz = first.dtype().size_in_bytes();
+    let outer: usize = shape[..d].iter().product();
+    let inner: usize = shape[d + 1..].iter().product();
+    let out = super::cuda_empty(dev, first.dtype(), shape)?;
+    let base = super::ptr(&out)?;
+    let dst_pitch = shape[d] * inner * esz;
+    let mut start = 0;
+    for t in tensors {
+        let width = t.shape()[d] * inner * esz;
+        if width > 0 && outer > 0 {
+            let src = super::dense(t)?;
+            let dst = base + (start * inner * esz) as u64;
+            // SAFETY: src is a dense [outer, len, inner] buffer (`outer` rows of `width` bytes,
+            // pitch `width`) in its own storage; the destination rows start `start·inner`
+            // elements into a fresh output of `outer` rows of `dst_pitch` bytes, and
+            // start·inner·esz + width ≤ dst_pitch, so every row stays inside its output row.
+            // A fresh output never overlaps an input.
+            unsafe {
+                super::cuda_copy_2d(
+                    OP,
+                    dev,
+                    (dst, dst_pitch),
+                    (super::ptr(&src)?, width),
+                    width,
+                    outer,
+                )?
+            };
+        }
+        start += t.shape()[d];
+    }
+    Ok(out)
+}
 
 impl Tensor {
     /// Joins tensors along an existing dim; all other dims must agree.
@@ -27,20 +97,13 @@ impl Tensor {
             }
             shape[d] += t.shape()[d];
         }
-        let outer: usize = shape[..d].iter().product();
-        let inner: usize = shape[d + 1..].iter().product();
-        let mut out = Vec::with_capacity(shape.iter().product());
-        let datas = tensors
-            .iter()
-            .map(|t| t.f32_data())
-            .collect::<Result<Vec<_>>>()?;
-        for o in 0..outer {
-            for (t, data) in tensors.iter().zip(&datas) {
-                let block = t.shape()[d] * inner;
-                out.extend_from_slice(&data[o * block..(o + 1) * block]);
-            }
-        }
-        let out = Tensor::f32_owned(out, &shape);
+        #[cfg(feature = "cuda")]
+        let out = match super::cuda_inputs("concat", tensors)? {
+            Some(dev) => concat_cuda(&dev, tensors, d, &shape)?,
+            None => concat_cpu(tensors, d, &shape)?,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let out = concat_cpu(tensors, d, &shape)?;
         let sizes: Vec<usize> = tensors.iter().map(|t| t.shape()[d]).collect();
         let inputs: Vec<&Tensor> = tensors.to_vec();
         Ok(Tensor::record(out, "concat", &inputs, move |g| {

@@ -1,4 +1,10 @@
 //! Layer normalisation over the last dim with weight and bias, as GPT-2's pre-LN blocks use it.
+//!
+//! On CUDA (kernels/layer_norm.cu) the forward saves each row's mean and 1/std in f32 for the
+//! backward; the weight and bias gradients are summed over rows in f32 through per-block
+//! partial rows added in a fixed order (no atomics: deterministic), and returned in the
+//! parameters' dtype like every gradient of the engine (autograd adds gradients of one tensor
+//! with `add`, which needs equal dtypes; a bf16 weight's gradient is rounded once, at the end).
 
 use crate::cpu::vec;
 use crate::{Error, Result, Tensor};
@@ -18,6 +24,10 @@ impl Tensor {
                     rhs: p.shape().to_vec(),
                 });
             }
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = super::cuda_inputs("layer_norm", &[self, weight, bias])? {
+            return layer_norm_cuda(&dev, self, weight, bias, cols, eps);
         }
         let x = self.f32_data()?;
         let rows = x.len().checked_div(cols).unwrap_or(0);
@@ -57,6 +67,121 @@ impl Tensor {
             },
         ))
     }
+}
+
+/// Threads per block of every layer_norm.cu launch.
+#[cfg(feature = "cuda")]
+const LN_THREADS: u32 = 256;
+
+/// kernels/layer_norm.cu: `layer_norm_fwd_T` (saving mean and rstd, f32), and in the backward
+/// `layer_norm_bwd_T` (dx, and per-block f32 partial sums of dgamma and dbeta over the rows a
+/// block owns) then `layer_norm_bwd_params` (the partials added in block order).
+#[cfg(feature = "cuda")]
+fn layer_norm_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    cols: usize,
+    eps: f32,
+) -> Result<Tensor> {
+    use crate::cuda::storage::rows_config;
+    use crate::DType;
+    use cudarc::driver::PushKernelArg;
+    const OP: &str = "layer_norm";
+    super::same_dtype(OP, x, weight)?;
+    super::same_dtype(OP, x, bias)?;
+    let dtype = x.dtype();
+    let tn = super::tname(OP, dtype)?;
+    let rows = x.numel().checked_div(cols).unwrap_or(0);
+    let y = super::cuda_empty(dev, dtype, x.shape())?;
+    let mean = super::cuda_empty(dev, DType::F32, &[rows])?;
+    let rstd = super::cuda_empty(dev, DType::F32, &[rows])?;
+    let (xd, wd, bd) = (super::dense(x)?, super::dense(weight)?, super::dense(bias)?);
+    if rows > 0 {
+        let entry = format!("layer_norm_fwd_{tn}");
+        let (r64, c64) = (rows as i64, cols as i64);
+        let ptrs = [&xd, &wd, &bd, &y, &mean, &rstd]
+            .iter()
+            .map(|t| super::ptr(t))
+            .collect::<Result<Vec<u64>>>()?;
+        let f = dev.function("layer_norm", &entry)?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&r64).arg(&c64);
+        for p in &ptrs {
+            l.arg(p);
+        }
+        l.arg(&eps);
+        // SAFETY: layer_norm_fwd_T(i64 rows, i64 cols, const T* x, const T* gamma, const T*
+        // beta, T* y, float* mean, float* rstd, float eps): x and y contiguous [rows, cols] of
+        // T, gamma and beta contiguous [cols] of T, mean and rstd fresh [rows] f32 buffers.
+        unsafe { super::launch(OP, &entry, l, rows_config(rows, LN_THREADS))? };
+    }
+    let dev = dev.clone();
+    let shape = x.shape().to_vec();
+    Ok(Tensor::record(y, OP, &[x, weight, bias], move |g| {
+        super::same_dtype(OP, &xd, g)?;
+        let dx = super::cuda_empty(&dev, dtype, &shape)?;
+        let dgamma = super::cuda_empty(&dev, DType::F32, &[cols])?;
+        let dbeta = super::cuda_empty(&dev, DType::F32, &[cols])?;
+        if rows > 0 && cols > 0 {
+            let g = super::dense(g)?;
+            // G blocks, from the row count alone, so the order of the dgamma/dbeta sums (and
+            // so their bits) never depends on the card.
+            let parts = rows.min(256);
+            let dg_part = super::cuda_empty(&dev, DType::F32, &[parts, cols])?;
+            let db_part = super::cuda_empty(&dev, DType::F32, &[parts, cols])?;
+            let entry = format!("layer_norm_bwd_{tn}");
+            let (r64, c64) = (rows as i64, cols as i64);
+            let ptrs = [&xd, &wd, &mean, &rstd, &g, &dx, &dg_part, &db_part]
+                .iter()
+                .map(|t| super::ptr(t))
+                .collect::<Result<Vec<u64>>>()?;
+            let f = dev.function("layer_norm", &entry)?;
+            let mut l = dev.stream().launch_builder(&f);
+            l.arg(&r64).arg(&c64);
+            for p in &ptrs {
+                l.arg(p);
+            }
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (parts as u32, 1, 1),
+                block_dim: (LN_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: layer_norm_bwd_T(i64 rows, i64 cols, const T* x, const T* gamma, const
+            // float* mean, const float* rstd, const T* dy, T* dx, float* dgamma_part, float*
+            // dbeta_part): x, dy, dx contiguous [rows, cols] of T; gamma [cols] of T; mean,
+            // rstd [rows] f32 from the forward; the partials [G, cols] f32 with G = gridDim.x.
+            unsafe { super::launch(OP, &entry, l, cfg)? };
+            let entry = "layer_norm_bwd_params";
+            let p64 = parts as i64;
+            let ptrs = [&dg_part, &db_part, &dgamma, &dbeta]
+                .iter()
+                .map(|t| super::ptr(t))
+                .collect::<Result<Vec<u64>>>()?;
+            let f = dev.function("layer_norm", entry)?;
+            let mut l = dev.stream().launch_builder(&f);
+            l.arg(&p64).arg(&c64);
+            for p in &ptrs {
+                l.arg(p);
+            }
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (cols.div_ceil(LN_THREADS as usize) as u32, 1, 1),
+                block_dim: (LN_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: layer_norm_bwd_params(i64 parts, i64 cols, const float* dgamma_part,
+            // const float* dbeta_part, float* dgamma, float* dbeta): the [parts, cols] f32
+            // partials written above, dgamma and dbeta fresh [cols] f32 buffers; threads past
+            // cols return.
+            unsafe { super::launch(OP, entry, l, cfg)? };
+        }
+        Ok(vec![
+            Some(dx),
+            Some(dgamma.to_dtype(dtype)?),
+            Some(dbeta.to_dtype(dtype)?),
+        ])
+    }))
 }
 
 #[cfg(test)]

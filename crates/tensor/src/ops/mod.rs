@@ -37,6 +37,24 @@ pub(crate) fn cpu_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
     }
 }
 
+/// An `Error::Cuda` when an index tensor (ids, indices, targets) is on a GPU while the data
+/// it indexes is on the CPU: indices may follow their data up to a GPU (see ops/embedding.rs),
+/// but data never silently comes down to the host.
+pub(crate) fn indices_on_host(op: &'static str, idx: &Tensor) -> Result<()> {
+    if idx.device() == crate::Device::Cpu {
+        return Ok(());
+    }
+    Err(crate::Error::cuda(
+        op,
+        format!(
+            "indices of shape {:?} are on {} but the data is on the CPU: move them with \
+             to_device(Device::Cpu), or the data to their GPU",
+            idx.shape(),
+            idx.device()
+        ),
+    ))
+}
+
 /// Applies a slice kernel to the f32 elements of `x`, producing an untracked contiguous tensor.
 /// The kernel must write every element of its output (a pooled buffer with stale values).
 pub(crate) fn map_f32(x: &Tensor, kernel: impl Fn(&[f32], &mut [f32])) -> Result<Tensor> {
@@ -196,6 +214,170 @@ mod cuda_common {
         // read through its own layout (inside its storage), out holds n elements of T.
         unsafe { launch(OP, &entry, b, crate::cuda::storage::elementwise_config(n))? };
         Ok(out)
+    }
+
+    /// A contiguous tensor of `shape` on `dev` holding a copy of the host storage `host`
+    /// (row-major, `shape`'s element count), untracked.
+    pub(crate) fn cuda_from_host(
+        dev: &Arc<CudaDevice>,
+        host: &Storage,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        debug_assert_eq!(host.len(), shape.iter().product::<usize>());
+        // No zero-length uploads (see CudaStorage::zeros): an empty tensor gets the usual
+        // one-element placeholder buffer.
+        let s = if host.is_empty() {
+            CudaStorage::zeros(dev, host.dtype(), 0)?
+        } else {
+            CudaStorage::from_host(dev, host)?
+        };
+        Ok(Tensor::from_parts(
+            Arc::new(Storage::Cuda(s)),
+            Layout::contiguous(shape),
+            GradTrack::None,
+        ))
+    }
+
+    /// The `bad` flag of the kernels that validate indices on the device (embedding.cu,
+    /// gather.cu, cross_entropy.cu): one u64 set to all ones (`u64::MAX`, "no bad index"),
+    /// into which a kernel `atomicMin`s the first bad position. Held as an i64 buffer (the
+    /// storage has no u64 type); the bits are the same.
+    pub(crate) fn cuda_bad_flag(dev: &Arc<CudaDevice>) -> Result<Tensor> {
+        cuda_from_host(dev, &Storage::I64(vec![-1]), &[1])
+    }
+
+    /// The first bad position a kernel reported in `flag` (None when it is still all ones).
+    /// Reading it waits for the stream: callers only do so for indices that live on the GPU
+    /// (host indices are checked on the host before upload, with no wait).
+    pub(crate) fn read_bad_flag(flag: &Tensor) -> Result<Option<usize>> {
+        let v = flag.to_vec::<i64>()?;
+        Ok(match v.first() {
+            Some(&-1) | None => None,
+            Some(&p) => Some(p as u64 as usize),
+        })
+    }
+
+    /// An integer index tensor (embedding ids, gather indices, cross-entropy targets) as the
+    /// kernels read it: contiguous i64 on `dev`.
+    ///
+    /// The rule for indices (docs in ops/embedding.rs): they may live on the host, in any
+    /// integer dtype and layout, or on the op's own GPU. Host indices are copied up and their
+    /// values returned, so the op validates them on the host before any launch (the same
+    /// error as the CPU path, and no wait for the GPU). Contiguous i64 indices on the GPU are
+    /// used in place and validated by the kernel (`bad` flag, read after the launch). Other
+    /// GPU indices (a narrowed view, i32 ids) have no copy kernel: they are brought to the
+    /// host, converted and copied back, which costs a round trip; their values are returned
+    /// like host indices. Indices on another device are an error.
+    pub(crate) fn cuda_index_tensor(
+        op: &'static str,
+        idx: &Tensor,
+        dev: &Arc<CudaDevice>,
+    ) -> Result<(Tensor, Option<Vec<i64>>)> {
+        if idx.dtype().is_float() {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "indices must have an integer dtype, got {} (shape {:?})",
+                    idx.dtype(),
+                    idx.shape()
+                ),
+            ));
+        }
+        let here = Device::Cuda(dev.ordinal());
+        match idx.device() {
+            d if d == here && idx.dtype() == DType::I64 && idx.is_contiguous() => {
+                return Ok((idx.detach(), None));
+            }
+            Device::Cpu => {}
+            d if d == here => {}
+            d => {
+                return Err(Error::cuda(
+                    op,
+                    format!(
+                        "indices of shape {:?} are on {d} but the op runs on {here}: move them \
+                         to one device with to_device first",
+                        idx.shape()
+                    ),
+                ))
+            }
+        }
+        let vals = idx.to_i64_vec()?;
+        let t = cuda_from_host(dev, &Storage::I64(vals.clone()), idx.shape())?;
+        Ok((t, Some(vals)))
+    }
+
+    /// Copies `height` rows of `width` bytes from `src` (rows `src_pitch` bytes apart) to
+    /// `dst` (rows `dst_pitch` bytes apart) on `dev`'s stream: one cuMemcpy2DAsync, for
+    /// writing a block into a strided slot of a larger tensor (concat) without a kernel.
+    ///
+    /// # Safety
+    /// `src` and `dst` must be device addresses on `dev`, with `height` rows of `width` bytes
+    /// at the given pitches inside live buffers, and the two regions must not overlap.
+    pub(crate) unsafe fn cuda_copy_2d(
+        op: &'static str,
+        dev: &Arc<CudaDevice>,
+        (dst, dst_pitch): (u64, usize),
+        (src, src_pitch): (u64, usize),
+        width: usize,
+        height: usize,
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        if width == 0 || height == 0 {
+            return Ok(());
+        }
+        dev.context()
+            .bind_to_thread()
+            .map_err(|e| Error::cuda(op, format!("binding the CUDA context: {e:?}")))?;
+        let stream = dev.stream().cu_stream();
+        // The driver refuses 2-D pitches past its maximum (2^31 - 1 bytes on current cards):
+        // one row, or rows that long, go as plain linear copies instead.
+        if height == 1 || src_pitch.max(dst_pitch) > i32::MAX as usize {
+            for r in 0..height {
+                let (d, s) = ((dst_pitch * r) as u64, (src_pitch * r) as u64);
+                // SAFETY: row r of both regions, inside live buffers of this context by the
+                // caller's contract; ordered on the engine's stream.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(dst + d, src + s, width, stream)
+                }
+                .map_err(|e| {
+                    Error::cuda(op, format!("device copy of {width} bytes (row {r}): {e:?}"))
+                })?;
+            }
+            return Ok(());
+        }
+        let p = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: src,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: dst_pitch,
+            WidthInBytes: width,
+            Height: height,
+        };
+        // SAFETY: `p` is a fully initialised descriptor of a device-to-device copy (host and
+        // array fields unused and null); the caller guarantees both regions lie in live
+        // buffers of this context and do not overlap; the copy is ordered on the engine's
+        // one stream like every launch.
+        let r = unsafe { sys::cuMemcpy2DAsync_v2(&p, stream) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::cuda(
+                op,
+                format!(
+                    "cuMemcpy2DAsync of {height} rows x {width} bytes (pitches {src_pitch} -> \
+                     {dst_pitch}): {r:?}"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// `cast_f32_to_bf16` / `cast_bf16_to_f32` over any layout (the forward of `to_dtype`).

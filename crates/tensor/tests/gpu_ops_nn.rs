@@ -1,0 +1,933 @@
+//! CUDA against CPU for the network ops: reductions, layer_norm, embedding, gather_last,
+//! cross_entropy, dropout, concat/stack, forward and backward, f32 and bf16, plus their error
+//! cases (mixed devices, bad indices) and a tiny language-model step composed of them. Every
+//! test is `#[ignore]`d: no CPU machine can run them; a GPU session runs this binary with
+//! `--ignored` (docs/cuda.md).
+//!
+//! Conventions as in gpu_ops.rs (whose small helpers are copied here): fresh random inputs
+//! (never zeros) from a seed printed per test and replayable with RLHF_GPU_SEED; relative error
+//! ‖out − ref‖ / ‖ref‖ under 1e-5 for f32 arithmetic (1e-4 where the GPU's and the CPU's
+//! transcendental functions or rsqrt differ), under 1e-2 for bf16; NaN never passes. bf16 is
+//! checked against the CPU's f32 op on the same bf16-rounded inputs. Ops that only move or add
+//! values in the CPU's order (embedding, gather_last, concat, dropout, argmax, max) are checked
+//! bit for bit; for bf16, against the CPU's f32 result rounded once to bf16.
+#![cfg(feature = "cuda")]
+
+use rlhf_tensor::{DType, Device, Error, Parameter, Rng, Tensor};
+
+const GPU: Device = Device::Cuda(0);
+
+fn seed(test: &str) -> u64 {
+    let base = std::env::var("RLHF_GPU_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("{test}: RLHF_GPU_SEED={base}");
+    base
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.shape(), want.shape(), "shapes differ");
+    assert_eq!(got.device(), Device::Cpu, "compare on the host");
+    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (a, b) in g.iter().zip(&w) {
+        if !a.is_finite() && a != b {
+            return f64::NAN;
+        }
+        num += (a - b) * (a - b);
+        den += b * b;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.device(), GPU, "{what}: the result left the GPU");
+    let got = got
+        .to_device(Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let want = want.to_dtype(DType::F32).unwrap();
+    let e = rel_err(&got, &want);
+    assert!(e < tol, "{what}: relative error {e:e} (tolerance {tol:e})");
+}
+
+/// Bit-for-bit equality of a GPU result with a CPU reference (f32 reference rounded to the
+/// GPU result's dtype first: one rounding, as the kernels do).
+fn check_bits(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.device(), GPU, "{what}: the result left the GPU");
+    assert_eq!(got.shape(), want.shape(), "{what}: shapes differ");
+    let want = want.to_dtype(got.dtype()).unwrap();
+    let (g, w) = (
+        got.to_device(Device::Cpu).unwrap().to_f64_vec(),
+        want.to_f64_vec(),
+    );
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(
+            a.to_bits() == b.to_bits(),
+            "{what}: element {i} is {a} on the GPU, {b} on the CPU"
+        );
+    }
+}
+
+fn tol(dtype: DType, f32_tol: f64) -> f64 {
+    if dtype == DType::BF16 {
+        1e-2
+    } else {
+        f32_tol
+    }
+}
+
+/// A random shape of `rank` dims, each in 1..=max.
+fn shape(rng: &mut Rng, rank: usize, max: u64) -> Vec<usize> {
+    (0..rank).map(|_| 1 + rng.below(max) as usize).collect()
+}
+
+/// Random values in [lo, hi) as `dtype` on the CPU (bf16-rounded for bf16).
+fn rand(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32, dtype: DType) -> Tensor {
+    let t = Tensor::rand_uniform(shape, lo, hi, rng.next_u64());
+    t.to_dtype(dtype).unwrap()
+}
+
+/// (CPU f32 reference input, GPU input of `dtype`) holding the same values.
+fn pair(cpu: &Tensor, dtype: DType) -> (Tensor, Tensor) {
+    let c = cpu.to_dtype(dtype).unwrap();
+    let g = c.to_device(GPU).unwrap();
+    (c.to_dtype(DType::F32).unwrap(), g)
+}
+
+/// The gradient of `f` at `x` for output gradient `g` (values on x's device).
+fn grad_of(x: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> rlhf_tensor::Result<Tensor>) -> Tensor {
+    grads_of(std::slice::from_ref(x), g, &|t| f(&t[0])).remove(0)
+}
+
+/// The gradients of `f` with respect to every tensor of `xs` for output gradient `g`.
+fn grads_of(
+    xs: &[Tensor],
+    g: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> rlhf_tensor::Result<Tensor>,
+) -> Vec<Tensor> {
+    let ps: Vec<Parameter> = xs.iter().map(|x| Parameter::new(x.clone())).collect();
+    let ts: Vec<Tensor> = ps.iter().map(|p| p.tensor()).collect();
+    let y = f(&ts).unwrap();
+    y.backward_with(g.clone()).unwrap();
+    ps.iter().map(|p| p.grad().expect("a gradient")).collect()
+}
+
+/// Random i64 indices in 0..limit of `shape`, on the CPU.
+fn indices(rng: &mut Rng, shape: &[usize], limit: usize) -> Tensor {
+    let n = shape.iter().product();
+    let v: Vec<i64> = (0..n).map(|_| rng.below(limit as u64) as i64).collect();
+    Tensor::from_vec(v, shape).unwrap()
+}
+
+fn gpu(t: &Tensor) -> Tensor {
+    t.to_device(GPU).unwrap()
+}
+
+// ---- reductions ---------------------------------------------------------------------------
+
+type Reduction = fn(&Tensor, isize, bool) -> rlhf_tensor::Result<Tensor>;
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_reductions_over_each_dim_forward_and_backward() {
+    let mut rng = Rng::new(seed("reductions"));
+    // (name, op, f32 tolerance). Positive-mean inputs keep sums away from cancellation.
+    let ops: Vec<(&str, Reduction, f64)> = vec![
+        ("sum", |x, d, k| x.sum(d, k), 1e-5),
+        ("mean", |x, d, k| x.mean(d, k), 1e-5),
+        // Biased: a dim of size 1 would divide by zero with Bessel's correction (NaN both ways).
+        ("var", |x, d, k| x.var(d, k, false), 1e-4),
+        ("logsumexp", |x, d, k| x.logsumexp(d, k), 1e-4),
+        ("max", |x, d, k| x.max(d, k), 1e-7),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (name, f, t32) in &ops {
+            for dim in [0isize, 1, 2, -1] {
+                let mut s = shape(&mut rng, 3, 24);
+                if rng.below(2) == 0 {
+                    s[2] = 1 + rng.below(3000) as usize; // long rows: the block-per-row kernel
+                }
+                let keepdim = rng.below(2) == 0;
+                let x = rand(&mut rng, &s, -1.0, 3.0, DType::F32);
+                let (xc, xg) = pair(&x, dtype);
+                let what = format!("{name} {dtype} {s:?} dim {dim} keepdim {keepdim}");
+                let want = f(&xc, dim, keepdim).unwrap();
+                let got = f(&xg, dim, keepdim).unwrap();
+                if *name == "max" {
+                    // Picking an element is exact, ties and all (the first maximum wins).
+                    check_bits(&what, &got, &want);
+                } else {
+                    check(&what, &got, &want, tol(dtype, *t32));
+                }
+                let g = rand(&mut rng, want.shape(), -1.0, 1.0, DType::F32);
+                let (gc, gg) = pair(&g, dtype);
+                let op = |x: &Tensor| f(x, dim, keepdim);
+                check(
+                    &format!("{what} backward"),
+                    &grad_of(&xg, &gg, &op),
+                    &grad_of(&xc, &gc, &op),
+                    tol(dtype, t32 * 2.0),
+                );
+                // A strided input (dense copy on the device first).
+                let xt = xg.transpose(0, 2).unwrap();
+                check(
+                    &format!("{what} strided"),
+                    &f(&xt, dim, keepdim).unwrap(),
+                    &f(&xc.transpose(0, 2).unwrap(), dim, keepdim).unwrap(),
+                    tol(dtype, t32.max(1e-5)),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_argmax_matches_the_cpu_exactly_ties_and_nan_included() {
+    let mut rng = Rng::new(seed("argmax"));
+    for dtype in [DType::F32, DType::BF16] {
+        for dim in [0isize, 1, 2] {
+            let mut s = shape(&mut rng, 3, 30);
+            s[2] = 1 + rng.below(2000) as usize;
+            // Eight distinct values: many ties, which the first index must win everywhere.
+            let n: usize = s.iter().product();
+            let vals: Vec<f32> = (0..n).map(|_| rng.below(8) as f32 * 0.25 - 1.0).collect();
+            let x = Tensor::from_vec(vals, &s).unwrap();
+            let (xc, xg) = pair(&x, dtype);
+            let keepdim = dim == 1;
+            let want = xc.argmax(dim, keepdim).unwrap();
+            let got = xg.argmax(dim, keepdim).unwrap();
+            assert_eq!(got.device(), GPU);
+            assert_eq!(got.dtype(), DType::I64);
+            assert_eq!(got.shape(), want.shape());
+            assert_eq!(
+                got.to_i64_vec().unwrap(),
+                want.to_i64_vec().unwrap(),
+                "argmax {dtype} {s:?} dim {dim}"
+            );
+        }
+    }
+    // NaN: skipped after the first element, the answer when it is the first (the CPU's fold).
+    let rows = vec![
+        f32::NAN,
+        1.0,
+        5.0,
+        2.0, // NaN first: index 0
+        1.0,
+        f32::NAN,
+        5.0,
+        5.0, // first maximum after a NaN: index 2
+        -3.0,
+        -1.0,
+        f32::NAN,
+        -1.0, // index 1
+    ];
+    let x = Tensor::from_vec(rows, &[3, 4]).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let (xc, xg) = pair(&x, dtype);
+        // Dim 1 of x runs the row kernel; dim 0 of xᵀ ([4, 3], the same rows as columns) the
+        // middle-dim kernel.
+        for (name, c, g, d) in [
+            ("rows", xc.clone(), xg.clone(), 1isize),
+            ("mid", xc.t().unwrap(), xg.t().unwrap(), 0),
+        ] {
+            let want = c.argmax(d, false).unwrap().to_i64_vec().unwrap();
+            assert_eq!(want, vec![0, 2, 1], "the CPU's own answer");
+            assert_eq!(
+                g.argmax(d, false).unwrap().to_i64_vec().unwrap(),
+                want,
+                "{dtype} {name}"
+            );
+            let (a, b) = (
+                g.max(d, false).unwrap().to_f64_vec(),
+                c.max(d, false).unwrap().to_f64_vec(),
+            );
+            for (p, q) in a.iter().zip(&b) {
+                assert!(
+                    p == q || (p.is_nan() && q.is_nan()),
+                    "{dtype} {name}: {a:?} vs {b:?}"
+                );
+            }
+        }
+    }
+    // An empty dim has no maximum, on either device.
+    let empty = gpu(&Tensor::ones(&[3, 2])).narrow(1, 0, 0).unwrap();
+    let e = empty.max(1, false).unwrap_err();
+    assert!(e.to_string().contains("empty dim"), "{e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_whole_tensor_sums_two_pass_and_deterministic() {
+    let mut rng = Rng::new(seed("sum_all"));
+    for dtype in [DType::F32, DType::BF16] {
+        // One chunk (a single block) and many (partials, then a second pass).
+        for n in [1usize, 777, 4096, 4097, 250_000, 5_000_000] {
+            let x = rand(&mut rng, &[n], 0.5, 1.5, DType::F32);
+            let (xc, xg) = pair(&x, dtype);
+            // A float64 reference: the CPU's f32 sum carries its own rounding at 5M elements.
+            let exact: f64 = xc.to_f64_vec().iter().sum();
+            let want = Tensor::scalar(exact as f32);
+            let s = xg.sum_all().unwrap();
+            assert_eq!(s.shape(), &[] as &[usize]);
+            check(
+                &format!("sum_all {dtype} n {n}"),
+                &s,
+                &want,
+                tol(dtype, 1e-6),
+            );
+            let m = xg.mean_all().unwrap();
+            let want_mean = Tensor::scalar((exact / n as f64) as f32);
+            check(
+                &format!("mean_all {dtype} n {n}"),
+                &m,
+                &want_mean,
+                tol(dtype, 1e-6),
+            );
+            // The same launch twice: the same bits.
+            let again = xg.sum_all().unwrap();
+            check_bits(
+                &format!("sum_all {dtype} n {n} repeat"),
+                &again,
+                &s.to_device(Device::Cpu).unwrap(),
+            );
+            // Its gradient: ones (times the upstream value).
+            let g = Tensor::scalar(0.75).to_dtype(dtype).unwrap();
+            let gx = grad_of(&xg, &gpu(&g), &|t| t.sum_all());
+            check_bits(
+                &format!("sum_all {dtype} backward"),
+                &gx,
+                &Tensor::full(&[n], 0.75),
+            );
+        }
+        // A 2-D tensor reduced over a dim of size 1 in a [1, n] shape is also a whole sum.
+        let x = rand(&mut rng, &[1, 9000], 0.5, 1.5, DType::F32);
+        let (xc, xg) = pair(&x, dtype);
+        check(
+            &format!("sum dim 1 of [1, 9000] {dtype}"),
+            &xg.sum(1, false).unwrap(),
+            &xc.sum(1, false).unwrap(),
+            tol(dtype, 1e-5),
+        );
+    }
+    // Broadcast backward uses sum on the device: bias gradients of a [B, T, D] + [D] add.
+    let a = rand(&mut rng, &[4, 50, 33], -1.0, 1.0, DType::F32);
+    let b = rand(&mut rng, &[33], -1.0, 1.0, DType::F32);
+    let g = rand(&mut rng, &[4, 50, 33], -1.0, 1.0, DType::F32);
+    check(
+        "broadcast add backward (rhs)",
+        &grad_of(&gpu(&b), &gpu(&g), &|y| gpu(&a).add(y)),
+        &grad_of(&b, &g, &|y| a.add(y)),
+        1e-5,
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_reduction_errors() {
+    let x = Tensor::randn(&[4, 8], 0.0, 1.0, 5);
+    let ints = gpu(&Tensor::from_vec(vec![1i64, 2, 3], &[3]).unwrap());
+    for e in [
+        ints.sum(0, false).unwrap_err(),
+        ints.argmax(0, false).unwrap_err(),
+    ] {
+        assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    }
+    // Out-of-range dims are the same error on both devices.
+    let g = gpu(&x);
+    assert!(matches!(g.sum(2, false), Err(Error::DimOutOfRange { .. })));
+    assert!(matches!(x.sum(2, false), Err(Error::DimOutOfRange { .. })));
+}
+
+// ---- layer norm ---------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_layer_norm_forward_and_backward() {
+    let mut rng = Rng::new(seed("layer_norm"));
+    for dtype in [DType::F32, DType::BF16] {
+        for trial in 0..6 {
+            let mut s = shape(&mut rng, 3, 12);
+            // Widths below, at and above one block of 256 threads, and GPT-2's 768.
+            s[2] = [1, 37, 256, 300, 768, 1 + rng.below(1500) as usize][trial];
+            // Rows past 256 give more rows than backward partial blocks.
+            if trial == 4 {
+                s[0] = 40;
+            }
+            let c = s[2];
+            let x = rand(&mut rng, &s, -2.0, 4.0, DType::F32);
+            let w = rand(&mut rng, &[c], 0.5, 1.5, DType::F32);
+            let b = rand(&mut rng, &[c], -0.5, 0.5, DType::F32);
+            let ((xc, xg), (wc, wg), (bc, bg)) =
+                (pair(&x, dtype), pair(&w, dtype), pair(&b, dtype));
+            let f = |t: &[Tensor]| t[0].layer_norm(&t[1], &t[2], 1e-5);
+            let what = format!("layer_norm {dtype} {s:?}");
+            let yc = f(&[xc.clone(), wc.clone(), bc.clone()]).unwrap();
+            let yg = f(&[xg.clone(), wg.clone(), bg.clone()]).unwrap();
+            assert_eq!(yg.dtype(), dtype);
+            check(&what, &yg, &yc, tol(dtype, 1e-4));
+            let g = rand(&mut rng, &s, -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            let want = grads_of(&[xc.clone(), wc, bc], &gc, &f);
+            let got = grads_of(&[xg.clone(), wg.clone(), bg.clone()], &gg, &f);
+            for (i, name) in ["dx", "dweight", "dbias"].iter().enumerate() {
+                assert_eq!(got[i].dtype(), dtype, "{what} {name} dtype");
+                check(
+                    &format!("{what} {name}"),
+                    &got[i],
+                    &want[i],
+                    tol(dtype, 1e-4),
+                );
+            }
+            // Deterministic: the parameter gradients (cross-block sums) repeat bit for bit.
+            let again = grads_of(&[xg.clone(), wg.clone(), bg.clone()], &gg, &f);
+            for i in 1..3 {
+                check_bits(
+                    &format!("{what} repeat {i}"),
+                    &again[i],
+                    &got[i].to_device(Device::Cpu).unwrap(),
+                );
+            }
+            // A strided input (a transposed view made dense on the device).
+            let xt = gpu(&x
+                .to_dtype(dtype)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .contiguous()
+                .unwrap())
+            .transpose(0, 1)
+            .unwrap();
+            check(
+                &format!("{what} strided"),
+                &f(&[xt, wg, bg]).unwrap(),
+                &yc,
+                tol(dtype, 1e-4),
+            );
+        }
+    }
+    // Mixed devices and dtypes are errors.
+    let x = gpu(&Tensor::randn(&[2, 8], 0.0, 1.0, 1));
+    let (w, b) = (Tensor::ones(&[8]), Tensor::zeros(&[8]));
+    let e = x.layer_norm(&w, &b, 1e-5).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    let wb = gpu(&w.to_dtype(DType::BF16).unwrap());
+    let e = x.layer_norm(&wb, &gpu(&b), 1e-5).unwrap_err();
+    assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+}
+
+// ---- embedding ----------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_embedding_forward_and_backward_bitwise() {
+    let mut rng = Rng::new(seed("embedding"));
+    for dtype in [DType::F32, DType::BF16] {
+        for trial in 0..4 {
+            let v = 1 + rng.below(300) as usize;
+            let d = [1, 77, 128, 1 + rng.below(400) as usize][trial];
+            let (b, t) = (1 + rng.below(4) as usize, 1 + rng.below(300) as usize);
+            let table = rand(&mut rng, &[v, d], -1.0, 1.0, DType::F32);
+            let (tc, tg) = pair(&table, dtype);
+            // Ids of a small range repeat often: the backward's accumulation order matters.
+            let range = v.min(1 + rng.below(20) as usize);
+            let ids = indices(&mut rng, &[b, t + 1], range);
+            let g = rand(&mut rng, &[b, t, d], -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            let f_cpu = |ids: &Tensor| {
+                let f = |x: &Tensor| Tensor::embedding(ids, x);
+                (f(&tc).unwrap(), grad_of(&tc, &gc, &f))
+            };
+            let cpu_ids = ids.narrow(1, 1, t).unwrap();
+            let (want, want_grad) = f_cpu(&cpu_ids);
+            // Ids on the host (i64 and i32, a strided view), on the GPU (contiguous i64: read in
+            // place; a narrowed view and i32: through the host).
+            let variants: Vec<(&str, Tensor)> = vec![
+                ("host i64 view", cpu_ids.clone()),
+                (
+                    "host i32",
+                    cpu_ids.contiguous().unwrap().to_dtype(DType::I32).unwrap(),
+                ),
+                ("gpu i64", gpu(&cpu_ids.contiguous().unwrap())),
+                ("gpu i64 view", gpu(&ids).narrow(1, 1, t).unwrap()),
+                (
+                    "gpu i32",
+                    gpu(&cpu_ids.contiguous().unwrap().to_dtype(DType::I32).unwrap()),
+                ),
+            ];
+            for (kind, ids) in &variants {
+                let what = format!("embedding {dtype} [{v}, {d}] ids [{b}, {t}] {kind}");
+                let f = |x: &Tensor| Tensor::embedding(ids, x);
+                let out = f(&tg).unwrap();
+                assert_eq!(out.shape(), &[b, t, d]);
+                check_bits(&what, &out, &want);
+                // Token-order f32 sums: bitwise the CPU's (for bf16, rounded once).
+                check_bits(
+                    &format!("{what} backward"),
+                    &grad_of(&tg, &gg, &f),
+                    &want_grad,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_embedding_bad_ids_are_errors_not_faults() {
+    let table = Tensor::randn(&[5, 16], 0.0, 1.0, 3);
+    let tg = gpu(&table);
+    for bad in [5i64, -1, 1 << 40] {
+        let ids = Tensor::from_vec(vec![0i64, 4, bad, 1], &[2, 2]).unwrap();
+        let want = Tensor::embedding(&ids, &table).unwrap_err().to_string();
+        for ids in [ids.clone(), gpu(&ids)] {
+            let e = Tensor::embedding(&ids, &tg).unwrap_err();
+            assert!(matches!(e, Error::Invalid { .. }), "{e}");
+            assert_eq!(e.to_string(), want, "ids on {}", ids.device());
+            assert!(
+                want.contains(&format!("index {bad} out of range 0..5")),
+                "{want}"
+            );
+        }
+    }
+    // The device is fine afterwards (a fault would make every later call fail).
+    let ok = Tensor::embedding(&gpu(&Tensor::from_vec(vec![3i64], &[1]).unwrap()), &tg).unwrap();
+    check_bits("after a bad id", &ok, &table.narrow(0, 3, 1).unwrap());
+    // Mixed devices and non-integer ids.
+    let ids = Tensor::from_vec(vec![0i64, 1], &[2]).unwrap();
+    let e = Tensor::embedding(&gpu(&ids), &table).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    let e = Tensor::embedding(&Tensor::ones(&[2]), &tg).unwrap_err();
+    assert!(e.to_string().contains("integer dtype"), "{e}");
+}
+
+// ---- gather_last ----------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_gather_last_forward_and_backward_bitwise() {
+    let mut rng = Rng::new(seed("gather_last"));
+    for dtype in [DType::F32, DType::BF16] {
+        for _ in 0..4 {
+            let (b, t) = (1 + rng.below(4) as usize, 1 + rng.below(200) as usize);
+            let v = 1 + rng.below(3000) as usize;
+            let k = 1 + rng.below(4) as usize;
+            let x = rand(&mut rng, &[b, t, v], -6.0, 0.0, DType::F32);
+            let (xc, xg) = pair(&x, dtype);
+            // k indices per row from a small range: repeats within a row accumulate.
+            let idx = indices(&mut rng, &[b, t, k], v.min(3));
+            let g = rand(&mut rng, &[b, t, k], -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            let want = xc.gather_last(&idx).unwrap();
+            let want_grad = grad_of(&xc, &gc, &|x| x.gather_last(&idx));
+            for (kind, ids) in [("host", idx.clone()), ("gpu", gpu(&idx))] {
+                let what = format!("gather_last {dtype} [{b}, {t}, {v}] k {k} ids {kind}");
+                check_bits(&what, &xg.gather_last(&ids).unwrap(), &want);
+                check_bits(
+                    &format!("{what} backward"),
+                    &grad_of(&xg, &gg, &|x| x.gather_last(&ids)),
+                    &want_grad,
+                );
+            }
+            // A strided input: log-probabilities of a narrowed logits view (PPO's pattern).
+            let lc = xc.narrow(1, 0, t).unwrap().log_softmax(-1).unwrap();
+            let lg = xg.narrow(1, 0, t).unwrap().log_softmax(-1).unwrap();
+            check(
+                &format!("gather_last of log_softmax {dtype}"),
+                &lg.gather_last(&gpu(&idx)).unwrap(),
+                &lc.gather_last(&idx).unwrap(),
+                tol(dtype, 1e-4),
+            );
+        }
+    }
+    // Bad indices, both places, the CPU's error; then the device still works.
+    let x = Tensor::randn(&[2, 3, 4], 0.0, 1.0, 1);
+    let bad = Tensor::from_vec(vec![0i64, 1, 2, 3, 4, 0], &[2, 3, 1]).unwrap();
+    let want = x.gather_last(&bad).unwrap_err().to_string();
+    for ids in [bad.clone(), gpu(&bad)] {
+        let e = gpu(&x).gather_last(&ids).unwrap_err();
+        assert_eq!(e.to_string(), want, "ids on {}", ids.device());
+    }
+    let ok = gpu(&x).gather_last(&gpu(&bad.clamp_ids(3))).unwrap();
+    check_bits(
+        "after a bad index",
+        &ok,
+        &x.gather_last(&bad.clamp_ids(3)).unwrap(),
+    );
+    // Mixed devices: indices on the GPU with data on the CPU.
+    let e = x.gather_last(&gpu(&bad)).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+}
+
+/// Index tensors clamped into 0..=hi (for a valid variant of a bad-index case).
+trait ClampIds {
+    fn clamp_ids(&self, hi: i64) -> Tensor;
+}
+
+impl ClampIds for Tensor {
+    fn clamp_ids(&self, hi: i64) -> Tensor {
+        let v: Vec<i64> = self
+            .to_i64_vec()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.clamp(0, hi))
+            .collect();
+        Tensor::from_vec(v, self.shape()).unwrap()
+    }
+}
+
+// ---- cross entropy ----------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_cross_entropy_forward_and_backward() {
+    let mut rng = Rng::new(seed("cross_entropy"));
+    for dtype in [DType::F32, DType::BF16] {
+        for trial in 0..6 {
+            let (b, t) = (1 + rng.below(4) as usize, 1 + rng.below(64) as usize);
+            // Vocabularies on both sides of the 256/1024-thread switch (4096).
+            let v = if trial % 2 == 0 {
+                2 + rng.below(500) as usize
+            } else {
+                4096 + rng.below(6000) as usize
+            };
+            let x = rand(&mut rng, &[b, t, v], -4.0, 4.0, DType::F32);
+            let (xc, xg) = pair(&x, dtype);
+            // Targets with some ignored (-100) positions.
+            let tv: Vec<i64> = (0..b * t)
+                .map(|_| {
+                    if rng.below(5) == 0 {
+                        -100
+                    } else {
+                        rng.below(v as u64) as i64
+                    }
+                })
+                .collect();
+            let targets = Tensor::from_vec(tv, &[b, t]).unwrap();
+            let weights = (trial >= 2).then(|| {
+                // Positive weights with some zeros.
+                let w = rand(&mut rng, &[b, t], -0.5, 2.0, DType::F32);
+                w.clamp(0.0, 2.0).unwrap()
+            });
+            let upstream = 0.5 + rng.next_f32();
+            for (kind, tgt) in [("host", targets.clone()), ("gpu", gpu(&targets))] {
+                let wg = weights.as_ref().map(|w| gpu(&w.to_dtype(dtype).unwrap()));
+                let wc = weights
+                    .as_ref()
+                    .map(|w| w.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap());
+                let what = format!(
+                    "cross_entropy {dtype} [{b}, {t}, {v}] targets {kind} weights {}",
+                    weights.is_some()
+                );
+                let fc = |x: &Tensor| x.cross_entropy(&targets, Some(-100), wc.as_ref());
+                let fg = |x: &Tensor| x.cross_entropy(&tgt, Some(-100), wg.as_ref());
+                let lg = fg(&xg).unwrap();
+                assert_eq!((lg.shape(), lg.dtype()), (&[] as &[usize], DType::F32));
+                check(&what, &lg, &fc(&xc).unwrap(), tol(dtype, 1e-4));
+                let gx = grad_of(&xg, &gpu(&Tensor::scalar(upstream)), &fg);
+                assert_eq!(gx.dtype(), dtype);
+                check(
+                    &format!("{what} backward"),
+                    &gx,
+                    &grad_of(&xc, &Tensor::scalar(upstream), &fc),
+                    tol(dtype, 1e-4),
+                );
+            }
+        }
+    }
+    // Nothing counts: loss 0 (not NaN), zero gradient.
+    let x = gpu(&Tensor::randn(&[3, 7], 0.0, 1.0, 2));
+    let t = Tensor::from_vec(vec![-100i64; 3], &[3]).unwrap();
+    let l = x.cross_entropy(&t, Some(-100), None).unwrap();
+    assert_eq!(l.item().unwrap(), 0.0);
+    let gx = grad_of(&x, &gpu(&Tensor::scalar(1.0)), &|x| {
+        x.cross_entropy(&t, Some(-100), None)
+    });
+    assert!(gx.to_f64_vec().iter().all(|&v| v == 0.0));
+    // Deterministic: the same loss bits twice.
+    let mut rng = Rng::new(9);
+    let x = gpu(&rand(&mut rng, &[16, 50257], -4.0, 4.0, DType::F32));
+    let t = gpu(&indices(&mut rng, &[16], 50257));
+    let a = x.cross_entropy(&t, None, None).unwrap();
+    let b = x.cross_entropy(&t, None, None).unwrap();
+    check_bits(
+        "cross_entropy repeat",
+        &a,
+        &b.to_device(Device::Cpu).unwrap(),
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_cross_entropy_errors() {
+    let x = Tensor::randn(&[4, 6], 0.0, 1.0, 1);
+    let xg = gpu(&x);
+    let bad = Tensor::from_vec(vec![1i64, -100, 6, 0], &[4]).unwrap();
+    let want = x
+        .cross_entropy(&bad, Some(-100), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        want.contains("target 6 at position 2 out of range 0..6"),
+        "{want}"
+    );
+    for t in [bad.clone(), gpu(&bad)] {
+        let e = xg.cross_entropy(&t, Some(-100), None).unwrap_err();
+        assert_eq!(e.to_string(), want, "targets on {}", t.device());
+    }
+    // Without an ignore index, -100 is out of range too.
+    let e = xg.cross_entropy(&gpu(&bad), None, None).unwrap_err();
+    assert!(e.to_string().contains("target -100 at position 1"), "{e}");
+    // The device still works.
+    let ok = Tensor::from_vec(vec![1i64, 2, 3, 0], &[4]).unwrap();
+    check(
+        "after a bad target",
+        &xg.cross_entropy(&gpu(&ok), None, None).unwrap(),
+        &x.cross_entropy(&ok, None, None).unwrap(),
+        1e-4,
+    );
+    // Weights are float data: they must be on the logits' GPU.
+    let w = Tensor::ones(&[4]);
+    let e = xg.cross_entropy(&ok, None, Some(&w)).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    let e = x.cross_entropy(&ok, None, Some(&gpu(&w))).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    // Targets on the GPU with logits on the CPU.
+    let e = x.cross_entropy(&gpu(&ok), None, None).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    // Shapes are checked before any device work.
+    let e = xg
+        .cross_entropy(&gpu(&ok), None, Some(&gpu(&Tensor::ones(&[3]))))
+        .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+}
+
+// ---- dropout ------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_dropout_drops_the_cpu_elements() {
+    let mut rng = Rng::new(seed("dropout"));
+    for dtype in [DType::F32, DType::BF16] {
+        for p in [0.1f32, 0.5, 0.9] {
+            let s = shape(&mut rng, 3, 40);
+            let seed = rng.next_u64();
+            let x = rand(&mut rng, &s, 0.5, 2.0, DType::F32);
+            let (xc, xg) = pair(&x, dtype);
+            let what = format!("dropout {dtype} p {p} {s:?}");
+            let want = xc.dropout(p, seed).unwrap();
+            let got = xg.dropout(p, seed).unwrap();
+            // Same elements dropped (x is never 0 here), same values (one rounding for bf16).
+            check_bits(&what, &got, &want);
+            let g = rand(&mut rng, &s, -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            check_bits(
+                &format!("{what} backward"),
+                &grad_of(&xg, &gg, &|x| x.dropout(p, seed)),
+                &grad_of(&xc, &gc, &|x| x.dropout(p, seed)),
+            );
+            // A strided input drops the same row-major elements as its dense copy.
+            let xt = xg.transpose(0, 2).unwrap();
+            check_bits(
+                &format!("{what} strided"),
+                &xt.dropout(p, seed).unwrap(),
+                &xc.transpose(0, 2).unwrap().dropout(p, seed).unwrap(),
+            );
+        }
+    }
+    assert!(gpu(&Tensor::ones(&[3])).dropout(1.0, 0).is_err());
+}
+
+// ---- concat / stack -----------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_concat_and_stack_forward_and_backward_bitwise() {
+    let mut rng = Rng::new(seed("concat"));
+    for dtype in [DType::F32, DType::BF16] {
+        for dim in [0usize, 1, 2] {
+            let base = shape(&mut rng, 3, 20);
+            let count = 2 + rng.below(3) as usize;
+            let parts: Vec<Tensor> = (0..count)
+                .map(|_| {
+                    let mut s = base.clone();
+                    s[dim] = 1 + rng.below(12) as usize;
+                    rand(&mut rng, &s, -1.0, 1.0, DType::F32)
+                })
+                .collect();
+            let mut pc: Vec<Tensor> = parts.iter().map(|t| pair(t, dtype).0).collect();
+            // Every other GPU input is a transposed copy viewed back: strided on the device.
+            let mut pg: Vec<Tensor> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let t = t.to_dtype(dtype).unwrap();
+                    if i % 2 == 1 {
+                        gpu(&t.transpose(0, 2).unwrap().contiguous().unwrap())
+                            .transpose(0, 2)
+                            .unwrap()
+                    } else {
+                        gpu(&t)
+                    }
+                })
+                .collect();
+            // An empty part (a zero-length view of a GPU tensor) in the middle.
+            pc.insert(1, pc[0].narrow(dim as isize, 0, 0).unwrap());
+            pg.insert(1, pg[0].narrow(dim as isize, 0, 0).unwrap());
+            let count = count + 1;
+            let what = format!("concat {dtype} dim {dim} {count} parts of {base:?}");
+            let cat = |ts: &[Tensor]| Tensor::concat(&ts.iter().collect::<Vec<_>>(), dim as isize);
+            let want = cat(&pc).unwrap();
+            check_bits(&what, &cat(&pg).unwrap(), &want);
+            let g = rand(&mut rng, want.shape(), -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            let got = grads_of(&pg, &gg, &cat);
+            for (i, w) in grads_of(&pc, &gc, &cat).iter().enumerate() {
+                check_bits(&format!("{what} backward {i}"), &got[i], w);
+            }
+            // stack: same-shape inputs along a new dim.
+            let same: Vec<Tensor> = (0..count)
+                .map(|_| rand(&mut rng, &base, -1.0, 1.0, DType::F32))
+                .collect();
+            let sc: Vec<Tensor> = same.iter().map(|t| pair(t, dtype).0).collect();
+            let sg: Vec<Tensor> = same.iter().map(|t| pair(t, dtype).1).collect();
+            let st = |ts: &[Tensor]| Tensor::stack(&ts.iter().collect::<Vec<_>>(), dim as isize);
+            check_bits(
+                &format!("stack {dtype} dim {dim}"),
+                &st(&sg).unwrap(),
+                &st(&sc).unwrap(),
+            );
+            let g = rand(&mut rng, st(&sc).unwrap().shape(), -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            let got = grads_of(&sg, &gg, &st);
+            for (i, w) in grads_of(&sc, &gc, &st).iter().enumerate() {
+                check_bits(&format!("stack {dtype} dim {dim} backward {i}"), &got[i], w);
+            }
+        }
+    }
+    let a = Tensor::randn(&[2, 3], 0.0, 1.0, 1);
+    let e = Tensor::concat(&[&gpu(&a), &a], 0).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    let b = gpu(&a.to_dtype(DType::BF16).unwrap());
+    let e = Tensor::concat(&[&gpu(&a), &b], 0).unwrap_err();
+    assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+}
+
+// ---- the ops together: one step of a tiny language model ------------------------------------
+
+/// A one-block language model from the ops of this file plus matmul, gelu and softmax:
+/// embeddings, layer norm, attention without a mask, an MLP, dropout, a tied LM head and a
+/// masked cross-entropy, so every gradient path of a GPT-2 step meets the others.
+fn tiny_lm(
+    p: &[Tensor],
+    ids: &Tensor,
+    pos: &Tensor,
+    targets: &Tensor,
+    seed: u64,
+) -> rlhf_tensor::Result<Tensor> {
+    let (wte, wpe, ln_w, ln_b, w1, w2, lnf_w, lnf_b, wo) = (
+        &p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &p[6], &p[7], &p[8],
+    );
+    let x = Tensor::embedding(ids, wte)?.add(&Tensor::embedding(pos, wpe)?)?;
+    let x = x.dropout(0.1, seed)?;
+    let h = x.layer_norm(ln_w, ln_b, 1e-5)?;
+    // Two "heads" (attention without a mask over h and h/2), joined with concat and
+    // projected back to d. (No narrow of a tracked tensor: its backward is not on CUDA.)
+    let heads: Vec<Tensor> = [1.0f32, 0.5]
+        .iter()
+        .map(|&c| {
+            let q = h.mul_scalar(c)?;
+            let s = q
+                .matmul(&q.transpose(1, 2)?)?
+                .mul_scalar(0.25)?
+                .softmax(-1)?;
+            s.matmul(&q)
+        })
+        .collect::<rlhf_tensor::Result<_>>()?;
+    let att = Tensor::concat(&heads.iter().collect::<Vec<_>>(), -1)?.matmul(wo)?;
+    let x = x.add(&att)?;
+    let m = x
+        .layer_norm(ln_w, ln_b, 1e-5)?
+        .matmul(w1)?
+        .gelu()?
+        .matmul(w2)?;
+    let x = x.add(&m)?;
+    let logits = x.layer_norm(lnf_w, lnf_b, 1e-5)?.matmul(&wte.t()?)?;
+    // A max-based auxiliary term exercises max's backward and a mean the reductions'. Small,
+    // so that a near-tie picked differently by f32 rounding cannot move the gradient past the
+    // tolerance (max itself is checked exactly in its own test).
+    let aux = logits.max(-1, false)?.mean_all()?.mul_scalar(1e-4)?;
+    logits.cross_entropy(targets, Some(-100), None)?.add(&aux)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_tiny_lm_step_matches_the_cpu() {
+    let mut rng = Rng::new(seed("tiny_lm"));
+    let (v, d, b, t) = (97usize, 32usize, 3usize, 17usize);
+    let shapes: [&[usize]; 9] = [
+        &[v, d],
+        &[t, d],
+        &[d],
+        &[d],
+        &[d, 4 * d],
+        &[4 * d, d],
+        &[d],
+        &[d],
+        &[2 * d, d],
+    ];
+    let params: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            // Layer-norm gains near 1, everything else small and centred.
+            if matches!(i, 2 | 6) {
+                rand(&mut rng, s, 0.8, 1.2, DType::F32)
+            } else {
+                rand(&mut rng, s, -0.3, 0.3, DType::F32)
+            }
+        })
+        .collect();
+    let ids = indices(&mut rng, &[b, t + 1], v);
+    let inputs = ids.narrow(1, 0, t).unwrap();
+    let mut tv = ids.narrow(1, 1, t).unwrap().to_i64_vec().unwrap();
+    tv[3] = -100;
+    let targets = Tensor::from_vec(tv, &[b, t]).unwrap();
+    let pos = Tensor::from_vec((0..t as i64).collect(), &[t]).unwrap();
+    let seed = rng.next_u64();
+    let f_cpu = |p: &[Tensor]| tiny_lm(p, &inputs, &pos, &targets, seed);
+    let want = grads_of(&params, &Tensor::scalar(1.0), &f_cpu);
+    let want_loss = f_cpu(&params).unwrap();
+    // On the GPU: parameters there, token ids left on the host (the common case) or moved up.
+    let pg: Vec<Tensor> = params.iter().map(gpu).collect();
+    for ids_on_gpu in [false, true] {
+        let (inp, tgt) = if ids_on_gpu {
+            (gpu(&inputs), gpu(&targets))
+        } else {
+            (inputs.clone(), targets.clone())
+        };
+        let f_gpu = |p: &[Tensor]| tiny_lm(p, &inp, &pos, &tgt, seed);
+        check("tiny lm loss", &f_gpu(&pg).unwrap(), &want_loss, 1e-4);
+        let got = grads_of(&pg, &gpu(&Tensor::scalar(1.0)), &f_gpu);
+        for (i, (gg, gc)) in got.iter().zip(&want).enumerate() {
+            check(
+                &format!("tiny lm grad {i} (ids on gpu: {ids_on_gpu})"),
+                gg,
+                gc,
+                1e-4,
+            );
+        }
+    }
+}
