@@ -987,7 +987,7 @@ mod cuda {
         fn head_groups_merge_what_every_operand_allows() {
             // Contiguous [2, 3, 5, 4, 32]: all leading dims merge into one batch dim.
             let a = Tensor::zeros(&[2, 3, 5, 4, 32]);
-            let g = HeadGroups::of(&[2, 3, 5], &[a.clone()]).unwrap();
+            let g = HeadGroups::of(&[2, 3, 5], std::slice::from_ref(&a)).unwrap();
             assert_eq!((g.b, g.h), (30, 1));
             assert_eq!(g.strides(&a), Some([4 * 32, 0, 32]));
             // Heads split out of a [B, T, H, D] buffer: [B, H, T, D] view, two groups.
@@ -1010,7 +1010,9 @@ mod cuda {
             // A head dim that is not contiguous has no strides.
             let tr = Tensor::zeros(&[4, 32, 32]).transpose(1, 2).unwrap();
             assert_eq!(
-                HeadGroups::of(&[4], &[tr.clone()]).unwrap().strides(&tr),
+                HeadGroups::of(&[4], std::slice::from_ref(&tr))
+                    .unwrap()
+                    .strides(&tr),
                 None
             );
         }
