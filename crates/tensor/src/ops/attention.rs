@@ -428,6 +428,23 @@ mod cuda {
             }
         }
 
+        /// Q, K and V of a contiguous packed [B, T, 3C] buffer at `base` (C = H·D), as
+        /// [B, H, T, D] views: element offsets 0, C and 2C, strides (T·3C, D, 3C).
+        fn packed_qkv(&self, base: u64) -> [Operand; 3] {
+            let c = self.h * self.d;
+            let st = [(self.tq * 3 * c) as i64, self.d as i64, (3 * c) as i64];
+            [0, 1, 2].map(|i| Operand {
+                ptr: base + (i * c) as u64 * self.esz(),
+                st,
+            })
+        }
+
+        /// The strides of a contiguous [B, T, C] tensor with heads merged, as [B, H, T, D].
+        fn merged_heads_strides(&self) -> [i64; 3] {
+            let c = self.h * self.d;
+            [(self.tq * c) as i64, self.d as i64, c as i64]
+        }
+
         fn esz(&self) -> u64 {
             self.dtype.size_in_bytes() as u64
         }
@@ -452,13 +469,24 @@ mod cuda {
         (x as u32, y as u32, 1)
     }
 
+    /// One planned kernel launch: entry point, launch shape and arguments, in the order of
+    /// the entry point's parameters (AttnParams, the delta kernel's head dim, then pointers).
+    /// Planning is separate from launching so that the tests can replay a plan on the host.
+    #[derive(Clone, Debug)]
+    struct Launch {
+        entry: String,
+        grid: (u32, u32, u32),
+        threads: u32,
+        p: AttnParams,
+        head_dim: Option<i32>,
+        ptrs: Vec<u64>,
+    }
+
     /// The forward: o and the logsumexp rows `lse` ([B·H, Tq] f32) from q, k, v.
-    fn forward(
-        dev: &Arc<CudaDevice>,
-        pr: &Problem,
-        [q, k, v, o]: [&Operand; 4],
-        lse: u64,
-    ) -> Result<()> {
+    ///
+    /// Entry points: flash_attn_fwd_mma_bf16_dD or flash_attn_fwd_T_dD
+    /// (AttnParams p, const T* q, const T* k, const T* v, T* o, float* lse).
+    fn forward_plan(pr: &Problem, [q, k, v, o]: [&Operand; 4], lse: u64) -> Result<Vec<Launch>> {
         pr.check()?;
         let tn = tname(pr.op, pr.dtype)?;
         let (entry, rows, threads) = if pr.mma_applies(&[q, k, v, o]) {
@@ -474,110 +502,124 @@ mod cuda {
                 simt_threads(pr.d),
             )
         };
-        let f = dev.function(FILE, &entry)?;
         let esz = pr.esz();
         // dO is not read by the forward.
         let none = Operand { ptr: 0, st: [0; 3] };
-        for (b0, nb) in pr.chunks() {
-            let p = pr.params(nb, [q, k, v, o, &none]);
-            let (pq, pk, pv, po) = (q.at(b0, esz), k.at(b0, esz), v.at(b0, esz), o.at(b0, esz));
-            let pl = lse + pr.row_offset(b0);
-            let cfg = LaunchConfig {
-                grid_dim: grid(pr.tq.div_ceil(rows), nb * pr.h),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut l = dev.stream().launch_builder(&f);
-            l.arg(&p).arg(&pq).arg(&pk).arg(&pv).arg(&po).arg(&pl);
-            // SAFETY: flash_attn_fwd_*(AttnParams p, const T* q, const T* k, const T* v, T* o,
-            // float* lse). For b < nb, h < H, t < Tq (Tk for k, v) and d < D, every address
-            // ptr + b·sb + h·sh + t·st + d lies inside its operand's buffer: the strides come
-            // from a tensor layout of those sizes (or the packed QKV/output layouts, built to
-            // fit), and the chunk start moves each pointer by b0 whole batch elements. o and
-            // lse are fresh buffers of B·H·Tq·D elements of T and B·H·Tq f32; o is written at
-            // distinct addresses (its strides are a dense layout). The mma kernel is chosen
-            // only when mma_applies() holds (bf16, D 64/128, alignment rules of its header).
-            unsafe { launch(pr.op, &entry, l, cfg)? };
-        }
-        Ok(())
+        Ok(pr
+            .chunks()
+            .map(|(b0, nb)| Launch {
+                entry: entry.clone(),
+                grid: grid(pr.tq.div_ceil(rows), nb * pr.h),
+                threads,
+                p: pr.params(nb, [q, k, v, o, &none]),
+                head_dim: None,
+                ptrs: vec![
+                    q.at(b0, esz),
+                    k.at(b0, esz),
+                    v.at(b0, esz),
+                    o.at(b0, esz),
+                    lse + pr.row_offset(b0),
+                ],
+            })
+            .collect())
     }
 
     /// The backward: dq, dk, dv (written through q's, k's and v's strides) from dO, with the
     /// forward's o and lse; `delta` is a [B·H, Tq] f32 scratch buffer.
-    fn backward(
-        dev: &Arc<CudaDevice>,
+    ///
+    /// Entry points, in order per batch chunk:
+    ///   flash_attn_bwd_delta_T(AttnParams p, int D, const T* o, const T* do, float* delta)
+    ///   flash_attn_bwd_dkdv_T_dD(p, q, k, v, do, lse, delta, T* dk, T* dv)
+    ///   flash_attn_bwd_dq_T_dD(p, q, k, v, do, lse, delta, T* dq)
+    fn backward_plan(
         pr: &Problem,
         [q, k, v, o, dout]: [&Operand; 5],
         [lse, delta]: [u64; 2],
         [dq, dk, dv]: [u64; 3],
-    ) -> Result<()> {
+    ) -> Result<Vec<Launch>> {
         pr.check()?;
         let tn = tname(pr.op, pr.dtype)?;
-        let (e_delta, e_dkdv, e_dq) = (
-            format!("flash_attn_bwd_delta_{tn}"),
-            format!("flash_attn_bwd_dkdv_{tn}_d{}", pr.d),
-            format!("flash_attn_bwd_dq_{tn}_d{}", pr.d),
-        );
-        let (f_delta, f_dkdv, f_dq) = (
-            dev.function(FILE, &e_delta)?,
-            dev.function(FILE, &e_dkdv)?,
-            dev.function(FILE, &e_dq)?,
-        );
         let esz = pr.esz();
         let (rows, threads) = (simt_rows(pr.d), simt_threads(pr.d));
-        let d32 = pr.d as i32;
         // The gradients share their operands' strides (the header's rule).
         let grads = |base: u64, of: &Operand| Operand {
             ptr: base,
             st: of.st,
         };
         let (gq, gk, gv) = (grads(dq, q), grads(dk, k), grads(dv, v));
+        let mut plan = Vec::new();
         for (b0, nb) in pr.chunks() {
             let p = pr.params(nb, [q, k, v, o, dout]);
             let (pq, pk, pv) = (q.at(b0, esz), k.at(b0, esz), v.at(b0, esz));
             let (po, pg) = (o.at(b0, esz), dout.at(b0, esz));
             let (pl, pd) = (lse + pr.row_offset(b0), delta + pr.row_offset(b0));
-            let (pdq, pdk, pdv) = (gq.at(b0, esz), gk.at(b0, esz), gv.at(b0, esz));
             let bh = nb * pr.h;
+            plan.push(Launch {
+                entry: format!("flash_attn_bwd_delta_{tn}"),
+                grid: grid((bh * pr.tq).div_ceil(DELTA_ROWS_PER_BLOCK), 1),
+                threads: DELTA_THREADS,
+                p,
+                head_dim: Some(pr.d as i32),
+                ptrs: vec![po, pg, pd],
+            });
+            plan.push(Launch {
+                entry: format!("flash_attn_bwd_dkdv_{tn}_d{}", pr.d),
+                grid: grid(pr.tk.div_ceil(rows), bh),
+                threads,
+                p,
+                head_dim: None,
+                ptrs: vec![pq, pk, pv, pg, pl, pd, gk.at(b0, esz), gv.at(b0, esz)],
+            });
+            plan.push(Launch {
+                entry: format!("flash_attn_bwd_dq_{tn}_d{}", pr.d),
+                grid: grid(pr.tq.div_ceil(rows), bh),
+                threads,
+                p,
+                head_dim: None,
+                ptrs: vec![pq, pk, pv, pg, pl, pd, gq.at(b0, esz)],
+            });
+        }
+        Ok(plan)
+    }
 
+    /// Launches a plan on `dev`'s stream, in order.
+    ///
+    /// # Safety
+    /// Every pointer of the plan must address a live buffer on `dev` holding what the kernel
+    /// touches: for b < nb, h < H, t < Tq (Tk for k, v, dk, dv) and d < D, the element
+    /// ptr + b·sb + h·sh + t·st + d of each operand, and nb·H·Tq floats of lse and delta; and
+    /// written operands (o, dq, dk, dv) must not alias anything else the same launch reads or
+    /// writes, with each element at its own address.
+    unsafe fn run(dev: &Arc<CudaDevice>, op: &'static str, plan: &[Launch]) -> Result<()> {
+        let mut f: Option<(String, cudarc::driver::CudaFunction)> = None;
+        for l in plan {
+            if f.as_ref().is_none_or(|(e, _)| *e != l.entry) {
+                f = Some((l.entry.clone(), dev.function(FILE, &l.entry)?));
+            }
+            let Some((_, func)) = &f else {
+                unreachable!("looked up just above");
+            };
+            let mut b = dev.stream().launch_builder(func);
+            b.arg(&l.p);
+            if let Some(d) = &l.head_dim {
+                b.arg(d);
+            }
+            for p in &l.ptrs {
+                b.arg(p);
+            }
             let cfg = LaunchConfig {
-                grid_dim: grid((bh * pr.tq).div_ceil(DELTA_ROWS_PER_BLOCK), 1),
-                block_dim: (DELTA_THREADS, 1, 1),
+                grid_dim: l.grid,
+                block_dim: (l.threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut l = dev.stream().launch_builder(&f_delta);
-            l.arg(&p).arg(&d32).arg(&po).arg(&pg).arg(&pd);
-            // SAFETY: flash_attn_bwd_delta_T(AttnParams p, int D, const T* o, const T* do,
-            // float* delta): one warp per (b, h, t) row of nb·H·Tq, reading D elements of o
-            // and dO through their strides (inside their buffers, as in the forward) and
-            // writing delta[row] inside the B·H·Tq scratch from this chunk's start.
-            unsafe { launch(pr.op, &e_delta, l, cfg)? };
-
-            let cfg = LaunchConfig {
-                grid_dim: grid(pr.tk.div_ceil(rows), bh),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut l = dev.stream().launch_builder(&f_dkdv);
-            l.arg(&p).arg(&pq).arg(&pk).arg(&pv).arg(&pg);
-            l.arg(&pl).arg(&pd).arg(&pdk).arg(&pdv);
-            // SAFETY: flash_attn_bwd_dkdv_T_dD(p, q, k, v, do, lse, delta, dk, dv): reads as
-            // the forward does (dO like o), lse and delta [nb·H, Tq] from this chunk's start;
-            // writes dk and dv through k's and v's strides into fresh buffers laid out with
-            // those strides (each element at a distinct address), one key row per thread row.
-            unsafe { launch(pr.op, &e_dkdv, l, cfg)? };
-
-            let cfg = LaunchConfig {
-                grid_dim: grid(pr.tq.div_ceil(rows), bh),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut l = dev.stream().launch_builder(&f_dq);
-            l.arg(&p).arg(&pq).arg(&pk).arg(&pv).arg(&pg);
-            l.arg(&pl).arg(&pd).arg(&pdq);
-            // SAFETY: flash_attn_bwd_dq_T_dD(p, q, k, v, do, lse, delta, dq): reads as above;
-            // writes dq through q's strides into a fresh buffer laid out with them.
-            unsafe { launch(pr.op, &e_dq, l, cfg)? };
+            // SAFETY: the argument list is the entry point's parameter list (built by
+            // forward_plan / backward_plan, whose docs list the signatures: AttnParams by
+            // value, the delta kernel's int head dim, then device pointers); the buffers meet
+            // the kernels' needs by this function's contract; the launch shape is the one the
+            // kernel file's header prescribes for the entry point (mma: 128 threads and
+            // ceil(Tq/64) blocks; SIMT: R·D/16 threads, ceil(T/R) blocks; delta: 256 threads,
+            // 8 rows per block), gridDim.y = nb·H ≤ 65535 (Problem::check, chunks).
+            unsafe { launch(op, &l.entry, b, cfg)? };
         }
         Ok(())
     }
@@ -829,7 +871,11 @@ mod cuda {
         let out = cuda_empty(dev, q.dtype(), q.shape())?;
         let lse = cuda_empty(dev, DType::F32, &[groups.b * groups.h * tq])?;
         let [qo, ko, vo, oo] = [&ops[0], &ops[1], &ops[2], &out].map(|t| groups.operand(OP, t));
-        forward(dev, &pr, [&qo?, &ko?, &vo?, &oo?], ptr(&lse)?)?;
+        let plan = forward_plan(&pr, [&qo?, &ko?, &vo?, &oo?], ptr(&lse)?)?;
+        // SAFETY: q, k, v are views of live device tensors whose strides (from their own
+        // layouts under this grouping) address only their elements; out and lse are fresh
+        // buffers of exactly [lead, Tq, D] elements (contiguous) and B·H·Tq floats.
+        unsafe { run(dev, OP, &plan)? };
 
         let (dev, saved_out) = (dev.clone(), out.clone());
         Ok(Tensor::record(out, OP, &[q, k, v], move |g| {
@@ -844,8 +890,7 @@ mod cuda {
             let (vb, dv) = with_grad_buffer(&dev, &ops[2])?;
             let delta = cuda_empty(&dev, DType::F32, &[groups.b * groups.h * tq])?;
             let operand = |t: &Tensor| groups.operand(OP, t);
-            backward(
-                &dev,
+            let plan = backward_plan(
                 &pr,
                 [
                     &operand(&qb)?,
@@ -857,6 +902,11 @@ mod cuda {
                 [ptr(&lse)?, ptr(&delta)?],
                 [ptr(&dq)?, ptr(&dk)?, ptr(&dv)?],
             )?;
+            // SAFETY: reads as in the forward (dO a live device tensor read through its own
+            // strides); dq, dk, dv are fresh buffers laid out with exactly qb's, kb's and vb's
+            // strides (dense permutations: each element at its own address, numel elements);
+            // delta is fresh with B·H·Tq floats, lse the forward's.
+            unsafe { run(&dev, OP, &plan)? };
             Ok(vec![Some(dq), Some(dk), Some(dv)])
         }))
     }
@@ -923,16 +973,8 @@ mod cuda {
         };
         pr.check()?;
         let x = dense(qkv)?;
-        let esz = pr.esz();
-        let s_in = [(t * d3) as i64, dh as i64, d3 as i64];
-        let s_out = [(t * c) as i64, dh as i64, c as i64];
-        // Q, K and V of a packed [B, T, 3C] buffer starting at `base`.
-        let parts = move |base: u64| {
-            [0, 1, 2].map(|i| Operand {
-                ptr: base + (i * c) as u64 * esz,
-                st: s_in,
-            })
-        };
+        let s_out = pr.merged_heads_strides();
+        let parts = move |base: u64| pr.packed_qkv(base);
         let out = cuda_empty(dev, dtype, &[b, t, c])?;
         let lse = cuda_empty(dev, DType::F32, &[b * n_head * t])?;
         let [q, k, v] = parts(ptr(&x)?);
@@ -940,7 +982,11 @@ mod cuda {
             ptr: ptr(&out)?,
             st: s_out,
         };
-        forward(dev, &pr, [&q, &k, &v, &o], ptr(&lse)?)?;
+        let plan = forward_plan(&pr, [&q, &k, &v, &o], ptr(&lse)?)?;
+        // SAFETY: q, k, v address the three thirds of each row of the contiguous [B, T, 3C]
+        // buffer x (offsets 0, C, 2C; time stride 3C; head stride Dh < C); out is a fresh
+        // [B, T, C] buffer written with its own contiguous strides, lse fresh with B·H·T floats.
+        unsafe { run(dev, OP, &plan)? };
 
         let (dev, saved_out) = (dev.clone(), out.clone());
         Ok(Tensor::record(out, OP, &[qkv], move |g| {
@@ -959,13 +1005,17 @@ mod cuda {
                 ptr: ptr(&g)?,
                 st: s_out,
             };
-            backward(
-                &dev,
+            let plan = backward_plan(
                 &pr,
                 [&q, &k, &v, &o, &dout],
                 [ptr(&lse)?, ptr(&delta)?],
                 [dq, dk, dv],
             )?;
+            // SAFETY: reads as in the forward, dO a contiguous [B, T, C] tensor with the
+            // output's strides; dq, dk, dv are the three disjoint thirds of every row of the
+            // fresh [B, T, 3C] buffer dqkv (each element written once, by one of them); delta
+            // fresh with B·H·T floats.
+            unsafe { run(&dev, OP, &plan)? };
             Ok(vec![Some(dqkv)])
         }))
     }
@@ -1090,6 +1140,366 @@ mod cuda {
                 ..pr
             }
             .mma_applies(&[&ok]));
+        }
+
+        // ---- host replay of launch plans -------------------------------------------------
+        //
+        // Without a GPU the kernels cannot run here, but everything the host decides can be
+        // checked: entry points, launch shapes, argument order, strides, pointer offsets of
+        // packed operands and batch chunks, lse/delta offsets and gradient buffers. `replay`
+        // executes a plan against kernels/flash_attention.cu's header contract (its formulas
+        // and addressing, naively, in f64) on a host arena standing in for device memory
+        // (f32 elements, pointer = 4 · index), and the tests compare the results with the CPU
+        // attention.
+
+        /// f32 element index of byte address `ptr` plus (b, h, t) strides.
+        fn at(ptr: u64, st: [i64; 3], b: usize, h: usize, t: usize) -> usize {
+            (ptr / 4) as usize + (b as i64 * st[0] + h as i64 * st[1] + t as i64 * st[2]) as usize
+        }
+
+        fn replay(plan: &[Launch], mem: &mut [f32], d: usize) {
+            for l in plan {
+                let p = &l.p;
+                let (b, h, tq, tk) = (p.b as usize, p.h as usize, p.tq as usize, p.tk as usize);
+                let shift = tk - tq;
+                let scale = p.scale as f64;
+                let rd = |mem: &[f32], ptr: u64, st: [i64; 3], bi, hi, t| -> Vec<f64> {
+                    let i = at(ptr, st, bi, hi, t);
+                    mem[i..i + d].iter().map(|&x| x as f64).collect()
+                };
+                let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+                let row = |bi: usize, hi: usize| (bi * h + hi) * tq;
+                let simt = (simt_rows(d), simt_threads(d));
+                assert_eq!(
+                    l.grid.1 as usize,
+                    if l.entry.contains("delta") { 1 } else { b * h }
+                );
+                if l.entry.starts_with("flash_attn_fwd_") {
+                    let (rows, threads) = if l.entry.contains("mma") {
+                        assert_eq!(l.entry, format!("flash_attn_fwd_mma_bf16_d{d}"));
+                        (MMA_ROWS, MMA_THREADS)
+                    } else {
+                        simt
+                    };
+                    assert_eq!((l.grid.0 as usize, l.threads), (tq.div_ceil(rows), threads));
+                    let [q, k, v, o, lse] = l.ptrs[..] else {
+                        panic!("{l:?}")
+                    };
+                    for (bi, hi, i) in (0..b)
+                        .flat_map(|x| (0..h).flat_map(move |y| (0..tq).map(move |z| (x, y, z))))
+                    {
+                        let qi = rd(mem, q, p.q, bi, hi, i);
+                        let s: Vec<f64> = (0..=i + shift)
+                            .map(|j| scale * dot(&qi, &rd(mem, k, p.k, bi, hi, j)))
+                            .collect();
+                        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let l_sum: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                        let mut acc = vec![0.0; d];
+                        for (j, sj) in s.iter().enumerate() {
+                            let vj = rd(mem, v, p.v, bi, hi, j);
+                            for c in 0..d {
+                                acc[c] += (sj - m).exp() / l_sum * vj[c];
+                            }
+                        }
+                        let oi = at(o, p.o, bi, hi, i);
+                        for c in 0..d {
+                            mem[oi + c] = acc[c] as f32;
+                        }
+                        mem[(lse / 4) as usize + row(bi, hi) + i] = (m + l_sum.ln()) as f32;
+                    }
+                } else if l.entry.starts_with("flash_attn_bwd_delta_") {
+                    assert_eq!(l.head_dim, Some(d as i32));
+                    assert_eq!(
+                        (l.grid.0 as usize, l.threads),
+                        ((b * h * tq).div_ceil(DELTA_ROWS_PER_BLOCK), DELTA_THREADS)
+                    );
+                    let [o, g, delta] = l.ptrs[..] else {
+                        panic!("{l:?}")
+                    };
+                    for (bi, hi, i) in (0..b)
+                        .flat_map(|x| (0..h).flat_map(move |y| (0..tq).map(move |z| (x, y, z))))
+                    {
+                        let s = dot(&rd(mem, o, p.o, bi, hi, i), &rd(mem, g, p.dout, bi, hi, i));
+                        mem[(delta / 4) as usize + row(bi, hi) + i] = s as f32;
+                    }
+                } else {
+                    let dkdv = l.entry.starts_with("flash_attn_bwd_dkdv_");
+                    assert!(
+                        dkdv || l.entry.starts_with("flash_attn_bwd_dq_"),
+                        "{}",
+                        l.entry
+                    );
+                    assert!(l.entry.ends_with(&format!("_d{d}")), "{}", l.entry);
+                    let t_own = if dkdv { tk } else { tq };
+                    assert_eq!(
+                        (l.grid.0 as usize, l.threads),
+                        (t_own.div_ceil(simt.0), simt.1)
+                    );
+                    let (q, k, v, g, lse, delta) = (
+                        l.ptrs[0], l.ptrs[1], l.ptrs[2], l.ptrs[3], l.ptrs[4], l.ptrs[5],
+                    );
+                    // P_ij and dS_ij of one (b, h) from lse and delta, as the kernels do.
+                    let p_ds = |mem: &[f32], bi, hi, i: usize, j: usize| -> (f64, f64) {
+                        if j > i + shift {
+                            return (0.0, 0.0);
+                        }
+                        let qi = rd(mem, q, p.q, bi, hi, i);
+                        let li = mem[(lse / 4) as usize + row(bi, hi) + i] as f64;
+                        let di = mem[(delta / 4) as usize + row(bi, hi) + i] as f64;
+                        let pij = (scale * dot(&qi, &rd(mem, k, p.k, bi, hi, j)) - li).exp();
+                        let dp = dot(&rd(mem, g, p.dout, bi, hi, i), &rd(mem, v, p.v, bi, hi, j));
+                        (pij, pij * (dp - di))
+                    };
+                    for (bi, hi) in (0..b).flat_map(|x| (0..h).map(move |y| (x, y))) {
+                        for own in 0..t_own {
+                            if dkdv {
+                                let (mut dk, mut dv) = (vec![0.0; d], vec![0.0; d]);
+                                for i in 0..tq {
+                                    let (pij, ds) = p_ds(mem, bi, hi, i, own);
+                                    let (qi, gi) =
+                                        (rd(mem, q, p.q, bi, hi, i), rd(mem, g, p.dout, bi, hi, i));
+                                    for c in 0..d {
+                                        dv[c] += pij * gi[c];
+                                        dk[c] += scale * ds * qi[c];
+                                    }
+                                }
+                                let (ik, iv) = (
+                                    at(l.ptrs[6], p.k, bi, hi, own),
+                                    at(l.ptrs[7], p.v, bi, hi, own),
+                                );
+                                for c in 0..d {
+                                    mem[ik + c] = dk[c] as f32;
+                                    mem[iv + c] = dv[c] as f32;
+                                }
+                            } else {
+                                let mut dq = vec![0.0; d];
+                                for j in 0..tk {
+                                    let (_, ds) = p_ds(mem, bi, hi, own, j);
+                                    let kj = rd(mem, k, p.k, bi, hi, j);
+                                    for c in 0..d {
+                                        dq[c] += scale * ds * kj[c];
+                                    }
+                                }
+                                let iq = at(l.ptrs[6], p.q, bi, hi, own);
+                                for c in 0..d {
+                                    mem[iq + c] = dq[c] as f32;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// A host arena standing in for device memory: regions appended in order.
+        struct Arena(Vec<f32>);
+
+        impl Arena {
+            /// Appends `t`'s whole storage (f32, host) and returns the region's base index.
+            fn put(&mut self, t: &Tensor) -> usize {
+                let base = self.0.len();
+                let s = t.storage().as_slice::<f32>().expect("f32 host storage");
+                self.0.extend_from_slice(s);
+                base
+            }
+
+            fn zeros(&mut self, n: usize) -> usize {
+                let base = self.0.len();
+                // Poison, not zeros: an element nothing writes shows up as NaN.
+                self.0.extend(std::iter::repeat_n(f32::NAN, n));
+                base
+            }
+
+            /// The tensor of `shape` and `strides` at element `base + offset`, contiguous.
+            fn read(&self, shape: &[usize], strides: &[usize], at: usize) -> Tensor {
+                let l = Layout::from_parts(shape.to_vec(), strides.to_vec(), at);
+                Tensor::from_storage(Arc::new(Storage::F32(self.0.clone())), l)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            }
+        }
+
+        fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+            assert_eq!(a.shape(), b.shape());
+            a.to_f64_vec()
+                .iter()
+                .zip(b.to_f64_vec())
+                .map(|(x, y)| {
+                    if x.is_nan() {
+                        f64::INFINITY
+                    } else {
+                        (x - y).abs()
+                    }
+                })
+                .fold(0.0, f64::max)
+        }
+
+        /// The CPU attention's output and gradients for output gradient `g`.
+        fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> (Tensor, Vec<Tensor>) {
+            let ps: Vec<crate::Parameter> = [q, k, v]
+                .iter()
+                .map(|x| crate::Parameter::new(x.contiguous().unwrap()))
+                .collect();
+            let o = Tensor::causal_attention(&ps[0].tensor(), &ps[1].tensor(), &ps[2].tensor())
+                .unwrap();
+            o.backward_with(g.clone()).unwrap();
+            (o, ps.iter().map(|p| p.grad().unwrap()).collect())
+        }
+
+        /// Plans the forward and backward of causal_attention for host views q, k, v (layouts
+        /// that group without copies), replays them and compares with the CPU.
+        fn replay_attention(q: &Tensor, k: &Tensor, v: &Tensor, seed: u64) {
+            let r = q.rank();
+            let lead = q.shape()[..r - 2].to_vec();
+            let (tq, tk, d) = (q.shape()[r - 2], k.shape()[r - 2], q.shape()[r - 1]);
+            let groups = HeadGroups::of(&lead, &[q.clone(), k.clone(), v.clone()]).unwrap();
+            let pr = Problem {
+                op: "replay",
+                dtype: DType::F32,
+                b: groups.b,
+                h: groups.h,
+                tq,
+                tk,
+                d,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            let g = Tensor::randn(q.shape(), 0.0, 1.0, seed);
+            let mut mem = Arena(Vec::new());
+            let operand = |t: &Tensor, base: usize| Operand {
+                ptr: 4 * (base + t.layout().offset()) as u64,
+                st: groups.strides(t).unwrap(),
+            };
+            let ins: Vec<Operand> = [q, k, v].iter().map(|t| operand(t, mem.put(t))).collect();
+            let out_shape = q.shape().to_vec();
+            let n_out = q.numel();
+            let o_base = mem.zeros(n_out);
+            let oo = operand(&Tensor::zeros(&out_shape), o_base);
+            let lse = mem.zeros(pr.b * pr.h * tq);
+            let plan = forward_plan(&pr, [&ins[0], &ins[1], &ins[2], &oo], 4 * lse as u64).unwrap();
+            replay(&plan, &mut mem.0, d);
+            let g_base = mem.put(&g);
+            let go = operand(&g, g_base);
+            // The backward's operands and gradient buffers, as with_grad_buffer picks them.
+            let mut bwd_ins = Vec::new();
+            let mut grads = Vec::new();
+            for t in [q, k, v] {
+                let t = if is_dense_permutation(t.layout()) {
+                    t.clone()
+                } else {
+                    t.contiguous().unwrap()
+                };
+                let op = operand(&t, mem.put(&t));
+                let gbase = mem.zeros(t.numel());
+                grads.push((gbase, t.shape().to_vec(), t.layout().strides().to_vec()));
+                bwd_ins.push(op);
+            }
+            let delta = mem.zeros(pr.b * pr.h * tq);
+            let plan = backward_plan(
+                &pr,
+                [&bwd_ins[0], &bwd_ins[1], &bwd_ins[2], &oo, &go],
+                [4 * lse as u64, 4 * delta as u64],
+                [0, 1, 2].map(|i| 4 * grads[i].0 as u64),
+            )
+            .unwrap();
+            replay(&plan, &mut mem.0, d);
+
+            let (want_o, want_g) = cpu_attention(q, k, v, &g);
+            let got_o = mem.read(
+                &out_shape,
+                &crate::layout::contiguous_strides(&out_shape),
+                o_base,
+            );
+            let e = max_abs_diff(&got_o, &want_o);
+            assert!(e < 1e-4, "forward {:?}: {e}", q.shape());
+            for (i, (base, shape, strides)) in grads.iter().enumerate() {
+                let got = mem.read(shape, strides, *base);
+                let e = max_abs_diff(&got, &want_g[i]);
+                assert!(e < 1e-3, "gradient {i} {shape:?}: {e}");
+            }
+        }
+
+        #[test]
+        fn replayed_plans_match_the_cpu_for_strided_views() {
+            let (b, h, d) = (2, 3, 32);
+            let x = |shape: &[usize], seed| Tensor::randn(shape, 0.0, 1.0, seed);
+            // Heads split out of [B, T, H, D] buffers (dense permutations: gradients written
+            // through the same strides), and keys/values narrowed from a longer cache (copied
+            // to contiguous for the backward), with Tq < Tk.
+            let (tq, tk) = (37, 70);
+            let q = x(&[b, tq, h, d], 1).permute(&[0, 2, 1, 3]).unwrap();
+            let k = x(&[b, h, tk + 9, d], 2).narrow(2, 4, tk).unwrap();
+            let v = x(&[b, tk, h, d], 3).permute(&[0, 2, 1, 3]).unwrap();
+            replay_attention(&q, &k, &v, 4);
+            // Three leading dims that merge into one batch dim; no leading dims at all.
+            let y = |t, seed| x(&[2, 2, 2, t, d], seed);
+            replay_attention(&y(20, 5), &y(33, 6), &y(33, 7), 8);
+            let z = |seed| x(&[17, 64], seed);
+            replay_attention(&z(9), &z(10), &z(11), 12);
+        }
+
+        #[test]
+        fn replayed_plans_chunk_batches_past_the_grid_limit() {
+            // 2 × 35000 heads: chunks of 32767 batch elements of 2 heads each (gridDim.y ≤
+            // 65535), each launch's pointers and lse/delta rows moved to its chunk.
+            let (d, tk) = (32, 2);
+            let x = |t, seed| Tensor::randn(&[35_000, 2, t, d], 0.0, 1.0, seed);
+            replay_attention(&x(1, 1), &x(tk, 2), &x(tk, 3), 4);
+        }
+
+        #[test]
+        fn replayed_packed_plans_match_the_cpu() {
+            for (b, t, h, dh) in [(2usize, 45usize, 3usize, 32usize), (1, 20, 2, 64)] {
+                let c = h * dh;
+                let qkv = Tensor::randn(&[b, t, 3 * c], 0.0, 1.0, 21);
+                let g = Tensor::randn(&[b, t, c], 0.0, 1.0, 22);
+                let pr = Problem {
+                    op: "replay",
+                    dtype: DType::F32,
+                    b,
+                    h,
+                    tq: t,
+                    tk: t,
+                    d: dh,
+                    scale: 1.0 / (dh as f32).sqrt(),
+                };
+                let mut mem = Arena(Vec::new());
+                let x = mem.put(&qkv);
+                let [q, k, v] = pr.packed_qkv(4 * x as u64);
+                let merged = pr.merged_heads_strides();
+                let o_base = mem.zeros(b * t * c);
+                let o = Operand {
+                    ptr: 4 * o_base as u64,
+                    st: merged,
+                };
+                let lse = mem.zeros(b * h * t);
+                let plan = forward_plan(&pr, [&q, &k, &v, &o], 4 * lse as u64).unwrap();
+                replay(&plan, &mut mem.0, dh);
+                let dout = Operand {
+                    ptr: 4 * mem.put(&g) as u64,
+                    st: merged,
+                };
+                let delta = mem.zeros(b * h * t);
+                let dqkv = mem.zeros(b * t * 3 * c);
+                let [dq, dk, dv] = pr.packed_qkv(4 * dqkv as u64).map(|o| o.ptr);
+                let plan = backward_plan(
+                    &pr,
+                    [&q, &k, &v, &o, &dout],
+                    [4 * lse as u64, 4 * delta as u64],
+                    [dq, dk, dv],
+                )
+                .unwrap();
+                replay(&plan, &mut mem.0, dh);
+
+                let p = crate::Parameter::new(qkv.clone());
+                let want = Tensor::causal_self_attention(&p.tensor(), h).unwrap();
+                want.backward_with(g.clone()).unwrap();
+                let got = mem.read(&[b, t, c], &[t * c, c, 1], o_base);
+                assert!(max_abs_diff(&got, &want) < 1e-4);
+                let got = mem.read(&[b, t, 3 * c], &[3 * t * c, 3 * c, 1], dqkv);
+                let e = max_abs_diff(&got, &p.grad().unwrap());
+                assert!(e < 1e-3, "d(qkv) B{b} T{t} H{h} Dh{dh}: {e}");
+            }
         }
     }
 }
