@@ -51,8 +51,8 @@ fn attention_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Vec<usize>, At
 impl Tensor {
     /// Fused causal attention over the last two dims (batch and head dims lead), scale 1/√D.
     ///
-    /// On a CUDA device this runs kernels/flash_attention.cu (see [`cuda`] for which kernel,
-    /// the head dims it supports and the fallback for others).
+    /// On a CUDA device this runs kernels/flash_attention.cu (the `cuda` module of this file
+    /// says which kernel, the head dims it supports and the fallback for other head dims).
     pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (_, shape) = attention_shape(q, k, v)?;
         #[cfg(feature = "cuda")]
@@ -222,6 +222,9 @@ impl Tensor {
     /// The same maths as splitting `qkv` with views and calling [`Tensor::causal_attention`],
     /// fused because that path's backward builds three zero-padded copies of d(qkv) (one per
     /// narrow) and adds them; here the backward writes d(qkv) once. Tests hold the two equal.
+    ///
+    /// On a CUDA device Q, K and V are read straight out of `qkv` by the flash-attention
+    /// kernels and d(qkv) is written into one packed buffer (no split or merge copies).
     pub fn causal_self_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
         let bad = || {
             Error::invalid(
