@@ -3,51 +3,59 @@
 // of the updated weights (the copy the bf16 forward reads). One pass over memory: read p, g, m,
 // v; write p, m, v (and the copy).
 //
-// Reference: crates/tensor/src/cpu/vec.rs adamw, operation for operation:
-//   p -= lr · wd · p
-//   m  = β1 · m + (1 - β1) · g
-//   v  = β2 · v + (1 - β2) · g²
-//   p -= lr · (m / bc1) / (sqrt(v / bc2) + eps)
-// with bc1 = 1 - β1^step and bc2 = 1 - β2^step computed on the host in f32 as the CPU does
-// (`beta.powi(step)`), so both sides use the same corrections. The GPU may contract a·b + c
-// into one FMA where the CPU rounds twice: expect agreement to a few ulps, not bitwise.
+// Reference: the CPU's AdamW (crates/tensor/src/cpu/vec/simd.rs `adamw_update`, the path every
+// AVX2 or AVX-512 host runs), instruction for instruction, with the same per-step constants
+// (cpu/vec/mod.rs `AdamCoeffs`, computed in f64 on the host and rounded to f32):
+//   decayed = p · decay                                  decay     = 1 - lr·wd
+//   m = fma(β1, m, (1 - β1) · g)
+//   v = fma(β2, v, ((1 - β2) · g) · g)
+//   denom = fma(sqrt(v), inv_bc2_sqrt, eps)              inv_bc2_sqrt = 1 / sqrt(1 - β2^step)
+//   p = fma(-step_size, m / denom, decayed)              step_size = lr / (1 - β1^step)
+// Products that the CPU rounds on their own use __fmul_rn (which the compiler never contracts
+// into an FMA), the fused steps fmaf, and sqrt and division are the correctly rounded
+// __fsqrt_rn and __fdiv_rn, so the result equals the CPU's SIMD path bit for bit (its scalar
+// path rounds the fused steps twice and differs by an ulp or so).
 //
-// Layouts: p, m, v [n] f32; g [n] f32 or bf16; p_bf16 [n] bf16 or null (no copy-out).
+// Layouts: p_in, p_out, m, v [n] f32; g [n] f32 or bf16; p_bf16 [n] bf16 or null (no copy-out).
+// p_out may be p_in (an in-place update of master weights): each element is read and then
+// written by the same thread, so those two pointers are not __restrict__.
 //
 // Launch: blockDim.x = 256, gridDim.x = min(ceil(n / 256), 65535), grid-stride loop.
 //
-// Entry points: adamw_f32(n, p, g, m, v, p_bf16, lr, beta1, beta2, eps, wd, bc1, bc2)
+// Entry points: adamw_f32(n, p_in, p_out, g, m, v, p_bf16, decay, beta1, one_minus_beta1,
+//                         beta2, one_minus_beta2, inv_bc2_sqrt, eps, step_size)
 //               adamw_bf16grad(same, with g bf16)
 
 template <typename G>
-__device__ __forceinline__ void adamw_body(i64 n, float* __restrict__ p, const G* __restrict__ g,
-                                           float* __restrict__ m, float* __restrict__ v,
-                                           bf16* __restrict__ p_bf16, float lr, float beta1,
-                                           float beta2, float eps, float wd, float bc1, float bc2) {
+__device__ __forceinline__ void adamw_body(i64 n, const float* p_in, float* p_out,
+                                           const G* __restrict__ g, float* __restrict__ m,
+                                           float* __restrict__ v, bf16* __restrict__ p_bf16,
+                                           float decay, float beta1, float one_minus_beta1,
+                                           float beta2, float one_minus_beta2, float inv_bc2_sqrt,
+                                           float eps, float step_size) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const float gi = load_f32(g + i);
-        float pi = p[i];
-        pi -= lr * wd * pi;
-        const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        pi -= lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);
-        p[i] = pi;
+        const float decayed = __fmul_rn(p_in[i], decay);
+        const float mi = fmaf(beta1, m[i], __fmul_rn(one_minus_beta1, gi));
+        const float vi = fmaf(beta2, v[i], __fmul_rn(__fmul_rn(one_minus_beta2, gi), gi));
+        const float denom = fmaf(__fsqrt_rn(vi), inv_bc2_sqrt, eps);
+        const float pi = fmaf(-step_size, __fdiv_rn(mi, denom), decayed);
+        p_out[i] = pi;
         m[i] = mi;
         v[i] = vi;
         if (p_bf16) p_bf16[i] = f32_to_bf16(pi);
     }
 }
 
-extern "C" __global__ void adamw_f32(i64 n, float* __restrict__ p, const float* __restrict__ g,
-                                     float* __restrict__ m, float* __restrict__ v,
-                                     bf16* __restrict__ p_bf16, float lr, float beta1, float beta2,
-                                     float eps, float wd, float bc1, float bc2) {
-    adamw_body<float>(n, p, g, m, v, p_bf16, lr, beta1, beta2, eps, wd, bc1, bc2);
-}
+#define ADAMW_KERNEL(name, G)                                                                      \
+    extern "C" __global__ void name(i64 n, const float* p_in, float* p_out, const G* __restrict__ g, \
+                                    float* __restrict__ m, float* __restrict__ v,                  \
+                                    bf16* __restrict__ p_bf16, float decay, float beta1,           \
+                                    float one_minus_beta1, float beta2, float one_minus_beta2,     \
+                                    float inv_bc2_sqrt, float eps, float step_size) {              \
+        adamw_body<G>(n, p_in, p_out, g, m, v, p_bf16, decay, beta1, one_minus_beta1, beta2,      \
+                      one_minus_beta2, inv_bc2_sqrt, eps, step_size);                              \
+    }
 
-extern "C" __global__ void adamw_bf16grad(i64 n, float* __restrict__ p, const bf16* __restrict__ g,
-                                          float* __restrict__ m, float* __restrict__ v,
-                                          bf16* __restrict__ p_bf16, float lr, float beta1,
-                                          float beta2, float eps, float wd, float bc1, float bc2) {
-    adamw_body<bf16>(n, p, g, m, v, p_bf16, lr, beta1, beta2, eps, wd, bc1, bc2);
-}
+ADAMW_KERNEL(adamw_f32, float)
+ADAMW_KERNEL(adamw_bf16grad, bf16)

@@ -4,8 +4,9 @@ card in the same call as the engine's own benchmarks (crates/tensor/tests/gpu_be
 
 - bf16 GEMM C = A·B at n = 4096 and 8192 through torch.matmul (cuBLAS): the reference for the
   engine's gemm_bf16 kernel (issue 4 asks for at least 70% of it).
-- causal scaled_dot_product_attention, forward and forward+backward, bf16, T = 1024, D = 64:
-  the reference for the flash-attention kernels (not yet dispatched by the engine).
+- causal scaled_dot_product_attention, forward, backward and forward+backward, bf16, B = 8,
+  H = 12, T = 1024, D = 64: the reference for the engine's flash-attention kernels
+  (bench_flash_attention_bf16 in gpu_bench.rs, same bench names and FLOP counts).
 
 Each figure is the median over repeats timed with CUDA events after warm-up, with several
 random input sets rotated so the L2 cache does not serve repeats (METHOD.md). Prints one
@@ -50,6 +51,10 @@ def main():
         ms = median_ms(torch.matmul, sets, reps=20 if n == 4096 else 7)
         emit(bench="gemm_bf16_nn", n=n, ms=round(ms, 4), tflops=round(2 * n**3 / (ms * 1e-3) / 1e12, 2))
         del sets
+    # Causal attention at the engine's benchmark shape (crates/tensor/tests/gpu_bench.rs
+    # bench_flash_attention_bf16): B = 8, H = 12, T = 1024, D = 64, bf16, [B, H, T, D].
+    # FLOPs as FlashAttention-2 counts them: forward 4·B·H·T²·D / 2 (causal half), backward
+    # 2.5 times that; the engine's bench uses the same counts.
     b, h, t, d = 8, 12, 1024, 64
     sets = [
         tuple(torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -57,14 +62,36 @@ def main():
     ]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     fwd = lambda q, k, v: sdpa(q, k, v, is_causal=True)
-    ms = median_ms(lambda q, k, v: fwd(q, k, v).detach(), sets)
-    flops = 4 * b * h * t * t * d / 2  # causal: half of QK^T and PV
-    emit(bench="sdpa_causal_fwd", b=b, h=h, t=t, d=d, ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 2))
-    grad = torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16)
-    ms = median_ms(lambda q, k, v: fwd(q, k, v).backward(grad), sets)
-    emit(bench="sdpa_causal_fwd_bwd", b=b, h=h, t=t, d=d, ms=round(ms, 4),
-         tflops=round(3.5 * flops / (ms * 1e-3) / 1e12, 2))
+    flops = 4 * b * h * t * t * d / 2
+    shape = dict(b=b, h=h, t=t, d=d)
+    with torch.no_grad():
+        ms = median_ms(fwd, sets)
+    emit(bench="attn_causal_fwd", **shape, ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 2))
 
+    grad = torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16)
+
+    def clear(*xs):
+        for x in xs:
+            x.grad = None
+
+    # Backward only: one recorded forward per input set, its backward replayed (retain_graph),
+    # the gradients cleared first so each run writes them afresh.
+    outs = [(fwd(*s),) + s for s in sets]
+
+    def bwd(o, q, k, v):
+        clear(q, k, v)
+        o.backward(grad, retain_graph=True)
+
+    ms = median_ms(bwd, outs)
+    emit(bench="attn_causal_bwd", **shape, ms=round(ms, 4), tflops=round(2.5 * flops / (ms * 1e-3) / 1e12, 2))
+    del outs
+
+    def fwd_bwd(q, k, v):
+        clear(q, k, v)
+        fwd(q, k, v).backward(grad)
+
+    ms = median_ms(fwd_bwd, sets)
+    emit(bench="attn_causal_fwd_bwd", **shape, ms=round(ms, 4), tflops=round(3.5 * flops / (ms * 1e-3) / 1e12, 2))
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
 //! GPU benchmarks of the engine's own CUDA ops, `#[ignore]`d (tools/gpu-check runs them on a
 //! GPU machine with `--ignored --nocapture`). Each prints one `BENCH {json}` line; the bundle's
 //! run.sh puts them in its summary table beside tools/torch_gpu_bench.py's reference figures
-//! (cuBLAS through torch.matmul, on the same card in the same call).
+//! (cuBLAS through torch.matmul, torch's scaled_dot_product_attention; on the same card in the
+//! same call, under the same bench names).
 //!
 //! Timing follows the device README's METHOD.md: random inputs (never zeros), warm-up first
 //! (module load and JIT stay out), several input sets rotated so repeated runs do not measure
@@ -72,4 +73,75 @@ fn bench_gemm_bf16() {
             dev.name()
         );
     }
+}
+
+/// Causal flash attention at GPT-2 small's shape with a batch that fills the card: B = 8,
+/// H = 12, T = 1024, D = 64, bf16, q, k, v contiguous [B, H, T, D] (the tensor-core forward;
+/// the SIMT backward), against torch's scaled_dot_product_attention(is_causal=True) in
+/// tools/torch_gpu_bench.py on the same shapes. B = 8 gives 96 heads × 16 query tiles = 1536
+/// blocks in the forward, several waves on 132 SMs, and 3 input sets of q, k, v, o at 12 MiB
+/// each (151 MiB) do not fit in L2.
+///
+/// FLOPs are counted the usual way (FlashAttention-2's): the forward's Q·Kᵀ and P·V over the
+/// causal half, 4·B·H·T²·D / 2; the backward as 2.5 times that (its five T×T×D products,
+/// recomputation not counted; the engine's backward recomputes P in both the dK/dV and the
+/// dQ kernel, so it does 7 such products). The same counts as the torch script, so TFLOP/s
+/// compare like for like.
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn bench_flash_attention_bf16() {
+    use rlhf_tensor::Parameter;
+    let dev = rlhf_tensor::cuda::device(0).expect("a CUDA device");
+    let (b, h, t, d) = (8usize, 12usize, 1024usize, 64usize);
+    let upload = |seed: u64| {
+        Tensor::randn(&[b, h, t, d], 0.0, 1.0, seed)
+            .to_dtype(DType::BF16)
+            .and_then(|x| x.to_device(Device::Cuda(0)))
+            .expect("upload")
+    };
+    let sets: Vec<[Parameter; 3]> = (0..3u64)
+        .map(|s| [0, 1, 2].map(|i| Parameter::new(upload(100 + 10 * s + i))))
+        .collect();
+    let grad = upload(200);
+    let fwd_flops = 4.0 * (b * h * t * t * d) as f64 / 2.0;
+    let emit = |bench: &str, ms: f64, flops: f64| {
+        let tflops = flops / (ms * 1e-3) / 1e12;
+        println!(
+            "BENCH {{\"bench\":\"{bench}\",\"b\":{b},\"h\":{h},\"t\":{t},\"d\":{d},\"ms\":{ms:.4},\"tflops\":{tflops:.2},\"card\":\"{}\",\"engine\":\"rlhf\"}}",
+            dev.name()
+        );
+    };
+    let attend = |ps: &[Parameter; 3]| {
+        Tensor::causal_attention(&ps[0].tensor(), &ps[1].tensor(), &ps[2].tensor())
+            .expect("causal_attention")
+    };
+    let zero_grads = |ps: &[Parameter; 3]| ps.iter().for_each(|p| p.zero_grad());
+
+    // Forward only (no graph: inference, as in a KV-cache prefill).
+    let ms = rlhf_tensor::no_grad(|| time_ms(3, 20, |i| attend(&sets[i % sets.len()])));
+    emit("attn_causal_fwd", ms, fwd_flops);
+
+    // Backward only: one recorded forward per input set, its backward replayed (the gradients
+    // cleared first, so each run writes them afresh instead of adding).
+    let outs: Vec<Tensor> = sets.iter().map(attend).collect();
+    let ms = time_ms(3, 20, |i| {
+        let ps = &sets[i % sets.len()];
+        zero_grads(ps);
+        outs[i % outs.len()]
+            .backward_with(grad.clone())
+            .expect("backward");
+        ps[0].grad().expect("dq")
+    });
+    emit("attn_causal_bwd", ms, 2.5 * fwd_flops);
+    drop(outs);
+
+    // Forward and backward, as one training step sees them.
+    let ms = time_ms(3, 20, |i| {
+        let ps = &sets[i % sets.len()];
+        zero_grads(ps);
+        let o = attend(ps);
+        o.backward_with(grad.clone()).expect("backward");
+        o
+    });
+    emit("attn_causal_fwd_bwd", ms, 3.5 * fwd_flops);
 }

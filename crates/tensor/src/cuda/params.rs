@@ -138,8 +138,28 @@ mod tests {
         assert_eq!(offset_of!(SimtParams, stride_c), 72);
         assert_eq!(offset_of!(SimtParams, alpha), 80);
 
+        // flash_attention.cu: int B, H, Tq, Tk; then 15 i64 strides (q, k, v, o, do; each
+        // batch, head, time) from byte 16; float scale at 136; 8-byte alignment pads to 144.
         assert_eq!(size_of::<AttnParams>(), 144);
-        assert_eq!(offset_of!(AttnParams, q), 16);
+        assert_eq!(
+            [
+                offset_of!(AttnParams, b),
+                offset_of!(AttnParams, h),
+                offset_of!(AttnParams, tq),
+                offset_of!(AttnParams, tk),
+            ],
+            [0, 4, 8, 12]
+        );
+        assert_eq!(
+            [
+                offset_of!(AttnParams, q),
+                offset_of!(AttnParams, k),
+                offset_of!(AttnParams, v),
+                offset_of!(AttnParams, o),
+                offset_of!(AttnParams, dout),
+            ],
+            [16, 40, 64, 88, 112]
+        );
         // do_st, the last stride: dout[2].
         assert_eq!(offset_of!(AttnParams, dout) + 2 * 8, 128);
         assert_eq!(offset_of!(AttnParams, scale), 136);
