@@ -34,6 +34,27 @@ impl std::fmt::Display for Device {
     }
 }
 
+impl Device {
+    /// Waits until every copy and kernel queued on this device has finished (a no-op on the
+    /// CPU, whose ops complete before they return). GPU work is asynchronous, so a host clock
+    /// read after an op measures only its launch; benchmarks call this before reading one.
+    pub fn synchronize(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => crate::cuda::device(n)?
+                .stream()
+                .synchronize()
+                .map_err(|e| Error::cuda("synchronize", format!("cuda:{n}: {e:?}"))),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(n) => Err(Error::cuda(
+                "synchronize",
+                format!("cuda:{n}: rlhf-tensor was built without the `cuda` feature"),
+            )),
+        }
+    }
+}
+
 /// How a tensor takes part in autograd.
 #[derive(Clone)]
 pub(crate) enum GradTrack {
