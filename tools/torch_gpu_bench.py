@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Reference GPU timings from PyTorch, run by gpu-bundle/run.sh (tools/gpu-check) on the same
-card in the same call as the engine's own benchmarks (crates/tensor/tests/gpu_bench.rs).
+card in the same call as the engine's own benchmarks (crates/tensor/tests/gpu_bench.rs and
+`rlhf bench gemm|attention --device cuda`).
 
 - bf16 GEMM C = A·B at n = 4096 and 8192 through torch.matmul (cuBLAS): the reference for the
   engine's gemm_bf16 kernel (issue 4 asks for at least 70% of it).
 - causal scaled_dot_product_attention, forward and forward+backward, bf16, T = 1024, D = 64:
-  the reference for the flash-attention kernels (not yet dispatched by the engine).
+  the reference for `rlhf bench attention --device cuda` (same shapes, same FLOP count).
 
 Each figure is the median over repeats timed with CUDA events after warm-up, with several
 random input sets rotated so the L2 cache does not serve repeats (METHOD.md). Prints one
