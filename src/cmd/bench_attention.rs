@@ -44,6 +44,9 @@ pub struct AttentionArgs {
     pub json: bool,
 }
 
+/// One timed pass over an input set.
+type Pass<'a> = &'a dyn Fn(&Inputs) -> anyhow::Result<()>;
+
 /// One input set: q, k, v and an output gradient, all [B, H, T, D] on the device.
 struct Inputs {
     q: Tensor,
@@ -118,7 +121,7 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
             Ok(())
         };
         let fwd_flops = 2.0 * (b * h) as f64 * (t as f64).powi(2) * d as f64;
-        let passes: [(&str, &dyn Fn(&Inputs) -> anyhow::Result<()>, f64); 2] = [
+        let passes: [(&str, Pass, f64); 2] = [
             ("fwd", &forward, fwd_flops),
             ("fwd_bwd", &forward_backward, 3.5 * fwd_flops),
         ];
