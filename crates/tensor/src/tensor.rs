@@ -743,6 +743,18 @@ mod device_tests {
     }
 
     #[test]
+    fn synchronize_is_a_no_op_on_the_cpu_and_an_error_without_a_gpu() {
+        Device::Cpu.synchronize().unwrap();
+        #[cfg(feature = "cuda")]
+        if crate::cuda::device(0).is_ok() {
+            Device::Cuda(0).synchronize().unwrap();
+            return;
+        }
+        let e = Device::Cuda(0).synchronize().unwrap_err();
+        assert!(matches!(e, crate::Error::Cuda { .. }), "{e}");
+    }
+
+    #[test]
     fn to_cuda_without_a_gpu_is_a_clear_error() {
         #[cfg(feature = "cuda")]
         if crate::cuda::device(0).is_ok() {
