@@ -509,6 +509,34 @@ impl Gpt {
         Ok(hidden.matmul(&like(&w.wte, hidden)?.t()?)?)
     }
 
+    /// Logits of `hidden` for a cross-entropy against targets below the vocabulary size: those
+    /// of [`Gpt::lm_logits_with`], except for bf16 compute on a GPU with a vocabulary that is
+    /// not a multiple of 8 (GPT-2's 50257). Then the bf16 head is padded with zero rows to a
+    /// multiple of 128 and the padded columns' logits are set to −∞: the result is
+    /// `[.., padded vocab]`, and its cross-entropy equals the unpadded one (the padded columns
+    /// have probability 0 and receive zero gradient). Why: the two backward GEMMs read the
+    /// logits' gradient as an operand with the vocabulary as leading dimension, and the
+    /// tensor-core kernels need one that is a multiple of 8; with 50257 both would fall back
+    /// to the SIMT kernel, the slowest part of a GPT-2 step.
+    pub fn loss_logits_with(&self, w: &GptWeights<Tensor>, hidden: &Tensor) -> Result<Tensor> {
+        let v = self.config.vocab_size;
+        if hidden.device() == Device::Cpu || hidden.dtype() != DType::BF16 || v.is_multiple_of(8) {
+            return Gpt::lm_logits_with(w, hidden);
+        }
+        let (padded, d) = (v.next_multiple_of(128), self.config.n_embd);
+        let device = hidden.device();
+        let zeros = Tensor::zeros(&[padded - v, d])
+            .to_dtype(DType::BF16)?
+            .to_device(device)?;
+        let head = Tensor::concat(&[&like(&w.wte, hidden)?, &zeros], 0)?;
+        let mut mask = vec![0.0f32; padded];
+        mask[v..].fill(f32::NEG_INFINITY);
+        let mask = Tensor::from_vec(mask, &[padded])?
+            .to_dtype(DType::BF16)?
+            .to_device(device)?;
+        Ok(hidden.matmul(&head.t()?)?.add(&mask)?)
+    }
+
     /// Logits `[B, T, vocab]` of ids `[B, T]`: [`Gpt::hidden_states`] then [`Gpt::lm_logits`].
     pub fn logits(&self, ids: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         self.lm_logits(&self.hidden_states(ids, dropout_seed)?)

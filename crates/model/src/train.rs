@@ -90,8 +90,9 @@ pub fn lm_loss_with(
     let targets = ids.narrow(1, 1, t - 1)?.to_device(device)?;
     let hidden = model.hidden_states_with(w, &inputs, dropout_seed)?;
     // Under mixed precision the logits are bf16; the fused cross-entropy reads them in f32
-    // (f32 log-sum-exp and sums) and returns an f32 loss.
-    let logits = Gpt::lm_logits_with(w, &hidden)?;
+    // (f32 log-sum-exp and sums) and returns an f32 loss. On a GPU their vocabulary may be
+    // padded (see `loss_logits_with`); the targets are all below the real vocabulary size.
+    let logits = model.loss_logits_with(w, &hidden)?;
     let weights = match &batch.loss_mask {
         Some(m) => Some(
             m.to_device(Device::Cpu)?

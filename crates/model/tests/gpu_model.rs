@@ -39,7 +39,8 @@ fn seed(test: &str) -> u64 {
 }
 
 /// Two layers, two heads of 64 (a head size the CUDA attention kernels take, and the bf16
-/// tensor-core forward's), width 128, the byte vocabulary (258: GEMMs with a ragged dimension).
+/// tensor-core forward's), width 128, the byte vocabulary (258: GEMMs with a ragged dimension,
+/// and in bf16 the loss goes through the padded LM head of `Gpt::loss_logits_with`).
 fn config() -> GptConfig {
     let mut c = GptConfig::preset("tiny").unwrap();
     c.n_layer = 2;
