@@ -315,7 +315,7 @@ impl Gpt {
     /// heads built from [`Gpt::named_parameters`] see the moved values. Accumulated gradients
     /// are cleared. Build a [`crate::Trainer`] after moving, so its optimiser state is created
     /// beside the parameters. A CUDA device that does not exist is an error, and the model is
-    /// then left where it was.
+    /// then left where it was. Moving to the CPU sets the precision to f32 (the CPU's only one).
     pub fn to_device(&mut self, device: Device) -> Result<()> {
         if device == self.device {
             return Ok(());
@@ -332,6 +332,9 @@ impl Gpt {
             p.zero_grad();
         }
         self.device = device;
+        if device == Device::Cpu {
+            self.precision = Precision::F32;
+        }
         Ok(())
     }
 
