@@ -139,7 +139,6 @@ impl Dropout {
     }
 }
 
-/// `x · W + b` with a Conv1D weight `[in, out]`.
 /// The weight or bias `w` in the dtype of the activations `x` it meets: the tracked cast of
 /// mixed precision (its backward casts the gradient back to the parameter's f32), and the
 /// identity (no graph node) when the dtypes already agree.
@@ -147,6 +146,7 @@ fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     Ok(w.to_dtype(x.dtype())?)
 }
 
+/// `x · W + b` with a Conv1D weight `[in, out]`.
 fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&like(w, x)?)?.add(&like(b, x)?)?)
 }
@@ -345,6 +345,7 @@ impl Gpt {
         self.precision = precision;
         Ok(())
     }
+
     /// The parameters with their HF names, in `GPT2LMHeadModel.named_parameters()` order.
     /// The handles share the model's parameters (an optimiser built from them updates the model).
     pub fn named_parameters(&self) -> Vec<(String, Parameter)> {
