@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Reference GPU timings from PyTorch, run by gpu-bundle/run.sh (tools/gpu-check) on the same
-card in the same call as the engine's own benchmarks (crates/tensor/tests/gpu_bench.rs).
+card in the same call as the engine's own benchmarks (crates/tensor/tests/gpu_bench.rs and
+`rlhf bench gemm|attention --device cuda`).
 
 - bf16 GEMM C = A·B at n = 4096 and 8192 through torch.matmul (cuBLAS): the reference for the
   engine's gemm_bf16 kernel (issue 4 asks for at least 70% of it).

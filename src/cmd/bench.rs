@@ -2,17 +2,26 @@
 //!
 //! Every result states its unit and what was counted: GEMM counts 2·m·n·k flops per call (one
 //! multiply and one add per term), the peak counts 2 flops per lane of each FMA executed.
+//!
+//! With `--device cuda` a timed run ends with a stream synchronisation (GPU work is
+//! asynchronous: without it the host clock would measure launches), and inputs rotate among
+//! several sets so repeated runs do not read them from the L2 cache.
 
+use super::common::parse_device;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use rlhf_tensor::cpu::gemm::{sgemm_with, MatMut, MatRef};
 use rlhf_tensor::cpu::{self, peak::fma_peak_flops, Isa};
+use rlhf_tensor::{DType, Device, Tensor};
 use std::time::{Duration, Instant};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// The engine's f32 GEMM, C = A·B with row-major A (m×k), B (k×n) and C (m×n).
+    /// The engine's GEMM, C = A·B with row-major A (m×k), B (k×n) and C (m×n): f32 on the CPU;
+    /// f32 or bf16 (f32 accumulation, bf16 output) on a GPU.
     Gemm(GemmArgs),
+    /// Fused causal attention (flash style), forward and forward + backward, on [B, H, T, D].
+    Attention(super::bench_attention::AttentionArgs),
     /// This machine's f32 FMA peak: one register-resident FMA loop per thread, all at once.
     Peak(CommonArgs),
     /// One GPT training step (forward, backward, AdamW) on random tokens.
@@ -46,9 +55,12 @@ pub struct GemmArgs {
     pub n: usize,
     #[arg(long)]
     pub k: usize,
-    /// Element type; only f32 exists for now.
+    /// Element type: f32 (CPU and GPU) or bf16 (GPU only: the CPU computes in f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Where to run: cpu, cuda (GPU 0) or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -56,6 +68,7 @@ pub struct GemmArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Gemm(args) => gemm(args),
+        BenchCommand::Attention(args) => super::bench_attention::run(args),
         BenchCommand::Peak(args) => peak(args),
         BenchCommand::TrainStep(args) => super::bench_model::train_step(args),
         BenchCommand::Generate(args) => super::bench_model::generate_bench(args),
@@ -103,7 +116,7 @@ const WARM_UP: Duration = Duration::from_millis(200);
 
 /// Calls `f` (which does `reps` repetitions per call and returns an amount of work) until warm,
 /// then times `runs` runs, each long enough, and returns the median seconds per repetition.
-fn median_seconds_per_rep(runs: usize, mut f: impl FnMut(u64)) -> f64 {
+pub(super) fn median_seconds_per_rep(runs: usize, mut f: impl FnMut(u64)) -> f64 {
     // Warm up, and learn how many repetitions make one run last at least MIN_RUN.
     let mut reps = 1u64;
     let start = Instant::now();
@@ -129,31 +142,36 @@ fn median_seconds_per_rep(runs: usize, mut f: impl FnMut(u64)) -> f64 {
     secs[secs.len() / 2]
 }
 
+/// Deterministic values in [-1, 1): the timing does not depend on them, but denormals, NaNs
+/// and zeros could (METHOD.md saw a GPU GEMM run faster on zeros), so avoid all three.
+pub(super) fn fill(len: usize, seed: u32) -> Vec<f32> {
+    (0..len as u32)
+        .map(|i| {
+            let h = i
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed)
+                .rotate_left(13);
+            (h >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 fn gemm(args: GemmArgs) -> anyhow::Result<()> {
-    if !args.dtype.eq_ignore_ascii_case("f32") {
-        bail!(
-            "bench gemm: dtype {:?} is not supported; only f32 exists for now",
-            args.dtype
-        );
-    }
     let (m, n, k) = (args.m, args.n, args.k);
     if m == 0 || n == 0 || k == 0 {
         bail!("bench gemm: m, n and k must be at least 1 (got {m}, {n}, {k})");
     }
+    if let Device::Cuda(_) = args.device {
+        return gemm_cuda(&args);
+    }
+    if !args.dtype.eq_ignore_ascii_case("f32") {
+        bail!(
+            "bench gemm: dtype {:?} is not supported on the CPU, which computes in f32 \
+             (bf16 GEMM runs with --device cuda)",
+            args.dtype
+        );
+    }
     let s = setup(&args.common)?;
-    // Deterministic values in [-1, 1): the timing does not depend on them, but denormals and
-    // NaNs could, so avoid both.
-    let fill = |len: usize, seed: u32| -> Vec<f32> {
-        (0..len as u32)
-            .map(|i| {
-                let h = i
-                    .wrapping_mul(2_654_435_761)
-                    .wrapping_add(seed)
-                    .rotate_left(13);
-                (h >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
-    };
     let a = fill(m * k, 1);
     let b = fill(k * n, 2);
     let mut c = vec![0.0f32; m * n];
@@ -191,6 +209,76 @@ fn gemm(args: GemmArgs) -> anyhow::Result<()> {
             s.threads,
             s.isa,
             secs * 1e3,
+            args.common.runs
+        );
+    }
+    Ok(())
+}
+
+/// The GEMM on a GPU through the Tensor API (`matmul`, the engine's own kernels): the same
+/// call a model's linear layer makes, output allocation included.
+fn gemm_cuda(args: &GemmArgs) -> anyhow::Result<()> {
+    let device = args.device;
+    let dtype = match args.dtype.to_ascii_lowercase().as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => bail!("bench gemm: dtype {other:?} is not supported on a GPU (f32 or bf16)"),
+    };
+    if args.common.threads.is_some() || args.common.isa.is_some() {
+        bail!("bench gemm: --threads and --isa apply to the CPU only");
+    }
+    if args.common.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    super::common::open_device(device)?;
+    let (m, n, k) = (args.m, args.n, args.k);
+    // Three input pairs, rotated: at 4096³ in bf16 they hold 192 MiB, far more than the L2.
+    let upload = |len: usize, seed: u32, shape: &[usize]| -> anyhow::Result<Tensor> {
+        Ok(Tensor::from_vec(fill(len, seed), shape)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
+    };
+    let sets = (0..3u32)
+        .map(|s| {
+            Ok((
+                upload(m * k, 1 + 2 * s, &[m, k])?,
+                upload(k * n, 2 + 2 * s, &[k, n])?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // One product first, so an unsupported case is an error here rather than inside the timing.
+    sets[0].0.matmul(&sets[0].1).context("bench gemm")?;
+    device.synchronize()?;
+    let mut result = Ok(());
+    let mut i = 0usize;
+    let secs = median_seconds_per_rep(args.common.runs, |reps| {
+        for _ in 0..reps {
+            let (a, b) = &sets[i % sets.len()];
+            i += 1;
+            if let Err(e) = a.matmul(b) {
+                result = Err(e);
+            }
+        }
+        if let Err(e) = device.synchronize() {
+            result = Err(e);
+        }
+    });
+    result.context("bench gemm")?;
+    let gflops = 2.0 * m as f64 * n as f64 * k as f64 / secs / 1e9;
+    let card = super::common::device_name(device);
+    let name = format!("{dtype}");
+    if args.common.json {
+        let line = serde_json::json!({
+            "op": "gemm", "m": m, "n": n, "k": k, "dtype": name, "device": device.to_string(),
+            "card": card, "seconds": secs, "gflops": gflops,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "gemm {name} m={m} n={n} k={k} on {device} ({card}): {:.3} ms per call, \
+             {:.1} TFLOP/s (2·m·n·k flops, f32 accumulation, median of {} runs)",
+            secs * 1e3,
+            gflops / 1e3,
             args.common.runs
         );
     }

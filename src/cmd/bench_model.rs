@@ -1,14 +1,18 @@
 //! `rlhf bench train-step` and `rlhf bench generate`: whole-model timings on random tokens
 //! (warm-up, then the median of several runs), for comparison with tools/torch_train_step.py
-//! in the same run.
+//! in the same run (on the CPU, or on the same GPU with `--device cuda`).
+//!
+//! On a GPU each timed step ends with a stream synchronisation, so a step's time includes all
+//! of its kernels (the optimiser's last launches too), and the model computes in bf16 mixed
+//! precision unless `--precision f32` is given.
 
-use super::common::with_threads;
+use super::common::{device_name, place_model, with_threads, DeviceArgs};
 use anyhow::{bail, Context};
 use clap::Args;
 use rlhf_model::generate::{generate, SamplingConfig};
 use rlhf_model::train::{LmBatch, TrainConfig, Trainer};
 use rlhf_model::{Gpt, GptConfig};
-use rlhf_tensor::{no_grad, Rng, Tensor};
+use rlhf_tensor::{no_grad, Device, Rng, Tensor};
 use serde_json::json;
 use std::time::Instant;
 
@@ -27,8 +31,14 @@ pub struct TrainStepArgs {
     /// Timed steps (after 2 warm-up steps); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Set every dropout probability of the model to this (the PyTorch reference scripts train
+    /// without dropout); default: the preset's.
+    #[arg(long)]
+    pub dropout: Option<f32>,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -67,15 +77,29 @@ pub fn train_step(args: TrainStepArgs) -> anyhow::Result<()> {
     if args.runs == 0 || args.batch == 0 {
         bail!("--runs and --batch must be at least 1");
     }
+    if let Some(p) = args.dropout {
+        if !(0.0..1.0).contains(&p) {
+            bail!("--dropout {p} must be in [0, 1)");
+        }
+    }
+    let device = args.device.device;
+    if device != Device::Cpu && args.threads.is_some() {
+        bail!("--threads applies to the CPU only");
+    }
+    let precision = args.device.open()?;
     let threads = args.threads;
     with_threads(threads, move || {
-        let config = GptConfig::from_preset_or_file(&args.preset)?;
+        let mut config = GptConfig::from_preset_or_file(&args.preset)?;
+        if let Some(p) = args.dropout {
+            (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) = (p, p, p);
+        }
         let seq = args.seq.unwrap_or(config.n_positions);
         if seq < 2 || seq > config.n_positions {
             bail!("--seq {seq} must be in 2..={}", config.n_positions);
         }
         let params = config.num_parameters();
-        let model = Gpt::new(config.clone(), 0)?;
+        let mut model = Gpt::new(config.clone(), 0)?;
+        place_model(&mut model, device, precision)?;
         let mut trainer =
             Trainer::new(model.named_parameters(), TrainConfig::new(3e-4, 0, 1000, 0));
         let mut rng = Rng::new(1);
@@ -84,31 +108,45 @@ pub fn train_step(args: TrainStepArgs) -> anyhow::Result<()> {
             None,
         );
         let mut times = Vec::with_capacity(args.runs);
+        let mut losses = Vec::with_capacity(args.runs + 2);
+        device.synchronize()?;
         for i in 0..args.runs + 2 {
             let t = Instant::now();
-            trainer.train_step(&model, std::slice::from_ref(&batch))?;
+            let stats = trainer.train_step(&model, std::slice::from_ref(&batch))?;
+            device.synchronize()?;
             if i >= 2 {
                 times.push(t.elapsed().as_secs_f64());
             }
+            losses.push(stats.loss);
         }
         let secs = median(times);
         let tokens_per_s = (args.batch * seq) as f64 / secs;
         let threads = rayon::current_num_threads();
+        let card = device_name(device);
         if args.json {
             println!(
                 "{}",
                 json!({"op": "train_step", "impl": "rlhf", "preset": args.preset, "batch": args.batch,
                        "seq": seq, "threads": threads, "tokens_per_s": tokens_per_s,
-                       "ms_per_step": secs * 1e3, "params": params})
+                       "ms_per_step": secs * 1e3, "params": params,
+                       "device": device.to_string(), "card": card,
+                       "precision": precision.to_string(),
+                       "loss_first": losses[0], "loss_last": losses[losses.len() - 1]})
             );
         } else {
+            let place = match device {
+                Device::Cpu => format!("{threads} threads"),
+                d => format!("{d} ({card}), {precision}"),
+            };
             println!(
-                "train step {} ({params} parameters) batch {} × seq {seq}, {threads} threads: \
-                 {:.1} ms per step, {tokens_per_s:.0} tokens/s (median of {})",
+                "train step {} ({params} parameters) batch {} × seq {seq}, {place}: \
+                 {:.1} ms per step, {tokens_per_s:.0} tokens/s (median of {}; loss {:.4} → {:.4})",
                 args.preset,
                 args.batch,
                 secs * 1e3,
-                args.runs
+                args.runs,
+                losses[0],
+                losses[losses.len() - 1]
             );
         }
         Ok(())

@@ -1,4 +1,5 @@
-//! `rlhf generate`: sample continuations from a checkpoint with the KV cache.
+//! `rlhf generate`: sample continuations from a checkpoint with the KV cache, on the CPU or a
+//! GPU (`--device cuda`; the forward and the caches stay on the GPU, sampling runs on the host).
 
 use super::common::with_threads;
 use anyhow::{bail, Context};
@@ -41,6 +42,8 @@ pub struct GenerateArgs {
     /// One JSON object per prompt (text, token ids, log-probabilities, why it stopped).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: super::common::DeviceArgs,
 }
 
 fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
@@ -75,7 +78,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let threads = args.threads;
     with_threads(threads, move || {
         let prompts = read_prompts(&args)?;
-        let model = load_model(&args.checkpoint)?;
+        let precision = args.device.open()?;
+        let mut model = load_model(&args.checkpoint)?;
+        super::common::place_model(&mut model, args.device.device, precision)?;
         let tokenizer = model.config().build_tokenizer()?;
         let cfg = SamplingConfig {
             max_new_tokens: args.max_tokens,

@@ -3,8 +3,13 @@
 //!
 //! A run's settings (data, model, batch shape, schedule, seed) are stored in each checkpoint's
 //! training state; `--resume DIR` reads them back, so a resumed run continues bitwise-identically
-//! to an uninterrupted one on the same thread count. Only `--steps`, `--out`, `--threads` and the
-//! reporting intervals may change on resume.
+//! to an uninterrupted one on the same thread count. Only `--steps`, `--out`, `--threads`,
+//! `--device`, `--precision` and the reporting intervals may change on resume (a run resumed on
+//! another device or precision continues from the same state, but not bitwise as it would have).
+//!
+//! `--device cuda` trains on a GPU, by default in bf16 mixed precision (`--precision f32` for
+//! f32 compute): the model is initialised (or loaded) on the host exactly as on the CPU, then
+//! moved; checkpoints are written from host copies and load anywhere.
 
 use super::common::{progress_bar, with_threads, MetricsWriter};
 use anyhow::{bail, Context};
@@ -93,6 +98,8 @@ pub struct PretrainArgs {
     /// No progress bar (one line per evaluation instead).
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub device: super::common::DeviceArgs,
 }
 
 /// What a run needs to be reproduced, saved in every checkpoint.
@@ -162,8 +169,10 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
 }
 
 fn train(args: PretrainArgs) -> anyhow::Result<()> {
+    // A missing GPU is reported before any data is prepared.
+    let precision = args.device.open()?;
     // Model, settings and (when resuming) the saved state.
-    let (model, settings, state) = match &args.resume {
+    let (mut model, settings, state) = match &args.resume {
         Some(dir) => {
             let model = load_model(dir)?;
             let state = rlhf_model::checkpoint::load_training_state(dir)?
@@ -209,6 +218,8 @@ fn train(args: PretrainArgs) -> anyhow::Result<()> {
             (Gpt::new(config, args.seed)?, settings, None)
         }
     };
+    // Initialised or loaded on the host, then moved: the same starting weights on every device.
+    super::common::place_model(&mut model, args.device.device, precision)?;
     let tokenizer = model.config().build_tokenizer()?;
 
     // Data: tokens, split into training and held-out windows.
@@ -251,7 +262,9 @@ fn train(args: PretrainArgs) -> anyhow::Result<()> {
         );
     }
     eprintln!(
-        "pretrain: {params} parameters, {} training windows of {} tokens, {} held out, steps {start}..{}",
+        "pretrain: {params} parameters on {} ({precision}), {} training windows of {} tokens, {} \
+         held out, steps {start}..{}",
+        super::common::device_name(model.device()),
         train_windows.len(),
         settings.seq,
         heldout_windows.as_ref().map_or(0, |w| w.len()),

@@ -14,6 +14,11 @@
 //! transformers does not store it either); a [`ScalarModel`] as `GPT2ForSequenceClassification`
 //! with one label (`score.weight` `[1, d]`).
 //!
+//! A model on a GPU saves like any other: every tensor is copied to the host first
+//! (`safetensors::save` does), so the files never depend on where the model ran. Loading gives
+//! a model on the CPU; move it with [`Gpt::to_device`] before building its trainer, then
+//! [`restore_trainer`] hands the optimiser the (host) moments from the file.
+//!
 //! [`save_checkpoint`] writes the whole directory under a temporary name and swaps it into
 //! place, so a crash never leaves weights from one step beside a training state from another.
 //! Every error names the file and the problem.

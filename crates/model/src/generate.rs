@@ -10,6 +10,12 @@
 //! of them in one matrix product per layer, attention runs per sequence against its own cache.
 //! A sequence that stops leaves the batch, so no work is spent on finished sequences.
 //!
+//! # Devices
+//!
+//! The model may live on a GPU ([`Gpt::to_device`]): the forward and the caches' keys and
+//! values stay there, and each step copies only the logits of the rows that predict a token
+//! (one per running sequence, in f32) to the host, where sampling runs exactly as on the CPU.
+//!
 //! # Randomness
 //!
 //! Sequence i draws from its own generator, the i-th fork of `Rng::new(seed)`, one uniform
@@ -25,7 +31,7 @@
 use crate::error::{ModelError, Result};
 use crate::gpt::Gpt;
 use crate::tokenizer::Tokenizer;
-use rlhf_tensor::{no_grad, Rng, Tensor};
+use rlhf_tensor::{no_grad, DType, Device, Rng, Tensor};
 
 /// How to pick each next token.
 #[derive(Clone, Debug, PartialEq)]
@@ -358,10 +364,14 @@ pub fn generate(model: &Gpt, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Resu
                     end += x.len() as i64;
                     rows.push(end - 1);
                 }
-                let rows = Tensor::from_vec(rows, &[active.len()])?;
+                let rows = Tensor::from_vec(rows, &[active.len()])?.to_device(hidden.device())?;
                 Tensor::embedding(&rows, &hidden)?
             };
-            let logits = model.lm_logits(&last)?;
+            // Sampling runs on the host: only these rows' logits cross the bus, in f32.
+            let logits = model
+                .lm_logits(&last)?
+                .to_dtype(DType::F32)?
+                .to_device(Device::Cpu)?;
             let logits = logits.f32_data()?;
             let v = c.vocab_size;
             let mut still = Vec::with_capacity(active.len());

@@ -23,18 +23,80 @@
 //!   only attention runs per sequence, against that sequence's own cache. So every sequence sits
 //!   at its true positions `0..len` with no padding and no mask, and a prompt's logits do not
 //!   depend on what else is in the batch. Generation uses it.
+//!
+//! ## Devices and precision
+//!
+//! A model lives on one [`Device`] ([`Gpt::to_device`]): its parameters are f32 there (the
+//! master weights the optimiser updates), and token ids and positions are copied there by the
+//! forward. Its [`Precision`] decides the compute dtype: with [`Precision::F32`] every op runs
+//! in f32 (the only choice on the CPU, whose kernels compute in f32); with [`Precision::Bf16`]
+//! (CUDA only) the forward casts each weight to bf16 with the tracked
+//! [`Tensor::to_dtype`] where it is used (whose backward casts the gradient back to f32, so
+//! parameters receive f32 gradients), and the activations are bf16 from the embedding sum on.
+//! The kernels accumulate every product and reduction in f32 (GEMM, layer norm statistics,
+//! softmax, the fused log-softmax of the loss), and the loss itself is f32. The embedding
+//! tables are read in f32 and the looked-up rows cast: `wte` is also the LM head, and the two
+//! uses must hand back gradients of one dtype for autograd to add them.
+//!
+//! On the CPU with f32 the forward records exactly the graph it did before devices existed
+//! (every cast and copy is the identity there), so CPU results are bitwise unchanged.
 
 use crate::config::GptConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::weights::{param_specs, BlockWeights, GptWeights, ParamKind};
-use rlhf_tensor::{DType, Parameter, Rng, Tensor};
+use rlhf_tensor::{DType, Device, Parameter, Rng, Tensor};
 use std::collections::HashMap;
 
-/// A GPT-2 language model: the trunk's parameters and its config.
+/// The dtype a model computes in (its parameters stay f32 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Precision {
+    /// Weights and activations f32: the CPU path, and a CUDA reference.
+    #[default]
+    F32,
+    /// Mixed precision: weights cast to bf16 for each forward, bf16 activations, f32
+    /// accumulation inside every kernel, f32 loss, f32 master weights and gradients. CUDA only.
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype of weights and activations in compute.
+    pub fn compute_dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+
+    /// Parses `f32` or `bf16` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Precision> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(ModelError::invalid(
+                "precision",
+                format!("unknown precision {s:?}: expected f32 or bf16"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// A GPT-2 language model: the trunk's parameters, its config, and where and in which dtype it
+/// computes.
 pub struct Gpt {
     config: GptConfig,
     params: GptWeights<Parameter>,
+    device: Device,
+    precision: Precision,
 }
 
 impl std::fmt::Debug for Gpt {
@@ -77,9 +139,20 @@ impl Dropout {
     }
 }
 
+/// The weight or bias `w` in the dtype of the activations `x` it meets: the tracked cast of
+/// mixed precision (its backward casts the gradient back to the parameter's f32), and the
+/// identity (no graph node) when the dtypes already agree.
+fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    Ok(w.to_dtype(x.dtype())?)
+}
+
 /// `x · W + b` with a Conv1D weight `[in, out]`.
 fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(x.linear(w, b)?)
+    Ok(x.linear(&like(w, x)?, &like(b, x)?)?)
+}
+
+fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(x.layer_norm(&like(w, x)?, &like(b, x)?, eps)?)
 }
 
 fn mlp(x: &Tensor, w: &BlockWeights<Tensor>) -> Result<Tensor> {
@@ -98,11 +171,21 @@ fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, p: f32, seed: u64)
             mask[i * tk + j] = 1;
         }
     }
-    let mask = Tensor::from_vec(mask, &[tq, tk])?;
-    let scores = q
-        .matmul(&k.t()?)?
-        .mul_scalar(1.0 / (dh as f32).sqrt())?
-        .masked_fill(&mask, f32::NEG_INFINITY)?;
+    let scores = q.matmul(&k.t()?)?.mul_scalar(1.0 / (dh as f32).sqrt())?;
+    let scores = if q.device() == Device::Cpu {
+        scores.masked_fill(&Tensor::from_vec(mask, &[tq, tk])?, f32::NEG_INFINITY)?
+    } else {
+        // On a GPU the mask is added as 0 / -inf (a broadcast add, which has a CUDA kernel):
+        // the same probabilities, and softmax's backward gives masked scores zero gradient.
+        let bias: Vec<f32> = mask
+            .iter()
+            .map(|&m| if m == 1 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let bias = Tensor::from_vec(bias, &[tq, tk])?
+            .to_dtype(scores.dtype())?
+            .to_device(scores.device())?;
+        scores.add(&bias)?
+    };
     Ok(scores.softmax(-1)?.dropout(p, seed)?.matmul(v)?)
 }
 
@@ -128,7 +211,16 @@ impl Gpt {
             };
             Ok(Parameter::new(t))
         })?;
-        Ok(Gpt { config, params })
+        Ok(Gpt::on_cpu(config, params))
+    }
+
+    fn on_cpu(config: GptConfig, params: GptWeights<Parameter>) -> Gpt {
+        Gpt {
+            config,
+            params,
+            device: Device::Cpu,
+            precision: Precision::F32,
+        }
     }
 
     /// A model with the given weights (names as in [`Gpt::named_parameters`]; f32, bf16 or f16,
@@ -202,11 +294,56 @@ impl Gpt {
                 format!("unexpected tensors: {}", names.join(", ")),
             ));
         }
-        Ok(Gpt { config, params })
+        Ok(Gpt::on_cpu(config, params))
     }
 
     pub fn config(&self) -> &GptConfig {
         &self.config
+    }
+
+    /// The device the parameters live on and the forward runs on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The compute precision (see the module docs).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Moves every parameter (f32) to `device`, keeping the parameter handles: optimisers and
+    /// heads built from [`Gpt::named_parameters`] see the moved values. Accumulated gradients
+    /// are cleared. Build a [`crate::Trainer`] after moving, so its optimiser state is created
+    /// beside the parameters. A CUDA device that does not exist is an error, and the model is
+    /// then left where it was. Moving to the CPU sets the precision to f32 (the CPU's only one).
+    pub fn to_device(&mut self, device: Device) -> Result<()> {
+        if device == self.device {
+            return Ok(());
+        }
+        // Copy everything first, so a failure (no GPU, out of memory) changes nothing.
+        let moved = self
+            .params
+            .named()
+            .into_iter()
+            .map(|(_, p)| Ok(p.tensor().detach().to_device(device)?.detach()))
+            .collect::<Result<Vec<Tensor>>>()?;
+        for ((_, p), t) in self.params.named().into_iter().zip(&moved) {
+            p.set(t)?;
+            p.zero_grad();
+        }
+        self.device = device;
+        if device == Device::Cpu {
+            self.precision = Precision::F32;
+        }
+        Ok(())
+    }
+
+    /// Sets the compute precision. [`Precision::Bf16`] needs the model on a CUDA device (the
+    /// CPU kernels compute in f32).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        check_precision(self.device, precision)?;
+        self.precision = precision;
+        Ok(())
     }
 
     /// The parameters with their HF names, in `GPT2LMHeadModel.named_parameters()` order.
@@ -242,13 +379,17 @@ impl Gpt {
         Gpt {
             config: self.config.clone(),
             params: self.params.map(|p| Parameter::new(p.tensor().detach())),
+            device: self.device,
+            precision: self.precision,
         }
     }
 
-    /// Copies another model's values into this one (same config); e.g. EMA or reset.
+    /// Copies another model's values into this one (same config); e.g. EMA or reset. Values
+    /// on another device are copied to this model's.
     pub fn copy_from(&self, other: &Gpt) -> Result<()> {
         for ((name, dst), (_, src)) in self.params.named().into_iter().zip(other.params.named()) {
-            dst.set(&src.tensor().detach())
+            let value = src.tensor().detach().to_device(self.device)?.detach();
+            dst.set(&value)
                 .map_err(|e| ModelError::invalid("copy_from", format!("{name}: {e}")))?;
         }
         Ok(())
@@ -311,13 +452,16 @@ impl Gpt {
             ));
         }
         self.checked_ids("hidden_states", ids)?;
+        check_precision(self.device, self.precision)?;
         let mut drop = Dropout::new(dropout_seed);
-        let positions = Tensor::from_vec((0..t as i64).collect::<Vec<_>>(), &[t])?;
-        let x = Tensor::embedding(ids, &w.wte)?.add(&Tensor::embedding(&positions, &w.wpe)?)?;
+        let ids = ids.to_device(self.device)?;
+        let positions =
+            Tensor::from_vec((0..t as i64).collect::<Vec<_>>(), &[t])?.to_device(self.device)?;
+        let x = self.embed(w, &ids, &positions)?;
         let mut x = drop.apply(x, c.embd_pdrop)?;
         let (h, dh) = (c.n_head, c.head_dim());
         for bw in &w.h {
-            let a = x.layer_norm(&bw.ln_1_weight, &bw.ln_1_bias, c.layer_norm_epsilon)?;
+            let a = layer_norm(&x, &bw.ln_1_weight, &bw.ln_1_bias, c.layer_norm_epsilon)?;
             let qkv = linear(&a, &bw.c_attn_weight, &bw.c_attn_bias)?;
             let att = if drop.active(c.attn_pdrop) {
                 // [B, T, 3d] → [3, B, H, T, Dh] as a view; q, k, v are slices of it.
@@ -337,23 +481,64 @@ impl Gpt {
             let att = linear(&att, &bw.attn_c_proj_weight, &bw.attn_c_proj_bias)?;
             x = x.add(&drop.apply(att, c.resid_pdrop)?)?;
             let m = mlp(
-                &x.layer_norm(&bw.ln_2_weight, &bw.ln_2_bias, c.layer_norm_epsilon)?,
+                &layer_norm(&x, &bw.ln_2_weight, &bw.ln_2_bias, c.layer_norm_epsilon)?,
                 bw,
             )?;
             x = x.add(&drop.apply(m, c.resid_pdrop)?)?;
         }
-        Ok(x.layer_norm(&w.ln_f_weight, &w.ln_f_bias, c.layer_norm_epsilon)?)
+        layer_norm(&x, &w.ln_f_weight, &w.ln_f_bias, c.layer_norm_epsilon)
+    }
+
+    /// Token plus position embeddings in the compute dtype. The tables are read as given (f32
+    /// parameters) and the looked-up rows cast, so both uses of `wte` (here and the LM head)
+    /// return f32 gradients to it.
+    fn embed(&self, w: &GptWeights<Tensor>, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let dtype = self.precision.compute_dtype();
+        let tokens = Tensor::embedding(ids, &w.wte)?.to_dtype(dtype)?;
+        let positions = Tensor::embedding(positions, &w.wpe)?.to_dtype(dtype)?;
+        Ok(tokens.add(&positions)?)
     }
 
     /// Logits `[.., vocab]` of hidden states `[.., d]` through the tied head: hidden · wteᵀ,
     /// with wteᵀ a transposed view (the matmul reads it through its strides; nothing is copied).
+    /// The logits have the hidden states' dtype (bf16 under mixed precision; the loss reads
+    /// them in f32).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&self.params.wte.tensor().t()?)?)
+        let wte = self.params.wte.tensor();
+        Ok(hidden.matmul(&like(&wte, hidden)?.t()?)?)
     }
 
     /// As [`Gpt::lm_logits`] with explicit weights.
     pub fn lm_logits_with(w: &GptWeights<Tensor>, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&w.wte.t()?)?)
+        Ok(hidden.matmul(&like(&w.wte, hidden)?.t()?)?)
+    }
+
+    /// Logits of `hidden` for a cross-entropy against targets below the vocabulary size: those
+    /// of [`Gpt::lm_logits_with`], except for bf16 compute on a GPU with a vocabulary that is
+    /// not a multiple of 8 (GPT-2's 50257). Then the bf16 head is padded with zero rows to a
+    /// multiple of 128 and the padded columns' logits are set to −∞: the result is
+    /// `[.., padded vocab]`, and its cross-entropy equals the unpadded one (the padded columns
+    /// have probability 0 and receive zero gradient). Why: the two backward GEMMs read the
+    /// logits' gradient as an operand with the vocabulary as leading dimension, and the
+    /// tensor-core kernels need one that is a multiple of 8; with 50257 both would fall back
+    /// to the SIMT kernel, the slowest part of a GPT-2 step.
+    pub fn loss_logits_with(&self, w: &GptWeights<Tensor>, hidden: &Tensor) -> Result<Tensor> {
+        let v = self.config.vocab_size;
+        if hidden.device() == Device::Cpu || hidden.dtype() != DType::BF16 || v.is_multiple_of(8) {
+            return Gpt::lm_logits_with(w, hidden);
+        }
+        let (padded, d) = (v.next_multiple_of(128), self.config.n_embd);
+        let device = hidden.device();
+        let zeros = Tensor::zeros(&[padded - v, d])
+            .to_dtype(DType::BF16)?
+            .to_device(device)?;
+        let head = Tensor::concat(&[&like(&w.wte, hidden)?, &zeros], 0)?;
+        let mut mask = vec![0.0f32; padded];
+        mask[v..].fill(f32::NEG_INFINITY);
+        let mask = Tensor::from_vec(mask, &[padded])?
+            .to_dtype(DType::BF16)?
+            .to_device(device)?;
+        Ok(hidden.matmul(&head.t()?)?.add(&mask)?)
     }
 
     /// Logits `[B, T, vocab]` of ids `[B, T]`: [`Gpt::hidden_states`] then [`Gpt::lm_logits`].
@@ -420,13 +605,14 @@ impl Gpt {
         let n = tokens.len();
         let tokens = Tensor::from_vec(tokens, &[n])?;
         self.checked_ids(op, &tokens)?;
-        let positions = Tensor::from_vec(positions, &[n])?;
+        check_precision(self.device, self.precision)?;
+        let tokens = tokens.to_device(self.device)?;
+        let positions = Tensor::from_vec(positions, &[n])?.to_device(self.device)?;
         let w = self.weights();
-        let mut x =
-            Tensor::embedding(&tokens, &w.wte)?.add(&Tensor::embedding(&positions, &w.wpe)?)?;
+        let mut x = self.embed(&w, &tokens, &positions)?;
         let (h, dh, d) = (c.n_head, c.head_dim(), c.n_embd);
         for (layer, bw) in w.h.iter().enumerate() {
-            let a = x.layer_norm(&bw.ln_1_weight, &bw.ln_1_bias, c.layer_norm_epsilon)?;
+            let a = layer_norm(&x, &bw.ln_1_weight, &bw.ln_1_bias, c.layer_norm_epsilon)?;
             let qkv = linear(&a, &bw.c_attn_weight, &bw.c_attn_bias)?;
             let mut outs = Vec::with_capacity(new_ids.len());
             let mut row = 0;
@@ -452,7 +638,7 @@ impl Gpt {
             };
             x = x.add(&linear(&att, &bw.attn_c_proj_weight, &bw.attn_c_proj_bias)?)?;
             let m = mlp(
-                &x.layer_norm(&bw.ln_2_weight, &bw.ln_2_bias, c.layer_norm_epsilon)?,
+                &layer_norm(&x, &bw.ln_2_weight, &bw.ln_2_bias, c.layer_norm_epsilon)?,
                 bw,
             )?;
             x = x.add(&m)?;
@@ -460,7 +646,7 @@ impl Gpt {
         for (ids, cache) in new_ids.iter().zip(caches.iter_mut()) {
             cache.advance(ids.len());
         }
-        Ok(x.layer_norm(&w.ln_f_weight, &w.ln_f_bias, c.layer_norm_epsilon)?)
+        layer_norm(&x, &w.ln_f_weight, &w.ln_f_bias, c.layer_norm_epsilon)
     }
 
     /// Fresh, empty caches for `n` sequences.
@@ -475,6 +661,18 @@ impl Gpt {
             .map(|s| (s.name, s.shape))
             .collect()
     }
+}
+
+/// Bf16 compute only on a GPU: the CPU kernels compute in f32.
+fn check_precision(device: Device, precision: Precision) -> Result<()> {
+    if precision == Precision::Bf16 && device == Device::Cpu {
+        return Err(ModelError::invalid(
+            "precision",
+            "bf16 compute runs on CUDA devices only (the CPU kernels compute in f32); move the \
+             model with to_device first, or use f32",
+        ));
+    }
+    Ok(())
 }
 
 /// Builds a right-padded `[B, T_max]` i64 id tensor from token lists, with `pad` after each
@@ -501,6 +699,35 @@ pub fn pad_batch(seqs: &[Vec<u32>], pad: u32) -> Result<(Tensor, Tensor)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn precision_parses_and_bf16_needs_a_gpu() {
+        assert_eq!(Precision::parse("BF16").unwrap(), Precision::Bf16);
+        assert_eq!(Precision::parse("f32").unwrap(), Precision::F32);
+        assert_eq!(Precision::Bf16.to_string(), "bf16");
+        assert!(Precision::parse("f16").is_err());
+        let mut m = Gpt::new(GptConfig::preset("tiny").unwrap(), 0).unwrap();
+        let msg = m.set_precision(Precision::Bf16).unwrap_err().to_string();
+        assert!(msg.contains("CUDA devices only"), "{msg}");
+        assert_eq!(m.precision(), Precision::F32);
+        m.set_precision(Precision::F32).unwrap();
+    }
+
+    #[test]
+    fn moving_to_a_missing_gpu_is_an_error_that_changes_nothing() {
+        let mut m = Gpt::new(GptConfig::preset("tiny").unwrap(), 0).unwrap();
+        let before = m.named_tensors();
+        match m.to_device(Device::Cuda(1 << 20)) {
+            Ok(()) => panic!("no machine has that many GPUs"),
+            Err(e) => assert!(matches!(e, ModelError::Tensor(_)), "{e}"),
+        }
+        assert_eq!(m.device(), Device::Cpu);
+        for ((name, a), (_, b)) in before.iter().zip(m.named_tensors()) {
+            assert_eq!(b.device(), Device::Cpu, "{name}");
+            assert!(a.shares_storage(&b), "{name}");
+        }
+        m.to_device(Device::Cpu).unwrap();
+    }
 
     #[test]
     fn attention_with_dropout_is_causal_attention_when_nothing_drops() {

@@ -7,7 +7,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::gpt::Gpt;
-use rlhf_tensor::{Parameter, Tensor};
+use rlhf_tensor::{DType, Device, Parameter, Tensor};
 
 /// A linear map from hidden states `[.., d]` to one value per position `[..]`.
 pub struct ScalarHead {
@@ -56,12 +56,30 @@ impl ScalarHead {
     }
 
     /// Values `[..]` of hidden states `[.., d]`: hidden · weightᵀ (+ bias), the transpose a view.
+    /// Under mixed precision the weight is cast to the hidden states' dtype (a tracked cast,
+    /// f32 gradients) and the values come back in f32.
     pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
-        let mut y = hidden.matmul(&self.weight.tensor().t()?)?;
+        let dtype = hidden.dtype();
+        let mut y = hidden.matmul(&self.weight.tensor().to_dtype(dtype)?.t()?)?;
         if let Some(b) = &self.bias {
-            y = y.add(&b.tensor())?;
+            y = y.add(&b.tensor().to_dtype(dtype)?)?;
         }
-        Ok(y.squeeze(-1)?)
+        Ok(y.squeeze(-1)?.to_dtype(DType::F32)?)
+    }
+
+    /// Moves the head's parameters to `device` (the handles stay the same; gradients are
+    /// cleared).
+    pub fn to_device(&self, device: Device) -> Result<()> {
+        let params = self.named_parameters();
+        let moved = params
+            .iter()
+            .map(|(_, p)| Ok(p.tensor().detach().to_device(device)?.detach()))
+            .collect::<Result<Vec<Tensor>>>()?;
+        for ((_, p), t) in params.iter().zip(&moved) {
+            p.set(t)?;
+            p.zero_grad();
+        }
+        Ok(())
     }
 
     /// An independent copy with the same values.
@@ -96,6 +114,18 @@ impl ScalarModel {
     pub fn values(&self, ids: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         self.head
             .forward(&self.trunk.hidden_states(ids, dropout_seed)?)
+    }
+
+    /// Moves trunk and head to `device` (see [`Gpt::to_device`]).
+    pub fn to_device(&mut self, device: Device) -> Result<()> {
+        let from = self.trunk.device();
+        self.trunk.to_device(device)?;
+        if let Err(e) = self.head.to_device(device) {
+            // Leave the model whole where it was (the head is still there).
+            let _ = self.trunk.to_device(from);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The trunk's parameters (`transformer.*`) then the head's (`score.*`), as
@@ -136,6 +166,7 @@ pub fn values_at(values: &Tensor, positions: &[usize]) -> Result<Tensor> {
     let idx = Tensor::from_vec(
         positions.iter().map(|&p| p as i64).collect::<Vec<_>>(),
         &[positions.len(), 1],
-    )?;
+    )?
+    .to_device(values.device())?;
     Ok(values.gather_last(&idx)?.squeeze(-1)?)
 }

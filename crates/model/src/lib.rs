@@ -5,7 +5,9 @@
 //! - [`Gpt`]: the trunk (learned positions, pre-LayerNorm blocks, fused QKV, tanh GELU) with
 //!   the LM head tied to the token embedding; parameters named as `GPT2LMHeadModel`'s.
 //!   [`Gpt::hidden_states`] is separate from [`Gpt::lm_logits`] so other heads
-//!   ([`ScalarHead`], for reward and value models) sit on the same trunk.
+//!   ([`ScalarHead`], for reward and value models) sit on the same trunk. A model runs on the
+//!   CPU or a CUDA device ([`Gpt::to_device`]), in f32 or mixed [`Precision`] (bf16 compute,
+//!   f32 master weights and optimiser state).
 //! - [`KvCache`] and [`generate()`]: batched, seeded sampling with a per-sequence cache.
 //! - [`Tokenizer`]: [`ByteTokenizer`] and [`Gpt2Tokenizer`] (r50k_base).
 //! - [`train`]: the masked next-token loss, a [`Trainer`] with gradient accumulation,
@@ -33,7 +35,7 @@ pub use generate::{
     generate, generate_text, sample_token, FinishReason, Generation, PaddedSequences,
     SamplingConfig,
 };
-pub use gpt::{pad_batch, Gpt};
+pub use gpt::{pad_batch, Gpt, Precision};
 pub use head::{values_at, ScalarHead, ScalarModel};
 pub use kv_cache::KvCache;
 pub use tokenizer::{ByteTokenizer, Gpt2Tokenizer, Tokenizer};

@@ -10,7 +10,7 @@ use crate::error::{ModelError, Result};
 use crate::gpt::Gpt;
 use crate::weights::GptWeights;
 use rlhf_tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, AdamWState, CosineSchedule};
-use rlhf_tensor::{Parameter, Rng, Tensor};
+use rlhf_tensor::{DType, Device, Parameter, Rng, Tensor};
 use std::sync::Arc;
 
 /// One micro-batch for language-model training: ids `[B, T]` and, optionally, a loss mask
@@ -82,19 +82,31 @@ pub fn lm_loss_with(
             ));
         }
     }
-    let inputs = batch.ids.narrow(1, 0, t - 1)?;
-    let targets = batch.ids.narrow(1, 1, t - 1)?;
+    // Inputs, targets and mask are cut on the host (a no-op copy when they are there already)
+    // and copied to the model's device contiguous: the GPU kernels take dense index tensors.
+    let device = model.device();
+    let ids = batch.ids.to_device(Device::Cpu)?;
+    let inputs = ids.narrow(1, 0, t - 1)?;
+    let targets = ids.narrow(1, 1, t - 1)?.to_device(device)?;
     let hidden = model.hidden_states_with(w, &inputs, dropout_seed)?;
-    let logits = Gpt::lm_logits_with(w, &hidden)?;
+    // Under mixed precision the logits are bf16; the fused cross-entropy reads them in f32
+    // (f32 log-sum-exp and sums) and returns an f32 loss. On a GPU their vocabulary may be
+    // padded (see `loss_logits_with`); the targets are all below the real vocabulary size.
+    let logits = model.loss_logits_with(w, &hidden)?;
     let weights = match &batch.loss_mask {
-        Some(m) => Some(m.narrow(1, 1, t - 1)?.to_dtype(rlhf_tensor::DType::F32)?),
+        Some(m) => Some(
+            m.to_device(Device::Cpu)?
+                .narrow(1, 1, t - 1)?
+                .to_dtype(DType::F32)?
+                .to_device(device)?,
+        ),
         None => None,
     };
     Ok(logits.cross_entropy(&targets, None, weights.as_ref())?)
 }
 
 /// log π(ids[:, t+1] | ids[:, ..=t]) for t in 0..T-1: `[B, T-1]` from logits `[B, T, V]` of
-/// ids `[B, T]`. Differentiable (PPO's ratio and KL terms).
+/// ids `[B, T]`, in f32 on the logits' device. Differentiable (PPO's ratio and KL terms).
 pub fn token_logprobs(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, t) = batch_dims("token_logprobs", ids)?;
     if logits.rank() != 3 || logits.shape()[..2] != [b, t] {
@@ -107,11 +119,17 @@ pub fn token_logprobs(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
             ),
         ));
     }
-    let lp = logits.narrow(1, 0, t - 1)?.log_softmax(-1)?;
+    // f32 log-probabilities whatever the logits' dtype (bf16 logits are cast on their device).
+    let lp = logits
+        .narrow(1, 0, t - 1)?
+        .to_dtype(DType::F32)?
+        .log_softmax(-1)?;
     let next = ids
+        .to_device(Device::Cpu)?
         .narrow(1, 1, t - 1)?
         .contiguous()?
-        .reshape_to(&[b, t - 1, 1])?;
+        .reshape_to(&[b, t - 1, 1])?
+        .to_device(logits.device())?;
     Ok(lp.gather_last(&next)?.squeeze(-1)?)
 }
 
@@ -174,7 +192,8 @@ pub fn derive_seed(seed: u64, a: u64, b: u64) -> u64 {
 
 impl Trainer {
     /// A trainer over `params` (e.g. [`Gpt::named_parameters`]; the names key the optimiser
-    /// state in checkpoints).
+    /// state in checkpoints). For a model on a GPU, move it first ([`Gpt::to_device`]): the
+    /// optimiser keeps its f32 moments beside the parameters it is given.
     pub fn new(params: Vec<(String, Parameter)>, config: TrainConfig) -> Trainer {
         let list = params.iter().map(|(_, p)| p.clone()).collect();
         Trainer {

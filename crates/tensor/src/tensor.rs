@@ -34,6 +34,27 @@ impl std::fmt::Display for Device {
     }
 }
 
+impl Device {
+    /// Waits until every copy and kernel queued on this device has finished (a no-op on the
+    /// CPU, whose ops complete before they return). GPU work is asynchronous, so a host clock
+    /// read after an op measures only its launch; benchmarks call this before reading one.
+    pub fn synchronize(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => crate::cuda::device(n)?
+                .stream()
+                .synchronize()
+                .map_err(|e| Error::cuda("synchronize", format!("cuda:{n}: {e:?}"))),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(n) => Err(Error::cuda(
+                "synchronize",
+                format!("cuda:{n}: rlhf-tensor was built without the `cuda` feature"),
+            )),
+        }
+    }
+}
+
 /// How a tensor takes part in autograd.
 #[derive(Clone)]
 pub(crate) enum GradTrack {
@@ -727,6 +748,18 @@ mod device_tests {
         let y = x.to_device(Device::Cpu).unwrap();
         assert!(y.shares_storage(&x));
         assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+    }
+
+    #[test]
+    fn synchronize_is_a_no_op_on_the_cpu_and_an_error_without_a_gpu() {
+        Device::Cpu.synchronize().unwrap();
+        #[cfg(feature = "cuda")]
+        if crate::cuda::device(0).is_ok() {
+            Device::Cuda(0).synchronize().unwrap();
+            return;
+        }
+        let e = Device::Cuda(0).synchronize().unwrap_err();
+        assert!(matches!(e, crate::Error::Cuda { .. }), "{e}");
     }
 
     #[test]
