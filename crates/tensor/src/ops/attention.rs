@@ -304,8 +304,9 @@ impl Tensor {
         // Pooled: the backward closure keeps these until the graph is freed, then the next
         // step's forward reuses them.
         let [q, k, v] = split_qkv(&qkv.f32_data()?, dims).map(Pooled);
-        let mut out = Pooled(crate::cpu::pool::zeroed(n));
-        let mut lse = Pooled(crate::cpu::pool::zeroed(b * n_head * t));
+        // The forward writes every output row and its lse (each query sees at least one key).
+        let mut out = Pooled(crate::cpu::pool::for_overwrite(n));
+        let mut lse = Pooled(crate::cpu::pool::for_overwrite(b * n_head * t));
         if n > 0 {
             causal_attention_forward(shape, scale, &q, &k, &v, &mut out, &mut lse)?;
         }

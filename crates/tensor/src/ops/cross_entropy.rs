@@ -231,7 +231,8 @@ impl Tensor {
         }
         let total: f32 = w.iter().sum();
         let logits = self.f32_data()?;
-        let mut logp = crate::cpu::pool::zeroed(logits.len());
+        // log_softmax_rows writes every element; pooled again when the graph is freed.
+        let mut logp = crate::cpu::pool::Pooled(crate::cpu::pool::for_overwrite(logits.len()));
         if v > 0 {
             vec::log_softmax_rows(&logits, v, &mut logp);
         }

@@ -80,7 +80,8 @@ impl Tensor {
         super::indices_on_host("embedding", ids)?;
         let idx = checked_indices("embedding", ids, v)?;
         let t = table.f32_data()?;
-        let mut out = crate::cpu::pool::zeroed(idx.len() * d);
+        // Every row is copied from the table.
+        let mut out = crate::cpu::pool::for_overwrite(idx.len() * d);
         for (o, &i) in out.chunks_mut(d.max(1)).zip(&idx) {
             o.copy_from_slice(&t[i * d..(i + 1) * d]);
         }

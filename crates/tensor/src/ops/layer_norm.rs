@@ -31,10 +31,11 @@ impl Tensor {
         }
         let x = self.f32_data()?;
         let rows = x.len().checked_div(cols).unwrap_or(0);
+        // The row kernel writes every output, mean and rstd (all empty when there are no rows).
         let (mut out, mut mean, mut rstd) = (
-            crate::cpu::pool::zeroed(x.len()),
-            crate::cpu::pool::zeroed(rows),
-            crate::cpu::pool::zeroed(rows),
+            crate::cpu::pool::for_overwrite(x.len()),
+            crate::cpu::pool::for_overwrite(rows),
+            crate::cpu::pool::for_overwrite(rows),
         );
         let (w, b) = (weight.f32_data()?, bias.f32_data()?);
         if rows > 0 {
@@ -49,7 +50,8 @@ impl Tensor {
             move |g| {
                 let g = g.contiguous()?;
                 let (xv, wv, gv) = (xs.f32_data()?, ws.f32_data()?, g.f32_data()?);
-                let mut dx = crate::cpu::pool::zeroed(xv.len());
+                // Every dx element is written by the row kernel; dw and db accumulate.
+                let mut dx = crate::cpu::pool::for_overwrite(xv.len());
                 let (mut dw, mut db) = (
                     crate::cpu::pool::zeroed(cols),
                     crate::cpu::pool::zeroed(cols),
