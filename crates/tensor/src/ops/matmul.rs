@@ -20,8 +20,6 @@ fn batch_offset(mut b: usize, batch_shape: &[usize], strides: &[usize]) -> usize
 }
 
 fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    require_f32("matmul", a)?;
-    require_f32("matmul", b)?;
     let mismatch = || Error::ShapeMismatch {
         op: "matmul",
         lhs: a.shape().to_vec(),
@@ -48,6 +46,9 @@ fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if let Some(dev) = super::cuda_inputs("matmul", &[a, b])? {
         return matmul_cuda(&dev, a, b, &batch, (m, k, n), &out_shape);
     }
+    // Only here: the CUDA path takes bf16 too (the tensor-core GEMM); the CPU GEMM is f32.
+    require_f32("matmul", a)?;
+    require_f32("matmul", b)?;
 
     // [.., m, k] · [k, n] with contiguous rows in `a`: one GEMM with m·batch rows. This is the
     // shape of every linear layer, and one large GEMM beats many small ones.
