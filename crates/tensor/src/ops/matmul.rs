@@ -184,6 +184,40 @@ fn gpu_operand(t: &Tensor, batch: &[usize], r: usize, c: usize) -> Result<GpuOpe
     })
 }
 
+/// One GEMM launch's share of a batched product: batch elements z0..z0+z (gridDim.z) and rows
+/// m0..m0+m of each (gridDim.y = ceil(m / tile_m)).
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GemmChunk {
+    z0: usize,
+    z: usize,
+    m0: usize,
+    m: usize,
+}
+
+/// The launches of an `nb`-batch product of `m` rows with `tile_m`-row blocks: gridDim.z and
+/// gridDim.y are at most 65535 each, so larger batches and taller matrices (a linear layer
+/// folds every batch row into M) go in chunks. Row chunks are multiples of `tile_m` rows, so
+/// a chunk's first row keeps the tensor-core kernel's 16-byte alignment (row strides there
+/// are multiples of 8 elements, or the row stride is 1 and the chunk start a multiple of 8).
+#[cfg(feature = "cuda")]
+fn gemm_chunks(nb: usize, m: usize, tile_m: usize) -> Vec<GemmChunk> {
+    const MAX_GRID: usize = 65535;
+    let max_m = MAX_GRID * tile_m;
+    let mut out = Vec::new();
+    for z0 in (0..nb).step_by(MAX_GRID) {
+        for m0 in (0..m).step_by(max_m) {
+            out.push(GemmChunk {
+                z0,
+                z: (nb - z0).min(MAX_GRID),
+                m0,
+                m: (m - m0).min(max_m),
+            });
+        }
+    }
+    out
+}
+
 /// kernels/gemm.cu: `gemm_bf16_{n,t}{n,t}_bf16` on the tensor cores for bf16 operands that
 /// meet its alignment rules (16-byte pointers, leading dims and batch strides multiples of 8),
 /// `gemm_simt_bf16` for other bf16 operands and `gemm_simt_f32` for f32. C is contiguous
@@ -248,20 +282,25 @@ fn matmul_cuda(
         }
         _ => false,
     };
-    // gridDim.z is at most 65535: larger batches go in chunks (pointers advanced per chunk).
-    const MAX_Z: usize = 65535;
-    let mut z0 = 0;
-    while z0 < nb {
-        let z = (nb - z0).min(MAX_Z);
+    // The kernels take M, N and K as i32.
+    if [m, n, k].iter().any(|&v| v > i32::MAX as usize) {
+        return Err(Error::cuda(
+            OP,
+            format!("m = {m}, n = {n}, k = {k}: the GEMM kernels take sizes below 2^31"),
+        ));
+    }
+    let tile_m = if tensor_cores { 128 } else { 64 };
+    for GemmChunk { z0, z, m0, m: mc } in gemm_chunks(nb, m, tile_m) {
+        // Rows m0.. of A and C: A[m, k] sits at m·rs + k·cs in either storage order.
         let (ca, cb, cc) = (
-            pa + (z0 * oa.batch) as u64 * esz,
+            pa + (z0 * oa.batch + m0 * oa.rs) as u64 * esz,
             pb + (z0 * ob.batch) as u64 * esz,
-            pc + (z0 * m * n) as u64 * esz,
+            pc + (z0 * m * n + m0 * n) as u64 * esz,
         );
         if let (true, Some((la, lda)), Some((lb, ldb))) = (tensor_cores, a_layout, b_layout) {
             let entry = format!("gemm_bf16_{la}{lb}_bf16");
             let p = GemmParams {
-                m: m as i32,
+                m: mc as i32,
                 n: n as i32,
                 k: k as i32,
                 lda: lda as i64,
@@ -274,7 +313,7 @@ fn matmul_cuda(
                 beta: 0.0,
             };
             let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, z as u32),
+                grid_dim: (n.div_ceil(128) as u32, mc.div_ceil(128) as u32, z as u32),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -282,13 +321,13 @@ fn matmul_cuda(
             let mut l = dev.stream().launch_builder(&f);
             l.arg(&p).arg(&ca).arg(&cb).arg(&cc);
             // SAFETY: gemm_bf16_*(GemmParams p, const bf16* a, const bf16* b, bf16* c); the
-            // strides describe views inside a's and b's storages (batch chunk z0.. included),
+            // strides describe views inside a's and b's storages (batch chunk z0.. and row chunk m0.. included),
             // c is a fresh [nb, m, n] buffer; alignment and multiple-of-8 rules checked above.
             unsafe { super::launch(OP, &entry, l, cfg)? };
         } else {
             let entry = format!("gemm_simt_{tn}");
             let p = SimtParams {
-                m: m as i32,
+                m: mc as i32,
                 n: n as i32,
                 k: k as i32,
                 sam: oa.rs as i64,
@@ -303,7 +342,7 @@ fn matmul_cuda(
                 beta: 0.0,
             };
             let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(64) as u32, m.div_ceil(64) as u32, z as u32),
+                grid_dim: (n.div_ceil(64) as u32, mc.div_ceil(64) as u32, z as u32),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -314,7 +353,6 @@ fn matmul_cuda(
             // inside the operands' storages; c a fresh [nb, m, n] buffer of T.
             unsafe { super::launch(OP, &entry, l, cfg)? };
         }
-        z0 += z;
     }
     Ok(out)
 }
@@ -483,6 +521,39 @@ mod tests {
                 prop_assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "grad {} vs {}", a, e);
             }
         }
+    }
+
+    /// Every launch stays inside the grid limits (65535 blocks in y and z) and together they
+    /// cover each (batch, row) exactly once.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn gemm_chunks_respect_grid_limits_and_cover_everything() {
+        use super::{gemm_chunks, GemmChunk};
+        assert_eq!(
+            gemm_chunks(3, 100, 64),
+            vec![GemmChunk {
+                z0: 0,
+                z: 3,
+                m0: 0,
+                m: 100
+            }]
+        );
+        for (nb, m, tile) in [
+            (1, 65535 * 64 + 1, 64),
+            (70_000, 10, 128),
+            (2, 65535 * 128 * 2 + 5, 128),
+        ] {
+            let chunks = gemm_chunks(nb, m, tile);
+            let mut rows = 0usize;
+            for c in &chunks {
+                assert!(c.z >= 1 && c.z <= 65535 && c.m >= 1, "{c:?}");
+                assert!(c.m.div_ceil(tile) <= 65535, "{c:?}");
+                assert_eq!(c.m0 % 8, 0, "{c:?}");
+                rows += c.z * c.m;
+            }
+            assert_eq!(rows, nb * m, "{nb} x {m}");
+        }
+        assert!(gemm_chunks(0, 5, 64).is_empty());
     }
 
     #[test]
