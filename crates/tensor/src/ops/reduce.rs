@@ -391,8 +391,14 @@ impl Tensor {
     /// log Σ exp over `dim`, computed stably by shifting with the (detached) maximum.
     pub fn logsumexp(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
         let m = self.detach().max(dim, true)?;
-        // A row of all -inf would give -inf - -inf = NaN; shift such rows by 0 instead.
-        let m = m.clamp(f32::MIN, f32::MAX)?;
+        // A row of all -inf would give -inf - -inf = NaN; shift such rows by a finite value
+        // instead. The bound must survive the store in m's dtype: f32::MAX rounds to +inf in
+        // bf16 (a GPU tensor), so bf16 clamps to bf16's own largest finite value.
+        let big = match m.dtype() {
+            crate::DType::BF16 => half::bf16::MAX.to_f32(),
+            _ => f32::MAX,
+        };
+        let m = m.clamp(-big, big)?;
         let s = self.sub(&m)?.exp()?.sum(dim, true)?.log()?.add(&m)?;
         if keepdim {
             Ok(s)
