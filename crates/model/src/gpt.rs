@@ -451,12 +451,12 @@ impl Gpt {
                 ),
             ));
         }
-        self.checked_ids("hidden_states", ids)?;
+        // Ids and positions stay on the host, already checked: the embedding uploads them
+        // without the device-side check (and the wait for its result) that GPU-resident ids get.
+        let ids = Tensor::from_vec(self.checked_ids("hidden_states", ids)?, &[b, t])?;
         check_precision(self.device, self.precision)?;
         let mut drop = Dropout::new(dropout_seed);
-        let ids = ids.to_device(self.device)?;
-        let positions =
-            Tensor::from_vec((0..t as i64).collect::<Vec<_>>(), &[t])?.to_device(self.device)?;
+        let positions = Tensor::from_vec((0..t as i64).collect::<Vec<_>>(), &[t])?;
         let x = self.embed(w, &ids, &positions)?;
         let mut x = drop.apply(x, c.embd_pdrop)?;
         let (h, dh) = (c.n_head, c.head_dim());
@@ -606,8 +606,8 @@ impl Gpt {
         let tokens = Tensor::from_vec(tokens, &[n])?;
         self.checked_ids(op, &tokens)?;
         check_precision(self.device, self.precision)?;
-        let tokens = tokens.to_device(self.device)?;
-        let positions = Tensor::from_vec(positions, &[n])?.to_device(self.device)?;
+        // Host ids and positions, checked: uploaded by the embedding without a device wait.
+        let positions = Tensor::from_vec(positions, &[n])?;
         let w = self.weights();
         let mut x = self.embed(&w, &tokens, &positions)?;
         let (h, dh, d) = (c.n_head, c.head_dim(), c.n_embd);

@@ -82,12 +82,13 @@ pub fn lm_loss_with(
             ));
         }
     }
-    // Inputs, targets and mask are cut on the host (a no-op copy when they are there already)
-    // and copied to the model's device contiguous: the GPU kernels take dense index tensors.
+    // Inputs, targets and mask are cut on the host (a no-op copy when they are there already).
+    // Integer indices stay there: the GPU ops check host indices on the host and upload them,
+    // with no wait for a device-side check. The float mask goes to the model's device.
     let device = model.device();
     let ids = batch.ids.to_device(Device::Cpu)?;
     let inputs = ids.narrow(1, 0, t - 1)?;
-    let targets = ids.narrow(1, 1, t - 1)?.to_device(device)?;
+    let targets = ids.narrow(1, 1, t - 1)?;
     let hidden = model.hidden_states_with(w, &inputs, dropout_seed)?;
     // Under mixed precision the logits are bf16; the fused cross-entropy reads them in f32
     // (f32 log-sum-exp and sums) and returns an f32 loss. On a GPU their vocabulary may be
@@ -124,12 +125,12 @@ pub fn token_logprobs(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
         .narrow(1, 0, t - 1)?
         .to_dtype(DType::F32)?
         .log_softmax(-1)?;
+    // Host indices: checked there and uploaded by gather_last, no device wait.
     let next = ids
         .to_device(Device::Cpu)?
         .narrow(1, 1, t - 1)?
         .contiguous()?
-        .reshape_to(&[b, t - 1, 1])?
-        .to_device(logits.device())?;
+        .reshape_to(&[b, t - 1, 1])?;
     Ok(lp.gather_last(&next)?.squeeze(-1)?)
 }
 
