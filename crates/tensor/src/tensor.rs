@@ -668,8 +668,13 @@ impl Tensor {
     }
 
     /// The inverse of `narrow` for gradients: zeros of `shape` with `self` written at
-    /// `start..` along `dim`.
+    /// `start..` along `dim`. On a GPU: zeros on the device and one 2-D device copy
+    /// (ops/concat.rs); the result keeps the gradient's dtype.
     fn pad_into(&self, shape: &[usize], dim: usize, start: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = crate::ops::cuda_inputs("narrow backward", &[self])? {
+            return crate::ops::concat::pad_cuda(&dev, self, shape, dim, start);
+        }
         let mut buf = crate::cpu::pool::zeroed(shape.iter().product());
         let src = self.f32_data()?;
         let region = Layout::contiguous(shape).narrow(dim as isize, start, self.shape()[dim])?;
