@@ -561,7 +561,11 @@ impl Tensor {
                 let dev = crate::cuda::device(n)?;
                 // `host` is contiguous but may view part of a larger storage (a narrowed
                 // view): copy exactly its elements.
-                let cs = if host.layout().offset() == 0 && host.storage().len() == host.numel() {
+                let cs = if host.numel() == 0 {
+                    // No zero-length allocation (the driver may refuse one): an empty tensor
+                    // gets the one-element placeholder buffer of CudaStorage::zeros.
+                    CudaStorage::zeros(&dev, host.dtype(), 0)?
+                } else if host.layout().offset() == 0 && host.storage().len() == host.numel() {
                     CudaStorage::from_host(&dev, host.storage())?
                 } else {
                     CudaStorage::from_host(&dev, &owned_storage(&host)?)?
