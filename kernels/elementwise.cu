@@ -1,5 +1,5 @@
-// elementwise.cu: strided binary ops with broadcasting, unary ops (GELU forward and backward
-// among them), dtype casts, where/masked_fill and fill. f32 and bf16 storage; arithmetic is f32.
+// elementwise.cu: strided binary ops with broadcasting, comparisons (u8 masks), unary ops (GELU
+// forward and backward among them), dtype casts, where/masked_fill and fill. f32 and bf16 storage; arithmetic is f32.
 //
 // Reference: crates/tensor/src/ops/{binary,unary}.rs and cpu/vec.rs (same formulas; GELU is
 // the tanh approximation GPT-2 uses, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))).
@@ -16,6 +16,10 @@
 //
 // Entry points (T = f32 | bf16):
 //   binary_{add,sub,mul,div,maximum,minimum}_T(n, a_layout, b_layout, a, b, out)
+//   compare_{gt,ne}_T(n, a_layout, b_layout, a, b, out (u8)): out = (a OP b) ? 1 : 0, compared
+//        in f32 (exact for bf16); NaN compares as IEEE says (gt false, ne true), as the CPU's
+//        `x > y` and `x != 0.0`. gt is Tensor::gt; ne against a broadcast zero turns a float
+//        mask into the u8 condition where_T reads.
 //   unary_{copy,neg,exp,log,sqrt,tanh,relu,gelu,sigmoid,log_sigmoid,abs,powf,clamp,
 //          add_scalar,mul_scalar}_T(n, x_layout, x, out, p0, p1)
 //        powf uses p0 as the exponent, clamp [p0, p1], add_scalar/mul_scalar p0; others
@@ -68,6 +72,34 @@ BINARY_BOTH(mul, OpMul)
 BINARY_BOTH(div, OpDiv)
 BINARY_BOTH(maximum, OpMaximum)
 BINARY_BOTH(minimum, OpMinimum)
+
+// ---- comparisons: u8 masks ---------------------------------------------------------------
+
+struct CmpGt { __device__ static bool f(float a, float b) { return a > b; } };
+struct CmpNe { __device__ static bool f(float a, float b) { return a != b; } };
+
+template <typename Op, typename T>
+__device__ __forceinline__ void compare_body(i64 n, const Strided& la, const Strided& lb,
+                                             const T* __restrict__ a, const T* __restrict__ b,
+                                             unsigned char* __restrict__ out) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float x = load_f32(a + offset_of(la, i));
+        const float y = load_f32(b + offset_of(lb, i));
+        out[i] = Op::f(x, y) ? 1 : 0;
+    }
+}
+
+#define COMPARE(name, Op, T, tname)                                                         \
+    extern "C" __global__ void compare_##name##_##tname(i64 n, Strided la, Strided lb,      \
+                                                        const T* __restrict__ a,            \
+                                                        const T* __restrict__ b,            \
+                                                        unsigned char* __restrict__ out) {  \
+        compare_body<Op, T>(n, la, lb, a, b, out);                                          \
+    }
+#define COMPARE_BOTH(name, Op) COMPARE(name, Op, float, f32) COMPARE(name, Op, bf16, bf16)
+
+COMPARE_BOTH(gt, CmpGt)
+COMPARE_BOTH(ne, CmpNe)
 
 // ---- unary ----------------------------------------------------------------------------------
 

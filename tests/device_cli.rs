@@ -65,6 +65,10 @@ fn asking_for_a_missing_gpu_is_a_clear_error() {
         want,
     );
     fails_with(
+        &["bench", "generate", "--preset", "tiny", "--device", "cuda"],
+        want,
+    );
+    fails_with(
         &[
             "pretrain",
             "--preset",
@@ -120,6 +124,21 @@ fn bad_device_and_precision_values_are_usage_errors() {
             "bf16",
         ],
         "--precision bf16 needs --device cuda",
+    );
+    fails_with(
+        &[
+            "bench",
+            "generate",
+            "--preset",
+            "tiny",
+            "--precision",
+            "bf16",
+        ],
+        "--precision bf16 needs --device cuda",
+    );
+    fails_with(
+        &["bench", "generate", "--device", "cuda", "--threads", "2"],
+        "--threads applies to the CPU only",
     );
     fails_with(
         &[
@@ -189,4 +208,24 @@ fn cpu_benches_report_their_device() {
     assert_eq!(line["precision"], "f32");
     assert!(line["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(line["loss_first"].as_f64().unwrap().is_finite());
+    let o = rlhf(&[
+        "bench",
+        "generate",
+        "--preset",
+        "tiny",
+        "--tokens",
+        "4",
+        "--runs",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["op"], "generate");
+    assert_eq!(line["device"], "cpu");
+    assert_eq!(line["precision"], "f32");
+    assert_eq!(line["same_tokens"], true);
+    assert!(line["kv_cache_tokens_per_s"].as_f64().unwrap() > 0.0);
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use rlhf_model::generate::{generate, SamplingConfig};
 use rlhf_model::train::{LmBatch, TrainConfig, Trainer};
-use rlhf_model::{Gpt, GptConfig};
+use rlhf_model::{Gpt, GptConfig, Precision};
 use rlhf_tensor::{no_grad, Device, Rng, Tensor};
 use serde_json::json;
 use std::time::Instant;
@@ -58,6 +58,8 @@ pub struct GenerateBenchArgs {
     pub runs: usize,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -155,10 +157,22 @@ pub fn train_step(args: TrainStepArgs) -> anyhow::Result<()> {
 
 /// Greedy decoding of `tokens` new tokens after a one-token prompt, with the KV cache and by
 /// recomputing the whole sequence for every token.
+///
+/// On a GPU each timed run ends with a stream synchronisation, and one untimed two-token run of
+/// each method comes first (it loads the kernel modules, which the CPU does not need). Both
+/// methods must choose the same greedy tokens, or the comparison means nothing: a difference is
+/// an error, except under bf16 mixed precision, where the two methods' different shapes round
+/// differently and a near-tie among a random model's logits may go either way; there the
+/// difference is reported (`same_tokens: false`, a note on stderr) and the timings still are.
 pub fn generate_bench(args: GenerateBenchArgs) -> anyhow::Result<()> {
     if args.runs == 0 || args.batch == 0 || args.tokens == 0 {
         bail!("--runs, --batch and --tokens must be at least 1");
     }
+    let device = args.device.device;
+    if device != Device::Cpu && args.threads.is_some() {
+        bail!("--threads applies to the CPU only");
+    }
+    let precision = args.device.open()?;
     let threads = args.threads;
     with_threads(threads, move || {
         let config = GptConfig::from_preset_or_file(&args.preset)?;
@@ -169,32 +183,22 @@ pub fn generate_bench(args: GenerateBenchArgs) -> anyhow::Result<()> {
                 config.n_positions
             );
         }
-        let model = Gpt::new(config.clone(), 0)?;
+        let mut model = Gpt::new(config.clone(), 0)?;
+        place_model(&mut model, device, precision)?;
         let prompts: Vec<Vec<u32>> = (0..args.batch).map(|i| vec![(i % 200) as u32]).collect();
         let cfg = SamplingConfig {
             max_new_tokens: args.tokens,
             greedy: true,
             ..Default::default()
         };
-        let mut cached = Vec::new();
-        let mut cached_out = Vec::new();
-        for _ in 0..args.runs {
-            let t = Instant::now();
-            let g = generate(&model, &prompts, &cfg)?;
-            cached.push(t.elapsed().as_secs_f64());
-            cached_out = g.responses;
-        }
         // Without the cache: a full forward over the whole sequence for every new token.
-        let mut recompute = Vec::new();
-        let mut recompute_out = Vec::new();
-        for _ in 0..args.runs {
-            let t = Instant::now();
+        let recompute_run = |tokens: usize| -> anyhow::Result<Vec<Vec<i64>>> {
             let mut seqs: Vec<Vec<i64>> = prompts
                 .iter()
                 .map(|p| p.iter().map(|&x| i64::from(x)).collect())
                 .collect();
             no_grad(|| -> anyhow::Result<()> {
-                for _ in 0..args.tokens {
+                for _ in 0..tokens {
                     let len = seqs[0].len();
                     let flat: Vec<i64> = seqs.iter().flatten().copied().collect();
                     let logits =
@@ -209,6 +213,32 @@ pub fn generate_bench(args: GenerateBenchArgs) -> anyhow::Result<()> {
                 }
                 Ok(())
             })?;
+            Ok(seqs)
+        };
+        if device != Device::Cpu {
+            let warm = SamplingConfig {
+                max_new_tokens: 2.min(args.tokens),
+                ..cfg.clone()
+            };
+            generate(&model, &prompts, &warm)?;
+            recompute_run(2.min(args.tokens))?;
+            device.synchronize()?;
+        }
+        let mut cached = Vec::new();
+        let mut cached_out = Vec::new();
+        for _ in 0..args.runs {
+            let t = Instant::now();
+            let g = generate(&model, &prompts, &cfg)?;
+            device.synchronize()?;
+            cached.push(t.elapsed().as_secs_f64());
+            cached_out = g.responses;
+        }
+        let mut recompute = Vec::new();
+        let mut recompute_out = Vec::new();
+        for _ in 0..args.runs {
+            let t = Instant::now();
+            let seqs = recompute_run(args.tokens)?;
+            device.synchronize()?;
             recompute.push(t.elapsed().as_secs_f64());
             recompute_out = seqs;
         }
@@ -220,16 +250,23 @@ pub fn generate_bench(args: GenerateBenchArgs) -> anyhow::Result<()> {
         let produced = (args.batch * args.tokens) as f64;
         let (c, r) = (median(cached), median(recompute));
         let threads = rayon::current_num_threads();
+        let card = device_name(device);
         if args.json {
             println!(
                 "{}",
                 json!({"op": "generate", "preset": args.preset, "batch": args.batch, "tokens": args.tokens,
                        "threads": threads, "kv_cache_tokens_per_s": produced / c,
-                       "recompute_tokens_per_s": produced / r, "speedup": r / c, "same_tokens": agree})
+                       "recompute_tokens_per_s": produced / r, "speedup": r / c, "same_tokens": agree,
+                       "device": device.to_string(), "card": card,
+                       "precision": precision.to_string()})
             );
         } else {
+            let place = match device {
+                Device::Cpu => format!("{threads} threads"),
+                d => format!("{d} ({card}), {precision}"),
+            };
             println!(
-                "generate {} batch {} × {} tokens, {threads} threads: KV cache {:.0} tokens/s, \
+                "generate {} batch {} × {} tokens, {place}: KV cache {:.0} tokens/s, \
                  recompute {:.0} tokens/s, {:.1}× (same tokens: {agree})",
                 args.preset,
                 args.batch,
@@ -240,10 +277,17 @@ pub fn generate_bench(args: GenerateBenchArgs) -> anyhow::Result<()> {
             );
         }
         if !agree {
-            return Err(anyhow::anyhow!(
-                "cached and recomputed decoding chose different tokens"
-            ))
-            .context("bench generate");
+            if precision == Precision::Bf16 {
+                eprintln!(
+                    "note: under bf16 the cached and recomputed decodings chose different \
+                     tokens (a near-tie rounded differently); the timings stand"
+                );
+            } else {
+                return Err(anyhow::anyhow!(
+                    "cached and recomputed decoding chose different tokens"
+                ))
+                .context("bench generate");
+            }
         }
         Ok(())
     })

@@ -172,20 +172,10 @@ fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, p: f32, seed: u64)
         }
     }
     let scores = q.matmul(&k.t()?)?.mul_scalar(1.0 / (dh as f32).sqrt())?;
-    let scores = if q.device() == Device::Cpu {
-        scores.masked_fill(&Tensor::from_vec(mask, &[tq, tk])?, f32::NEG_INFINITY)?
-    } else {
-        // On a GPU the mask is added as 0 / -inf (a broadcast add, which has a CUDA kernel):
-        // the same probabilities, and softmax's backward gives masked scores zero gradient.
-        let bias: Vec<f32> = mask
-            .iter()
-            .map(|&m| if m == 1 { f32::NEG_INFINITY } else { 0.0 })
-            .collect();
-        let bias = Tensor::from_vec(bias, &[tq, tk])?
-            .to_dtype(scores.dtype())?
-            .to_device(scores.device())?;
-        scores.add(&bias)?
-    };
+    // The mask is built on the host; on a GPU masked_fill copies it up once ([tq, tk] u8,
+    // broadcast over batch and heads on the device) and its backward gives masked scores zero
+    // gradient, as on the CPU.
+    let scores = scores.masked_fill(&Tensor::from_vec(mask, &[tq, tk])?, f32::NEG_INFINITY)?;
     Ok(scores.softmax(-1)?.dropout(p, seed)?.matmul(v)?)
 }
 

@@ -218,6 +218,74 @@ fn gpt_training_steps_on_cuda_match_the_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn gpt_training_steps_with_dropout_on_cuda_match_the_cpu() {
+    // GPT-2's default dropout (0.1 on embeddings, attention probabilities and residual
+    // branches): training takes the composed attention (narrowed q, k, v of the packed QKV
+    // view, masked_fill, softmax, dropout, matmul) instead of the fused kernel. Dropout masks
+    // are drawn on the host from the trainer's seeds, so both devices drop the same elements
+    // and the tolerances are those of the dropout-free test.
+    let s = seed("gpt_training_steps_with_dropout");
+    let mut c = config();
+    (c.embd_pdrop, c.attn_pdrop, c.resid_pdrop) = (0.1, 0.1, 0.1);
+    for precision in PRECISIONS {
+        eprintln!("precision {precision}");
+        let cpu = Gpt::new(c.clone(), s).unwrap();
+        let mut gpu = cpu.deep_clone();
+        gpu.to_device(GPU).unwrap();
+        gpu.set_precision(precision).unwrap();
+        let mut rng = Rng::new(s ^ 0xd40);
+        let (loss_tol, norm_tol, grad_tol) = tolerances(precision);
+        // Dropout is on: the same batch with and without a seed gives another loss.
+        let b = batch(&mut rng, 2, 40, 258);
+        let (with, without) = (
+            lm_loss(&gpu, &b, Some(7)).unwrap(),
+            lm_loss(&gpu, &b, None).unwrap(),
+        );
+        assert_ne!(
+            host_f64(&with),
+            host_f64(&without),
+            "dropout changed nothing"
+        );
+        // One loss and every gradient against the CPU, then AdamW steps.
+        let (lc, lg) = (
+            lm_loss(&cpu, &b, Some(7)).unwrap(),
+            lm_loss(&gpu, &b, Some(7)).unwrap(),
+        );
+        check("loss", rel_err(&host_f64(&lg), &host_f64(&lc)), loss_tol);
+        lc.backward().unwrap();
+        lg.backward().unwrap();
+        for ((name, pc), (_, pg)) in cpu.named_parameters().iter().zip(gpu.named_parameters()) {
+            let (gc, gg) = (pc.grad().unwrap(), pg.grad().unwrap());
+            assert_eq!((gg.device(), gg.dtype()), (GPU, DType::F32), "{name}");
+            check(
+                &format!("d {name}"),
+                rel_err(&host_f64(&gg), &host_f64(&gc)),
+                grad_tol,
+            );
+            pc.zero_grad();
+            pg.zero_grad();
+        }
+        let mut tc = Trainer::new(cpu.named_parameters(), train_config());
+        let mut tg = Trainer::new(gpu.named_parameters(), train_config());
+        for k in 0..2 {
+            let micro = [batch(&mut rng, 2, 40, 258), batch(&mut rng, 3, 40, 258)];
+            let (a, g) = (step(&cpu, &mut tc, &micro), step(&gpu, &mut tg, &micro));
+            check(
+                &format!("step {k} loss"),
+                rel_err(&[g.loss.into()], &[a.loss.into()]),
+                loss_tol,
+            );
+            check(
+                &format!("step {k} grad norm"),
+                rel_err(&[g.grad_norm.into()], &[a.grad_norm.into()]),
+                norm_tol,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn gpu_checkpoints_are_host_copies_and_a_resumed_gpu_run_is_identical() {
     let s = seed("gpu_checkpoints");
     for precision in PRECISIONS {

@@ -561,7 +561,11 @@ impl Tensor {
                 let dev = crate::cuda::device(n)?;
                 // `host` is contiguous but may view part of a larger storage (a narrowed
                 // view): copy exactly its elements.
-                let cs = if host.layout().offset() == 0 && host.storage().len() == host.numel() {
+                let cs = if host.numel() == 0 {
+                    // No zero-length allocation (the driver may refuse one): an empty tensor
+                    // gets the one-element placeholder buffer of CudaStorage::zeros.
+                    CudaStorage::zeros(&dev, host.dtype(), 0)?
+                } else if host.layout().offset() == 0 && host.storage().len() == host.numel() {
                     CudaStorage::from_host(&dev, host.storage())?
                 } else {
                     CudaStorage::from_host(&dev, &owned_storage(&host)?)?
@@ -668,8 +672,13 @@ impl Tensor {
     }
 
     /// The inverse of `narrow` for gradients: zeros of `shape` with `self` written at
-    /// `start..` along `dim`.
+    /// `start..` along `dim`. On a GPU: zeros on the device and one 2-D device copy
+    /// (ops/concat.rs); the result keeps the gradient's dtype.
     fn pad_into(&self, shape: &[usize], dim: usize, start: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = crate::ops::cuda_inputs("narrow backward", &[self])? {
+            return crate::ops::concat::pad_cuda(&dev, self, shape, dim, start);
+        }
         let mut buf = crate::cpu::pool::zeroed(shape.iter().product());
         let src = self.f32_data()?;
         let region = Layout::contiguous(shape).narrow(dim as isize, start, self.shape()[dim])?;

@@ -1,6 +1,7 @@
 //! CUDA against CPU for the network ops: reductions, layer_norm, embedding, gather_last,
-//! cross_entropy, dropout, concat/stack, forward and backward, f32 and bf16, plus their error
-//! cases (mixed devices, bad indices) and a tiny language-model step composed of them. Every
+//! cross_entropy, dropout, concat/stack, gt, where/masked_fill, narrow's backward, forward and
+//! backward, f32 and bf16, plus their error cases (mixed devices, bad indices), the GPT's
+//! attention-with-dropout pattern and a tiny language-model step composed of them. Every
 //! test is `#[ignore]`d: no CPU machine can run them; a GPU session runs this binary with
 //! `--ignored` (docs/cuda.md).
 //!
@@ -9,8 +10,10 @@
 //! ‖out − ref‖ / ‖ref‖ under 1e-5 for f32 arithmetic (1e-4 where the GPU's and the CPU's
 //! transcendental functions or rsqrt differ), under 1e-2 for bf16; NaN never passes. bf16 is
 //! checked against the CPU's f32 op on the same bf16-rounded inputs. Ops that only move or add
-//! values in the CPU's order (embedding, gather_last, concat, dropout, argmax, max) are checked
-//! bit for bit; for bf16, against the CPU's f32 result rounded once to bf16.
+//! values in the CPU's order (embedding, gather_last, concat, dropout, argmax, max, gt, where,
+//! masked_fill, narrow's backward) are checked bit for bit; for bf16, against the CPU's f32
+//! result rounded once to bf16. (The comparison and mask tests draw small integers, zeros
+//! included, on purpose: ties and false conditions are what they check.)
 #![cfg(feature = "cuda")]
 
 use rlhf_tensor::{DType, Device, Error, Parameter, Rng, Tensor};
@@ -844,7 +847,7 @@ fn tiny_lm(
     let x = x.dropout(0.1, seed)?;
     let h = x.layer_norm(ln_w, ln_b, 1e-5)?;
     // Two "heads" (attention without a mask over h and h/2), joined with concat and
-    // projected back to d. (No narrow of a tracked tensor: its backward is not on CUDA.)
+    // projected back to d (narrow's backward has its own test and the attention pattern's).
     let heads: Vec<Tensor> = [1.0f32, 0.5]
         .iter()
         .map(|&c| {
@@ -928,6 +931,336 @@ fn cuda_tiny_lm_step_matches_the_cpu() {
                 gc,
                 1e-4,
             );
+        }
+    }
+}
+
+// ---- where / masked_fill / gt ---------------------------------------------------------------
+
+/// `s` with some dims set to 1 and maybe its leading dim dropped: a shape that broadcasts to s.
+fn broadcastable(rng: &mut Rng, s: &[usize]) -> Vec<usize> {
+    let mut b: Vec<usize> = s
+        .iter()
+        .map(|&n| if rng.below(3) == 0 { 1 } else { n })
+        .collect();
+    if rng.below(3) == 0 {
+        b.remove(0);
+    }
+    b
+}
+
+/// Values from {-2, -1, 0, 1, 2} (exact in bf16, many ties for the comparisons), with one NaN
+/// when `nan` (comparisons with NaN are false for gt, true for ne, as on the CPU).
+fn small_ints(rng: &mut Rng, shape: &[usize], nan: bool) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut v: Vec<f32> = (0..n).map(|_| rng.below(5) as f32 - 2.0).collect();
+    if nan && n > 0 {
+        v[rng.below(n as u64) as usize] = f32::NAN;
+    }
+    Tensor::from_vec(v, shape).unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_gt_matches_the_cpu_bitwise() {
+    let mut rng = Rng::new(seed("gt"));
+    for dtype in [DType::F32, DType::BF16] {
+        for _ in 0..6 {
+            let s = shape(&mut rng, 3, 30);
+            let bs = broadcastable(&mut rng, &s);
+            let (x, y) = (
+                small_ints(&mut rng, &s, true),
+                small_ints(&mut rng, &bs, true),
+            );
+            let (xc, xg) = pair(&x, dtype);
+            let (yc, yg) = pair(&y, dtype);
+            let what = format!("gt {dtype} {s:?} vs {bs:?}");
+            let got = xg.gt(&yg).unwrap();
+            assert_eq!(got.dtype(), DType::U8, "{what}");
+            check_bits(&what, &got, &xc.gt(&yc).unwrap());
+            // Broadcasting on the left, and a strided (transposed) operand.
+            check_bits(
+                &format!("{what} swapped"),
+                &yg.gt(&xg).unwrap(),
+                &yc.gt(&xc).unwrap(),
+            );
+            check_bits(
+                &format!("{what} strided"),
+                &xg.transpose(0, 2)
+                    .unwrap()
+                    .gt(&Tensor::scalar(0.0)
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .to_device(GPU)
+                        .unwrap())
+                    .unwrap(),
+                &xc.transpose(0, 2)
+                    .unwrap()
+                    .gt(&Tensor::scalar(0.0))
+                    .unwrap(),
+            );
+        }
+    }
+    let x = Tensor::randn(&[3, 4], 0.0, 1.0, 1);
+    let e = gpu(&x).gt(&x).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    let e = gpu(&x)
+        .gt(&gpu(&x.to_dtype(DType::BF16).unwrap()))
+        .unwrap_err();
+    assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_where_and_masked_fill_forward_and_backward() {
+    let mut rng = Rng::new(seed("where"));
+    for dtype in [DType::F32, DType::BF16] {
+        for _ in 0..4 {
+            let s = shape(&mut rng, 3, 24);
+            let (sa, sb, sc) = (
+                broadcastable(&mut rng, &s),
+                s.clone(),
+                broadcastable(&mut rng, &s),
+            );
+            let a = rand(&mut rng, &sa, -1.0, 1.0, DType::F32);
+            let b = rand(&mut rng, &sb, -1.0, 1.0, DType::F32);
+            let (ac, ag) = pair(&a, dtype);
+            let (bc, bg) = pair(&b, dtype);
+            // The condition in every form the GPU takes: a u8 mask made by gt on the GPU, u8 and
+            // f32 masks on the host, f32/bf16 and i64 masks on the GPU. All hold the same truth
+            // values (nonzero is true; the NaN counts as true for the float masks).
+            let m = small_ints(&mut rng, &sc, false);
+            let cpu_mask = m.gt(&Tensor::scalar(0.0)).unwrap();
+            let m_nan = {
+                let mut v = m.to_vec::<f32>().unwrap();
+                v.iter_mut()
+                    .for_each(|x| *x = if *x > 0.0 { *x } else { 0.0 });
+                if let Some(i) = (0..v.len()).find(|&i| v[i] != 0.0) {
+                    v[i] = f32::NAN;
+                }
+                Tensor::from_vec(v, &sc).unwrap()
+            };
+            let masks: Vec<(&str, Tensor)> = vec![
+                (
+                    "gpu gt",
+                    pair(&m, dtype)
+                        .1
+                        .gt(&gpu(&Tensor::scalar(0.0).to_dtype(dtype).unwrap()))
+                        .unwrap(),
+                ),
+                ("host u8", cpu_mask.clone()),
+                ("host f32", m_nan.clone()),
+                ("gpu float", pair(&m_nan, dtype).1),
+                ("gpu i64", gpu(&cpu_mask.to_dtype(DType::I64).unwrap())),
+                (
+                    "gpu u8 strided",
+                    gpu(&cpu_mask
+                        .transpose(0, sc.len() as isize - 1)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap())
+                    .transpose(0, sc.len() as isize - 1)
+                    .unwrap(),
+                ),
+            ];
+            let want = Tensor::where_(&cpu_mask, &ac, &bc).unwrap();
+            let g = rand(&mut rng, want.shape(), -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            let want_grads = grads_of(&[ac.clone(), bc.clone()], &gc, &|x| {
+                Tensor::where_(&cpu_mask, &x[0], &x[1])
+            });
+            for (kind, mask) in &masks {
+                let what = format!("where {dtype} {s:?} a {sa:?} mask {sc:?} ({kind})");
+                // Selecting values is exact.
+                check_bits(&what, &Tensor::where_(mask, &ag, &bg).unwrap(), &want);
+                let got = grads_of(&[ag.clone(), bg.clone()], &gg, &|x| {
+                    Tensor::where_(mask, &x[0], &x[1])
+                });
+                // b's gradient is a selection (exact); a's is summed over broadcast dims.
+                check(
+                    &format!("{what} backward a"),
+                    &got[0],
+                    &want_grads[0],
+                    tol(dtype, 1e-5),
+                );
+                check_bits(&format!("{what} backward b"), &got[1], &want_grads[1]);
+            }
+            // masked_fill: a fill value of -inf (the attention mask) and a finite one (rounded
+            // once to bf16 on both sides). Its backward is a selection: exact.
+            for value in [f32::NEG_INFINITY, 0.3] {
+                let what = format!("masked_fill {dtype} {s:?} mask {sc:?} value {value}");
+                let want = bc.masked_fill(&cpu_mask, value).unwrap();
+                let want_grad = grad_of(&bc, &gc, &|x| x.masked_fill(&cpu_mask, value));
+                for (kind, mask) in &masks {
+                    let w = format!("{what} ({kind})");
+                    check_bits(&w, &bg.masked_fill(mask, value).unwrap(), &want);
+                    check_bits(
+                        &format!("{w} backward"),
+                        &grad_of(&bg, &gg, &|x| x.masked_fill(mask, value)),
+                        &want_grad,
+                    );
+                }
+                // A strided input (a transposed view) with a mask of its own shape.
+                let mt = small_ints(&mut rng, &[s[2], s[1], s[0]], false)
+                    .gt(&Tensor::scalar(0.0))
+                    .unwrap();
+                check_bits(
+                    &format!("{what} strided"),
+                    &bg.transpose(0, 2).unwrap().masked_fill(&mt, value).unwrap(),
+                    &bc.transpose(0, 2).unwrap().masked_fill(&mt, value).unwrap(),
+                );
+            }
+        }
+    }
+    // Errors: mask on the GPU with values on the host, values split between devices, dtypes.
+    let x = Tensor::randn(&[3, 4], 0.0, 1.0, 2);
+    let m = x.gt(&Tensor::scalar(0.0)).unwrap();
+    let e = x.masked_fill(&gpu(&m), 0.0).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    let e = Tensor::where_(&m, &gpu(&x), &x).unwrap_err();
+    assert!(matches!(e, Error::Cuda { .. }), "{e}");
+    let e = Tensor::where_(&m, &gpu(&x), &gpu(&x.to_dtype(DType::BF16).unwrap())).unwrap_err();
+    assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+    let e = gpu(&x)
+        .masked_fill(&Tensor::from_vec(vec![1u8; 4], &[4, 1]).unwrap(), 0.0)
+        .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+}
+
+// ---- narrow's backward ----------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_narrow_backward_bitwise() {
+    let mut rng = Rng::new(seed("narrow_backward"));
+    for dtype in [DType::F32, DType::BF16] {
+        for dim in [0usize, 1, 2] {
+            let s = shape(&mut rng, 3, 20);
+            let n = s[dim];
+            // Any slice, the empty one and the whole dim included.
+            let (start, len) = match rng.below(4) {
+                0 => (0, n),
+                1 => (rng.below(n as u64 + 1) as usize, 0),
+                _ => {
+                    let start = rng.below(n as u64) as usize;
+                    (start, 1 + rng.below((n - start) as u64) as usize)
+                }
+            };
+            let x = rand(&mut rng, &s, -1.0, 1.0, DType::F32);
+            let (xc, xg) = pair(&x, dtype);
+            let what = format!("narrow {dtype} {s:?} dim {dim} {start}+{len}");
+            let d = dim as isize;
+            let f = |x: &Tensor| x.narrow(d, start, len);
+            let want = f(&xc).unwrap();
+            check_bits(&what, &f(&xg).unwrap(), &want);
+            let g = rand(&mut rng, want.shape(), -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            let got = grad_of(&xg, &gg, &f);
+            assert_eq!(got.dtype(), dtype, "{what}: the gradient keeps its dtype");
+            check_bits(&format!("{what} backward"), &got, &grad_of(&xc, &gc, &f));
+            // A strided incoming gradient (the narrowed view transposed before use), and two
+            // overlapping slices of one tensor, whose padded gradients autograd adds.
+            let ft = |x: &Tensor| x.narrow(d, start, len)?.transpose(0, 2);
+            let gt_shape = ft(&xc).unwrap().shape().to_vec();
+            let g = rand(&mut rng, &gt_shape, -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            check_bits(
+                &format!("{what} backward, strided gradient"),
+                &grad_of(&xg, &gg, &ft),
+                &grad_of(&xc, &gc, &ft),
+            );
+            if n >= 2 {
+                let k = n - 1;
+                let f2 = |x: &Tensor| x.narrow(d, 0, k)?.add(&x.narrow(d, 1, k)?);
+                let mut gs = s.clone();
+                gs[dim] = k;
+                let g = rand(&mut rng, &gs, -1.0, 1.0, DType::F32);
+                let (gc, gg) = pair(&g, dtype);
+                check_bits(
+                    &format!("{what} backward, overlapping slices"),
+                    &grad_of(&xg, &gg, &f2),
+                    &grad_of(&xc, &gc, &f2),
+                );
+            }
+        }
+    }
+}
+
+// ---- the composed attention with dropout (crates/model's attn_pdrop > 0 path) ------------------
+
+/// Causal attention with dropout on the probabilities, as `attention_with_dropout` in
+/// crates/model/src/gpt.rs composes it, from a packed [B, T, 3C] input: q, k, v are narrowed
+/// slices of its [3, B, H, T, D] view; the causal mask is `mask` ([T, T], nonzero = masked).
+fn packed_attention_with_dropout(
+    qkv: &Tensor,
+    h: usize,
+    mask: &Tensor,
+    p: f32,
+    seed: u64,
+) -> rlhf_tensor::Result<Tensor> {
+    let (b, t, c3) = (qkv.shape()[0], qkv.shape()[1], qkv.shape()[2]);
+    let d = c3 / 3 / h;
+    let split = qkv
+        .reshape_to(&[b, t, 3, h, d])?
+        .permute(&[2, 0, 3, 1, 4])?;
+    let part = |i| -> rlhf_tensor::Result<Tensor> { split.narrow(0, i, 1)?.squeeze(0) };
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    q.matmul(&k.t()?)?
+        .mul_scalar(1.0 / (d as f32).sqrt())?
+        .masked_fill(mask, f32::NEG_INFINITY)?
+        .softmax(-1)?
+        .dropout(p, seed)?
+        .matmul(&v)?
+        .permute(&[0, 2, 1, 3])?
+        .reshape_to(&[b, t, h * d])
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_attention_with_dropout_pattern_matches_the_cpu() {
+    let mut rng = Rng::new(seed("attention_with_dropout"));
+    for dtype in [DType::F32, DType::BF16] {
+        for _ in 0..3 {
+            let (b, h) = (1 + rng.below(3) as usize, 1 + rng.below(3) as usize);
+            let t = 1 + rng.below(40) as usize;
+            let d = [8usize, 16, 64][rng.below(3) as usize];
+            let p = [0.1f32, 0.5][rng.below(2) as usize];
+            let seed = rng.next_u64();
+            let x = rand(&mut rng, &[b, t, 3 * h * d], -1.0, 1.0, DType::F32);
+            let (xc, xg) = pair(&x, dtype);
+            // The causal mask, on the host as the model builds it, and on the GPU made by gt
+            // (column index > row index).
+            let host_mask: Vec<u8> = (0..t * t).map(|i| u8::from(i % t > i / t)).collect();
+            let host_mask = Tensor::from_vec(host_mask, &[t, t]).unwrap();
+            let cols = gpu(&Tensor::arange(0.0, t as f32, 1.0)
+                .unwrap()
+                .reshape(&[1, -1])
+                .unwrap());
+            let rows = gpu(&Tensor::arange(0.0, t as f32, 1.0)
+                .unwrap()
+                .reshape(&[-1, 1])
+                .unwrap());
+            let gpu_mask = cols.gt(&rows).unwrap();
+            check_bits("causal mask by gt", &gpu_mask, &host_mask);
+            let what = format!("attention+dropout {dtype} B{b} T{t} H{h} D{d} p {p}");
+            let f = |m: &Tensor| {
+                let m = m.clone();
+                move |x: &Tensor| packed_attention_with_dropout(x, h, &m, p, seed)
+            };
+            let want = f(&host_mask)(&xc).unwrap();
+            let g = rand(&mut rng, want.shape(), -1.0, 1.0, DType::F32);
+            let (gc, gg) = pair(&g, dtype);
+            let want_grad = grad_of(&xc, &gc, &f(&host_mask));
+            for (kind, mask) in [("host mask", &host_mask), ("gpu mask", &gpu_mask)] {
+                let w = format!("{what} ({kind})");
+                check(&w, &f(mask)(&xg).unwrap(), &want, tol(dtype, 1e-4));
+                check(
+                    &format!("{w} backward"),
+                    &grad_of(&xg, &gg, &f(mask)),
+                    &want_grad,
+                    tol(dtype, 1e-4) * 2.0,
+                );
+            }
         }
     }
 }

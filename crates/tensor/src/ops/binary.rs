@@ -1,5 +1,18 @@
-//! Elementwise binary ops with NumPy broadcasting (add, sub, mul, div), scalar ops, and
-//! `where_`/`masked_fill`. Backward rules reduce gradients back over broadcast dims.
+//! Elementwise binary ops with NumPy broadcasting (add, sub, mul, div), scalar ops, the `gt`
+//! comparison, and `where_`/`masked_fill`. Backward rules reduce gradients back over broadcast
+//! dims.
+//!
+//! On CUDA (kernels/elementwise.cu) every operand is read through its broadcast view (stride 0
+//! on expanded dims), so nothing is expanded in memory. Masks (the condition of `where_` and
+//! `masked_fill`) follow the rule ops/embedding.rs gives for indices:
+//! - a mask on the host (any dtype and layout; nonzero is true) is converted to u8 there and
+//!   copied up at its own shape (a [T, T] causal mask broadcast over [B, H, T, T] crosses the
+//!   bus once, T² bytes);
+//! - a mask on the values' GPU is used in place when it is u8 (any layout; `gt` makes such
+//!   masks), turned into u8 on the device when it is f32 or bf16 (`compare_ne_T` against zero),
+//!   and brought through the host once when it has another integer dtype (no integer kernels);
+//! - a mask on another device, or on a GPU while the values are on the CPU, is an
+//!   `Error::Cuda`: data never moves between devices on its own.
 
 use super::{map_f32, zip_f32};
 use crate::cpu::vec;
@@ -212,8 +225,15 @@ impl Tensor {
 
     /// Elementwise `cond ? a : b` with broadcasting of all three. `cond` is any dtype; nonzero
     /// is true. Gradients flow to `a` where the condition holds and to `b` elsewhere.
+    ///
+    /// On a GPU, `a` and `b` share a dtype (f32 or bf16) and the mask may be on the host or on
+    /// their GPU (module docs).
     pub fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        super::cpu_only("where", &[cond, a, b])?;
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = super::cuda_inputs("where", &[a, b])? {
+            return where_cuda(&dev, cond, a, b);
+        }
+        mask_on_host("where", cond)?;
         let ab = broadcast_shapes("where", a.shape(), b.shape())?;
         let shape = broadcast_shapes("where", cond.shape(), &ab)?;
         let mask: Vec<bool> = cond
@@ -263,12 +283,26 @@ impl Tensor {
                 rhs: mask.shape().to_vec(),
             });
         }
-        Tensor::where_(mask, &Tensor::scalar(value), self)
+        let fill = Tensor::scalar(value);
+        // On a GPU the fill value is a one-element tensor there, in self's dtype (rounded once
+        // for bf16), read through a broadcast view.
+        #[cfg(feature = "cuda")]
+        let fill = if self.device() == crate::Device::Cpu {
+            fill
+        } else {
+            fill.to_dtype(self.dtype())?.to_device(self.device())?
+        };
+        Tensor::where_(mask, &fill, self)
     }
 
     /// Elementwise comparison `self > other` (broadcasting) as a u8 mask; not differentiable.
+    /// On a GPU both operands share a dtype (f32 or bf16) and the mask stays on the GPU.
     pub fn gt(&self, other: &Tensor) -> Result<Tensor> {
         let shape = broadcast_shapes("gt", self.shape(), other.shape())?;
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = super::cuda_inputs("gt", &[self, other])? {
+            return compare_cuda(&dev, "gt", self, other, &shape);
+        }
         let a = self.detach().broadcast_to(&shape)?.f32_data()?.into_owned();
         let b = other
             .detach()
@@ -310,6 +344,201 @@ impl Tensor {
         }
         Ok(t)
     }
+}
+
+/// An `Error::Cuda` when a mask is on a GPU while the values it selects are on the CPU: a mask
+/// may follow its data up to a GPU, but data never silently comes down to the host.
+fn mask_on_host(op: &'static str, mask: &Tensor) -> Result<()> {
+    if mask.device() == crate::Device::Cpu {
+        return Ok(());
+    }
+    Err(Error::cuda(
+        op,
+        format!(
+            "mask of shape {:?} is on {} but the values are on the CPU: move the mask with \
+             to_device(Device::Cpu), or the values to its GPU",
+            mask.shape(),
+            mask.device()
+        ),
+    ))
+}
+
+/// `compare_<name>_T` of kernels/elementwise.cu: `a <name> b` over broadcast views of both
+/// (same dtype, f32 or bf16) into a fresh contiguous u8 mask of `shape` on `dev`.
+#[cfg(feature = "cuda")]
+fn compare_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    name: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+) -> Result<Tensor> {
+    use crate::cuda::storage::{elementwise_config, strided_of};
+    use cudarc::driver::PushKernelArg;
+    super::same_dtype(name, a, b)?;
+    let entry = format!("compare_{name}_{}", super::tname(name, a.dtype())?);
+    let out = super::cuda_empty(dev, DType::U8, shape)?;
+    let n = out.numel();
+    if n == 0 {
+        return Ok(out);
+    }
+    let (ea, eb) = (
+        a.detach().broadcast_to(shape)?,
+        b.detach().broadcast_to(shape)?,
+    );
+    let (la, lb) = (strided_of(ea.layout())?, strided_of(eb.layout())?);
+    let (pa, pb, po, n64) = (
+        super::ptr(&ea)?,
+        super::ptr(&eb)?,
+        super::ptr(&out)?,
+        n as i64,
+    );
+    let f = dev.function("elementwise", &entry)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&n64).arg(&la).arg(&lb).arg(&pa).arg(&pb).arg(&po);
+    // SAFETY: compare_*_T(i64 n, Strided la, Strided lb, const T* a, const T* b, u8* out): both
+    // operands are read through layouts of the output's shape inside their storages; out is a
+    // fresh buffer of n bytes.
+    unsafe { super::launch(name, &entry, l, elementwise_config(n))? };
+    Ok(out)
+}
+
+/// A `where_` condition as `where_T` reads it: a u8 tensor on `dev`, any layout, at the
+/// condition's own shape (broadcast later through a view). The rule is in the module docs.
+#[cfg(feature = "cuda")]
+fn cuda_mask(
+    op: &'static str,
+    cond: &Tensor,
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+) -> Result<Tensor> {
+    use crate::storage::Storage;
+    use crate::Device;
+    let here = Device::Cuda(dev.ordinal());
+    let host_nonzero = |cond: &Tensor| -> Result<Tensor> {
+        let m: Vec<u8> = if cond.dtype() == DType::U8 {
+            cond.to_vec::<u8>()?
+        } else {
+            cond.to_f64_vec()
+                .into_iter()
+                .map(|c| u8::from(c != 0.0))
+                .collect()
+        };
+        super::cuda_from_host(dev, &Storage::U8(m), cond.shape())
+    };
+    match cond.device() {
+        Device::Cpu => host_nonzero(cond),
+        d if d == here => match cond.dtype() {
+            DType::U8 => Ok(cond.detach()),
+            DType::F32 | DType::BF16 => {
+                // A zero-filled one-element tensor: the zero to compare against.
+                let zero = super::cuda_empty(dev, cond.dtype(), &[])?;
+                compare_cuda(dev, "ne", cond, &zero, cond.shape())
+            }
+            // Other integer masks have no kernel: one round trip through the host.
+            _ => host_nonzero(&cond.to_device(Device::Cpu)?),
+        },
+        d => Err(Error::cuda(
+            op,
+            format!(
+                "mask of shape {:?} is on {d} but the values are on {here}: move them to one \
+                 device with to_device first",
+                cond.shape()
+            ),
+        )),
+    }
+}
+
+/// `where_T` of kernels/elementwise.cu: `mask ? a : b` over broadcast views of all three into a
+/// fresh contiguous tensor of `shape` (a's dtype; a and b share it).
+#[cfg(feature = "cuda")]
+fn where_launch(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    mask: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+) -> Result<Tensor> {
+    use crate::cuda::storage::{elementwise_config, strided_of};
+    use cudarc::driver::PushKernelArg;
+    const OP: &str = "where";
+    super::same_dtype(OP, a, b)?;
+    debug_assert_eq!(mask.dtype(), DType::U8, "where_T reads a u8 condition");
+    let entry = format!("where_{}", super::tname(OP, a.dtype())?);
+    let out = super::cuda_empty(dev, a.dtype(), shape)?;
+    let n = out.numel();
+    if n == 0 {
+        return Ok(out);
+    }
+    let (em, ea, eb) = (
+        mask.detach().broadcast_to(shape)?,
+        a.detach().broadcast_to(shape)?,
+        b.detach().broadcast_to(shape)?,
+    );
+    let (lc, la, lb) = (
+        strided_of(em.layout())?,
+        strided_of(ea.layout())?,
+        strided_of(eb.layout())?,
+    );
+    let (pc, pa, pb, po, n64) = (
+        super::ptr(&em)?,
+        super::ptr(&ea)?,
+        super::ptr(&eb)?,
+        super::ptr(&out)?,
+        n as i64,
+    );
+    let f = dev.function("elementwise", &entry)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&n64)
+        .arg(&lc)
+        .arg(&la)
+        .arg(&lb)
+        .arg(&pc)
+        .arg(&pa)
+        .arg(&pb)
+        .arg(&po);
+    // SAFETY: where_T(i64 n, Strided lc, Strided la, Strided lb, const u8* c, const T* a,
+    // const T* b, T* out): the u8 mask and both operands are read through layouts of the
+    // output's shape inside their storages (the mask is a u8 tensor, checked above and by
+    // cuda_mask); out is a fresh buffer of n elements of T.
+    unsafe { super::launch(OP, &entry, l, elementwise_config(n))? };
+    Ok(out)
+}
+
+/// The CUDA `where_`: the condition as a u8 mask on the values' GPU ([`cuda_mask`]), then
+/// `where_T`. The backward routes the gradient with the same mask: `where_T(mask, g, 0)` to `a`
+/// and `where_T(mask, 0, g)` to `b` (0 a zero-filled one-element tensor in g's dtype, read
+/// through a broadcast view), each summed back over broadcast dims on the device, and only for
+/// the operands that track gradients (masked_fill's fill value never does).
+#[cfg(feature = "cuda")]
+fn where_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    cond: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "where";
+    super::same_dtype(OP, a, b)?;
+    super::tname(OP, a.dtype())?;
+    let ab = broadcast_shapes(OP, a.shape(), b.shape())?;
+    let shape = broadcast_shapes(OP, cond.shape(), &ab)?;
+    let mask = cuda_mask(OP, cond, dev)?;
+    let out = where_launch(dev, &mask, a, b, &shape)?;
+    let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+    let needs = (a.tracks_grad(), b.tracks_grad());
+    Ok(Tensor::record(out, OP, &[a, b], move |g| {
+        let dev = super::cuda_inputs(OP, &[g, &mask])?
+            .ok_or_else(|| Error::cuda(OP, "backward: the gradient is not on a GPU"))?;
+        let zero = super::cuda_empty(&dev, g.dtype(), &[])?;
+        let ga = needs
+            .0
+            .then(|| where_launch(&dev, &mask, g, &zero, g.shape())?.sum_to_shape(&sa))
+            .transpose()?;
+        let gb = needs
+            .1
+            .then(|| where_launch(&dev, &mask, &zero, g, g.shape())?.sum_to_shape(&sb))
+            .transpose()?;
+        Ok(vec![ga, gb])
+    }))
 }
 
 /// Ensures a tensor holds f32 elements (CPU compute dtype).

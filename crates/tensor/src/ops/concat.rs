@@ -1,7 +1,9 @@
 //! concat and stack. The backward hands each input its slice of the gradient (a narrow view).
 //!
 //! On CUDA each input (made dense first when strided) lands in its slot of the output with one
-//! 2-D device copy (`outer` rows of `len·inner` elements): no kernel, no host traffic.
+//! 2-D device copy (`outer` rows of `len·inner` elements): no kernel, no host traffic. The same
+//! copy is narrow's backward on a GPU ([`pad_cuda`]): the gradient written into its slot of a
+//! zero tensor of the input's shape.
 
 use crate::layout::resolve_dim;
 use crate::{Error, Result, Tensor};
@@ -24,9 +26,64 @@ fn concat_cpu(tensors: &[&Tensor], d: usize, shape: &[usize]) -> Result<Tensor> 
     Ok(Tensor::f32_owned(out, shape))
 }
 
-/// The CUDA concat: input i, dense, is `outer` rows of `len_i · inner` elements; its slot in
-/// the output is the same rows, `shape[d] · inner` elements apart, starting at the sum of the
-/// earlier inputs' lengths. One cuMemcpy2DAsync per input.
+/// Writes `src` into its slot of `dst`: `dst` is a fresh contiguous tensor on `dev`, `src` has
+/// `dst`'s shape except along `d`, where it covers `start..start + len`. Viewed around `d`, src
+/// (made dense first when strided) is `outer` rows of `len·inner` elements and its slot the same
+/// rows, `shape[d]·inner` elements apart, starting `start·inner` elements in: one
+/// cuMemcpy2DAsync, no kernel. Shapes and dtypes are checked here because the copy's bounds
+/// rest on them.
+#[cfg(feature = "cuda")]
+fn copy_into_slot(
+    op: &'static str,
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    dst: &Tensor,
+    src: &Tensor,
+    d: usize,
+    start: usize,
+) -> Result<()> {
+    let shape = dst.shape();
+    let fits = dst.is_contiguous()
+        && src.rank() == shape.len()
+        && d < shape.len()
+        && start + src.shape()[d] <= shape[d]
+        && (0..shape.len()).all(|i| i == d || src.shape()[i] == shape[i]);
+    if !fits {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: shape.to_vec(),
+            rhs: src.shape().to_vec(),
+        });
+    }
+    super::same_dtype(op, dst, src)?;
+    let esz = dst.dtype().size_in_bytes();
+    let outer: usize = shape[..d].iter().product();
+    let inner: usize = shape[d + 1..].iter().product();
+    let width = src.shape()[d] * inner * esz;
+    if width == 0 || outer == 0 {
+        return Ok(());
+    }
+    let src = super::dense(src)?;
+    let dst_pitch = shape[d] * inner * esz;
+    let dst_ptr = super::ptr(dst)? + (start * inner * esz) as u64;
+    // SAFETY: src is a dense [outer, len, inner] buffer (`outer` rows of `width` bytes, pitch
+    // `width`) in its own storage; the destination rows start `start·inner` elements into a
+    // contiguous `dst` of `outer` rows of `dst_pitch` bytes, and start·inner·esz + width ≤
+    // dst_pitch (checked above), so every row stays inside its row of dst. Callers pass a
+    // fresh dst, which never overlaps an input.
+    unsafe {
+        super::cuda_copy_2d(
+            op,
+            dev,
+            (dst_ptr, dst_pitch),
+            (super::ptr(&src)?, width),
+            width,
+            outer,
+        )
+    }
+}
+
+/// The CUDA concat: each input copied into its slot of a fresh output ([`copy_into_slot`]),
+/// at the sum of the earlier inputs' lengths.
 #[cfg(feature = "cuda")]
 fn concat_cuda(
     dev: &std::sync::Arc<crate::cuda::CudaDevice>,
@@ -40,36 +97,30 @@ fn concat_cuda(
         super::same_dtype(OP, first, t)?;
     }
     super::tname(OP, first.dtype())?;
-    let esz = first.dtype().size_in_bytes();
-    let outer: usize = shape[..d].iter().product();
-    let inner: usize = shape[d + 1..].iter().product();
     let out = super::cuda_empty(dev, first.dtype(), shape)?;
-    let base = super::ptr(&out)?;
-    let dst_pitch = shape[d] * inner * esz;
     let mut start = 0;
     for t in tensors {
-        let width = t.shape()[d] * inner * esz;
-        if width > 0 && outer > 0 {
-            let src = super::dense(t)?;
-            let dst = base + (start * inner * esz) as u64;
-            // SAFETY: src is a dense [outer, len, inner] buffer (`outer` rows of `width` bytes,
-            // pitch `width`) in its own storage; the destination rows start `start·inner`
-            // elements into a fresh output of `outer` rows of `dst_pitch` bytes, and
-            // start·inner·esz + width ≤ dst_pitch, so every row stays inside its output row.
-            // A fresh output never overlaps an input.
-            unsafe {
-                super::cuda_copy_2d(
-                    OP,
-                    dev,
-                    (dst, dst_pitch),
-                    (super::ptr(&src)?, width),
-                    width,
-                    outer,
-                )?
-            };
-        }
+        copy_into_slot(OP, dev, &out, t, d, start)?;
         start += t.shape()[d];
     }
+    Ok(out)
+}
+
+/// Narrow's backward on a GPU: zeros of the input's `shape` (a fresh, zero-filled device
+/// buffer) with the gradient `g` copied into `start..` along `d` ([`copy_into_slot`]). The
+/// gradient keeps its dtype (f32 or bf16).
+#[cfg(feature = "cuda")]
+pub(crate) fn pad_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    g: &Tensor,
+    shape: &[usize],
+    d: usize,
+    start: usize,
+) -> Result<Tensor> {
+    const OP: &str = "narrow backward";
+    super::tname(OP, g.dtype())?;
+    let out = super::cuda_empty(dev, g.dtype(), shape)?;
+    copy_into_slot(OP, dev, &out, g, d, start)?;
     Ok(out)
 }
 

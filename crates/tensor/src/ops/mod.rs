@@ -20,23 +20,6 @@ pub mod unary;
 
 use crate::{Result, Tensor};
 
-/// An `Error::Cuda` when any input lives on a GPU: for ops without a CUDA kernel yet that read
-/// host data through paths that would otherwise copy it (index tensors, masks).
-pub(crate) fn cpu_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
-    match inputs.iter().find(|t| t.device() != crate::Device::Cpu) {
-        None => Ok(()),
-        Some(t) => Err(crate::Error::cuda(
-            op,
-            format!(
-                "input of shape {:?} is on {}: {op} has no CUDA kernel yet; copy with \
-                 to_device(Device::Cpu) explicitly",
-                t.shape(),
-                t.device()
-            ),
-        )),
-    }
-}
-
 /// An `Error::Cuda` when an index tensor (ids, indices, targets) is on a GPU while the data
 /// it indexes is on the CPU: indices may follow their data up to a GPU (see ops/embedding.rs),
 /// but data never silently comes down to the host.
