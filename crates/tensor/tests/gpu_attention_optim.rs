@@ -16,78 +16,8 @@ use rlhf_tensor::cpu::{isa, Isa};
 use rlhf_tensor::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use rlhf_tensor::{DType, Device, Error, Parameter, Rng, Tensor};
 
-const GPU: Device = Device::Cuda(0);
-
-// ---- helpers (copied from gpu_ops.rs, which other work owns) ---------------------------------
-
-fn seed(test: &str) -> u64 {
-    let base = std::env::var("RLHF_GPU_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("{test}: RLHF_GPU_SEED={base}");
-    base
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape(), "shapes differ");
-    assert_eq!(got.device(), Device::Cpu, "compare on the host");
-    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (a, b) in g.iter().zip(&w) {
-        if !a.is_finite() && a != b {
-            return f64::NAN;
-        }
-        num += (a - b) * (a - b);
-        den += b * b;
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    let got = got
-        .to_device(Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let want = want
-        .to_device(Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let e = rel_err(&got, &want);
-    assert!(e < tol, "{what}: relative error {e:e} (tolerance {tol:e})");
-}
-
-fn tol(dtype: DType, f32_tol: f64) -> f64 {
-    if dtype == DType::BF16 {
-        1e-2
-    } else {
-        f32_tol
-    }
-}
-
-/// Random values in [lo, hi) as `dtype` on the CPU (bf16-rounded for bf16).
-fn rand(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32, dtype: DType) -> Tensor {
-    let t = Tensor::rand_uniform(shape, lo, hi, rng.next_u64());
-    t.to_dtype(dtype).unwrap()
-}
-
-/// (CPU f32 reference input, GPU input of `dtype`) holding the same values.
-fn pair(cpu: &Tensor, dtype: DType) -> (Tensor, Tensor) {
-    let c = cpu.to_dtype(dtype).unwrap();
-    let g = c.to_device(GPU).unwrap();
-    (c.to_dtype(DType::F32).unwrap(), g)
-}
+mod gpu_common;
+use gpu_common::*;
 
 /// The host elements of a tensor as raw f32 bits (bitwise comparisons).
 fn bits(t: &Tensor) -> Vec<u64> {

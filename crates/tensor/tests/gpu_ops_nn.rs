@@ -18,51 +18,13 @@
 
 use rlhf_tensor::{DType, Device, Error, Parameter, Rng, Tensor};
 
-const GPU: Device = Device::Cuda(0);
+mod gpu_common;
+use gpu_common::*;
 
-fn seed(test: &str) -> u64 {
-    let base = std::env::var("RLHF_GPU_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("{test}: RLHF_GPU_SEED={base}");
-    base
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape(), "shapes differ");
-    assert_eq!(got.device(), Device::Cpu, "compare on the host");
-    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (a, b) in g.iter().zip(&w) {
-        if !a.is_finite() && a != b {
-            return f64::NAN;
-        }
-        num += (a - b) * (a - b);
-        den += b * b;
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
+/// [`gpu_common::check`], and the result must still be on the GPU.
 fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     assert_eq!(got.device(), GPU, "{what}: the result left the GPU");
-    let got = got
-        .to_device(Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let want = want.to_dtype(DType::F32).unwrap();
-    let e = rel_err(&got, &want);
-    assert!(e < tol, "{what}: relative error {e:e} (tolerance {tol:e})");
+    gpu_common::check(what, got, want, tol);
 }
 
 /// Bit-for-bit equality of a GPU result with a CPU reference (f32 reference rounded to the
@@ -81,32 +43,6 @@ fn check_bits(what: &str, got: &Tensor, want: &Tensor) {
             "{what}: element {i} is {a} on the GPU, {b} on the CPU"
         );
     }
-}
-
-fn tol(dtype: DType, f32_tol: f64) -> f64 {
-    if dtype == DType::BF16 {
-        1e-2
-    } else {
-        f32_tol
-    }
-}
-
-/// A random shape of `rank` dims, each in 1..=max.
-fn shape(rng: &mut Rng, rank: usize, max: u64) -> Vec<usize> {
-    (0..rank).map(|_| 1 + rng.below(max) as usize).collect()
-}
-
-/// Random values in [lo, hi) as `dtype` on the CPU (bf16-rounded for bf16).
-fn rand(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32, dtype: DType) -> Tensor {
-    let t = Tensor::rand_uniform(shape, lo, hi, rng.next_u64());
-    t.to_dtype(dtype).unwrap()
-}
-
-/// (CPU f32 reference input, GPU input of `dtype`) holding the same values.
-fn pair(cpu: &Tensor, dtype: DType) -> (Tensor, Tensor) {
-    let c = cpu.to_dtype(dtype).unwrap();
-    let g = c.to_device(GPU).unwrap();
-    (c.to_dtype(DType::F32).unwrap(), g)
 }
 
 /// The gradient of `f` at `x` for output gradient `g` (values on x's device).
