@@ -41,14 +41,26 @@ enum Command {
     Plot(cmd::plot::PlotArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Bench(c) => cmd::bench::run(c),
         Command::Inspect { file, json } => cmd::inspect::run(&file, json),
         Command::Data(c) => cmd::data::run(c),
         Command::Pretrain(a) => cmd::pretrain::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Plot(a) => cmd::plot::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message and its causes, one per line; no stack trace (RUST_BACKTRACE is for
+            // debugging panics, not for telling a user which file or device was wrong).
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
     }
 }
