@@ -92,15 +92,32 @@ fn binary_cuda(
     b: &Tensor,
     shape: &[usize],
 ) -> Result<Tensor> {
-    use crate::cuda::storage::{elementwise_config, strided_of};
-    use cudarc::driver::PushKernelArg;
     super::same_dtype(op.name(), a, b)?;
     let entry = format!(
         "binary_{}_{}",
         op.cuda_name(),
         super::tname(op.name(), a.dtype())?
     );
-    let out = super::cuda_empty(dev, a.dtype(), shape)?;
+    strided_pair_cuda(dev, op.name(), &entry, a, b, shape, a.dtype())
+}
+
+/// One launch of an elementwise.cu kernel shaped `entry(i64 n, Strided la, Strided lb,
+/// const T* a, const T* b, U* out)` (`binary_*_T`, `compare_*_T`): both operands read through
+/// their broadcast views of `shape` (stride 0 on expanded dims, no expanded copy), the output a
+/// fresh contiguous tensor of `out_dtype`.
+#[cfg(feature = "cuda")]
+fn strided_pair_cuda(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    op: &'static str,
+    entry: &str,
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+    out_dtype: DType,
+) -> Result<Tensor> {
+    use crate::cuda::storage::{elementwise_config, strided_of};
+    use cudarc::driver::PushKernelArg;
+    let out = super::cuda_empty(dev, out_dtype, shape)?;
     let n = out.numel();
     if n == 0 {
         return Ok(out);
@@ -116,13 +133,14 @@ fn binary_cuda(
         super::ptr(&out)?,
         n as i64,
     );
-    let f = dev.function("elementwise", &entry)?;
+    let f = dev.function("elementwise", entry)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&n64).arg(&la).arg(&lb).arg(&pa).arg(&pb).arg(&po);
-    // SAFETY: binary_*_T(i64 n, Strided la, Strided lb, const T* a, const T* b, T* out): both
-    // operands are read through layouts of the output's shape inside their storages; out is a
-    // fresh buffer of n elements of T.
-    unsafe { super::launch(op.name(), &entry, l, elementwise_config(n))? };
+    // SAFETY: the kernel takes (i64 n, Strided la, Strided lb, const T* a, const T* b, U* out)
+    // (the callers pick such entries, with T the operands' dtype); both operands are read
+    // through layouts of the output's shape inside their storages; out is a fresh buffer of n
+    // elements of U = out_dtype.
+    unsafe { super::launch(op, entry, l, elementwise_config(n))? };
     Ok(out)
 }
 
@@ -373,34 +391,9 @@ fn compare_cuda(
     b: &Tensor,
     shape: &[usize],
 ) -> Result<Tensor> {
-    use crate::cuda::storage::{elementwise_config, strided_of};
-    use cudarc::driver::PushKernelArg;
     super::same_dtype(name, a, b)?;
     let entry = format!("compare_{name}_{}", super::tname(name, a.dtype())?);
-    let out = super::cuda_empty(dev, DType::U8, shape)?;
-    let n = out.numel();
-    if n == 0 {
-        return Ok(out);
-    }
-    let (ea, eb) = (
-        a.detach().broadcast_to(shape)?,
-        b.detach().broadcast_to(shape)?,
-    );
-    let (la, lb) = (strided_of(ea.layout())?, strided_of(eb.layout())?);
-    let (pa, pb, po, n64) = (
-        super::ptr(&ea)?,
-        super::ptr(&eb)?,
-        super::ptr(&out)?,
-        n as i64,
-    );
-    let f = dev.function("elementwise", &entry)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(&n64).arg(&la).arg(&lb).arg(&pa).arg(&pb).arg(&po);
-    // SAFETY: compare_*_T(i64 n, Strided la, Strided lb, const T* a, const T* b, u8* out): both
-    // operands are read through layouts of the output's shape inside their storages; out is a
-    // fresh buffer of n bytes.
-    unsafe { super::launch(name, &entry, l, elementwise_config(n))? };
-    Ok(out)
+    strided_pair_cuda(dev, name, &entry, a, b, shape, DType::U8)
 }
 
 /// A `where_` condition as `where_T` reads it: a u8 tensor on `dev`, any layout, at the
