@@ -384,7 +384,7 @@ fn mask_on_host(op: &'static str, mask: &Tensor) -> Result<()> {
 /// `compare_<name>_T` of kernels/elementwise.cu: `a <name> b` over broadcast views of both
 /// (same dtype, f32 or bf16) into a fresh contiguous u8 mask of `shape` on `dev`.
 #[cfg(feature = "cuda")]
-fn compare_cuda(
+pub(crate) fn compare_cuda(
     dev: &std::sync::Arc<crate::cuda::CudaDevice>,
     name: &'static str,
     a: &Tensor,

@@ -54,6 +54,54 @@ fn deriv(
     map_scalar(x, cpu)
 }
 
+/// A scalar `v` as a rank-0 tensor in `like`'s dtype on `like`'s device (broadcast by the
+/// ops below).
+#[cfg(feature = "cuda")]
+fn scalar_like(v: f32, like: &Tensor) -> Result<Tensor> {
+    Tensor::scalar(v)
+        .to_dtype(like.dtype())?
+        .to_device(like.device())
+}
+
+/// The derivative masks of relu, abs and clamp on a GPU, built from `compare_*_T` masks and
+/// `where_`, with the CPU's values at every input (NaN included: every comparison with NaN
+/// is false, so NaN gets 0 as on the CPU). The masks have x's shape (the scalars broadcast).
+/// For bf16 inputs clamp's bounds are compared in bf16.
+#[cfg(feature = "cuda")]
+mod gpu_deriv {
+    use super::scalar_like;
+    use crate::{Result, Tensor};
+
+    /// 1 where x > 0, else 0.
+    pub(super) fn relu(x: &Tensor) -> Result<Tensor> {
+        let (zero, one) = (scalar_like(0.0, x)?, scalar_like(1.0, x)?);
+        Tensor::where_(&x.gt(&zero)?, &one, &zero)
+    }
+
+    /// 1 where x > 0, -1 where x < 0, else 0 (zero and NaN).
+    pub(super) fn abs(x: &Tensor) -> Result<Tensor> {
+        let (zero, one, minus) = (
+            scalar_like(0.0, x)?,
+            scalar_like(1.0, x)?,
+            scalar_like(-1.0, x)?,
+        );
+        let neg = Tensor::where_(&zero.gt(x)?, &minus, &zero)?;
+        Tensor::where_(&x.gt(&zero)?, &one, &neg)
+    }
+
+    /// 1 where lo ≤ x ≤ hi, else 0 (NaN: 0).
+    pub(super) fn clamp(x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+        let dev = crate::ops::cuda_inputs("clamp backward", &[x])?
+            .ok_or_else(|| crate::Error::cuda("clamp backward", "the input is not on a GPU"))?;
+        let (zero, one) = (scalar_like(0.0, x)?, scalar_like(1.0, x)?);
+        // Out of range: x > hi, lo > x, or x ≠ x (NaN, which both comparisons miss).
+        let nan = super::super::binary::compare_cuda(&dev, "ne", x, x, x.shape())?;
+        let d = Tensor::where_(&x.gt(&scalar_like(hi, x)?)?, &zero, &one)?;
+        let d = Tensor::where_(&scalar_like(lo, x)?.gt(x)?, &zero, &d)?;
+        Tensor::where_(&nan, &zero, &d)
+    }
+}
+
 impl Tensor {
     /// e^x.
     pub fn exp(&self) -> Result<Tensor> {
@@ -102,7 +150,11 @@ impl Tensor {
         let out = unary_fwd(self, "relu", (0.0, 0.0), |x| map_scalar(x, |x| x.max(0.0)))?;
         let x = self.detach();
         Ok(Tensor::record(out, "relu", &[self], move |g| {
-            let d = deriv(&x, "relu", |v| if v > 0.0 { 1.0 } else { 0.0 }, None)?;
+            #[cfg(feature = "cuda")]
+            let gpu = Some(gpu_deriv::relu as fn(&Tensor) -> Result<Tensor>);
+            #[cfg(not(feature = "cuda"))]
+            let gpu = None;
+            let d = deriv(&x, "relu", |v| if v > 0.0 { 1.0 } else { 0.0 }, gpu)?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
     }
@@ -175,6 +227,10 @@ impl Tensor {
         })?;
         let x = self.detach();
         Ok(Tensor::record(out, "clamp", &[self], move |g| {
+            #[cfg(feature = "cuda")]
+            if x.device() != crate::Device::Cpu {
+                return Ok(vec![Some(g.mul(&gpu_deriv::clamp(&x, lo, hi)?)?)]);
+            }
             let d = deriv(
                 &x,
                 "clamp",
@@ -202,7 +258,13 @@ impl Tensor {
                         0.0
                     }
                 },
-                None,
+                {
+                    #[cfg(feature = "cuda")]
+                    let gpu = Some(gpu_deriv::abs as fn(&Tensor) -> Result<Tensor>);
+                    #[cfg(not(feature = "cuda"))]
+                    let gpu = None;
+                    gpu
+                },
             )?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
