@@ -13,12 +13,19 @@
 //   inner = product of the dims after).
 // - *_partial: x [n] flat; block b writes partial[b] (f32). A second *_rows launch with
 //   rows = 1 over the partials finishes the reduction.
+// - *_midsplit: x [outer, len, inner] with few outputs and a long middle dim (a bias gradient:
+//   [B·T, n] summed over B·T gives only n outputs, too few threads for *_mid): blockIdx.y = s
+//   owns rows s·chunk .. min(len, (s+1)·chunk) and writes partial[s, o, i] (f32, unscaled). A
+//   second reduce_{sum,max}_mid_f32 over [1, S, outer·inner] finishes it (sumsq's partial sums
+//   of squares add with sum), in a fixed order.
 // `scale` multiplies sums (mean = sum with scale 1/n); max ignores it.
 // Empty reductions give 0 for sums and -inf for max (as the CPU's fold does).
 //
 // Launch:
 // - *_rows:    blockDim.x = 256, gridDim.x = min(rows, 65535); blocks loop over rows.
 // - *_mid:     blockDim.x = 256, gridDim.x = min(ceil(outer·inner / 256), 65535).
+// - *_midsplit: as *_mid, and gridDim.y = S = ceil(len / chunk) ≤ 65535 (chunk chosen from
+//   len alone, so results do not depend on the card); partial holds S·outer·inner floats.
 // - *_partial: blockDim.x = 256, gridDim.x = G chosen from n alone (e.g. min(ceil(n / 4096),
 //   1024)) so the result does not depend on the card; `partial` holds G floats.
 //
@@ -38,6 +45,7 @@
 //   reduce_OP_rows_T(rows, cols, x, out, scale)      out: T
 //   reduce_OP_mid_T(outer, len, inner, x, out, scale) out: T
 //   reduce_OP_partial_T(n, x, partial)                partial: f32
+//   reduce_OP_midsplit_T(outer, len, inner, chunk, x, partial)  partial: f32
 //   reduce_argmax_rows_T(rows, cols, x, out, idx)     out: T, idx: i64
 //   reduce_argmax_mid_T(outer, len, inner, x, out, idx)
 //   reduce_argmax_bwd_T(outer, len, inner, idx, dout, dx)
@@ -93,6 +101,22 @@ __device__ __forceinline__ void reduce_mid_body(i64 outer, i64 len, i64 inner,
 }
 
 template <typename Op, typename T>
+__device__ __forceinline__ void reduce_midsplit_body(i64 outer, i64 len, i64 inner, i64 chunk,
+                                                     const T* __restrict__ x,
+                                                     float* __restrict__ partial) {
+    const i64 n = outer * inner;
+    const i64 l0 = (i64)blockIdx.y * chunk;
+    const i64 l1 = l0 + chunk < len ? l0 + chunk : len;
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x) {
+        const i64 o = j / inner, i = j - o * inner;
+        const T* p = x + o * len * inner + i;
+        float acc = Op::init();
+        for (i64 l = l0; l < l1; ++l) acc = Op::combine(acc, Op::lift(load_f32(p + l * inner)));
+        partial[(i64)blockIdx.y * n + j] = acc;
+    }
+}
+
+template <typename Op, typename T>
 __device__ __forceinline__ void reduce_partial_body(i64 n, const T* __restrict__ x,
                                                     float* __restrict__ partial) {
     __shared__ float scratch[32];
@@ -117,6 +141,11 @@ __device__ __forceinline__ void reduce_partial_body(i64 n, const T* __restrict__
     extern "C" __global__ void reduce_##opname##_partial_##tname(i64 n, const T* __restrict__ x,  \
                                                                  float* __restrict__ partial) {    \
         reduce_partial_body<Op, T>(n, x, partial);                                                 \
+    }                                                                                              \
+    extern "C" __global__ void reduce_##opname##_midsplit_##tname(                                \
+        i64 outer, i64 len, i64 inner, i64 chunk, const T* __restrict__ x,                         \
+        float* __restrict__ partial) {                                                             \
+        reduce_midsplit_body<Op, T>(outer, len, inner, chunk, x, partial);                         \
     }
 #define REDUCE_BOTH(opname, Op) REDUCE(opname, Op, float, f32) REDUCE(opname, Op, bf16, bf16)
 

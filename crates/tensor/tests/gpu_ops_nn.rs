@@ -132,6 +132,64 @@ fn cuda_reductions_over_each_dim_forward_and_backward() {
     }
 }
 
+/// Few outputs over a long dim (a bias gradient: [B·T, n] summed over B·T) take the split
+/// kernel (reduce_*_midsplit, then one pass over the partials): sums, means and sums of a
+/// broadcast add's gradient against the CPU, and the same bits on a second run.
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_long_dim_reductions_split_over_row_ranges() {
+    let mut rng = Rng::new(seed("midsplit"));
+    for dtype in [DType::F32, DType::BF16] {
+        for s in [
+            vec![1024, 768],
+            vec![3, 5000, 7],
+            vec![8192, 3],
+            vec![129, 2],
+        ] {
+            let x = rand(&mut rng, &s, -1.0, 3.0, DType::F32);
+            let (xc, xg) = pair(&x, dtype);
+            let what = format!("{dtype} {s:?}");
+            let got = xg.sum(-2, false).unwrap();
+            check(
+                &format!("sum {what}"),
+                &got,
+                &xc.sum(-2, false).unwrap(),
+                tol(dtype, 1e-5),
+            );
+            check(
+                &format!("mean {what}"),
+                &xg.mean(-2, true).unwrap(),
+                &xc.mean(-2, true).unwrap(),
+                tol(dtype, 1e-5),
+            );
+            check_bits(
+                &format!("sum {what} rerun"),
+                &xg.sum(-2, false).unwrap(),
+                &got.to_device(Device::Cpu).unwrap(),
+            );
+        }
+        // The bias gradient of x + b through autograd.
+        let x = rand(&mut rng, &[8, 128, 96], -1.0, 1.0, DType::F32);
+        let b = rand(&mut rng, &[96], -1.0, 1.0, DType::F32);
+        let g = rand(&mut rng, &[8, 128, 96], -1.0, 1.0, DType::F32);
+        let ((xc, xg), (bc, bg), (gc, gg)) = (pair(&x, dtype), pair(&b, dtype), pair(&g, dtype));
+        let grad_b = |x: &Tensor, b: &Tensor, g: &Tensor| {
+            let p = Parameter::new(b.clone());
+            x.add(&p.tensor())
+                .unwrap()
+                .backward_with(g.clone())
+                .unwrap();
+            p.grad().unwrap()
+        };
+        check(
+            &format!("bias gradient {dtype}"),
+            &grad_b(&xg, &bg, &gg),
+            &grad_b(&xc, &bc, &gc),
+            tol(dtype, 1e-5),
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn cuda_argmax_matches_the_cpu_exactly_ties_and_nan_included() {

@@ -156,6 +156,49 @@ pub(crate) fn reduce_cuda(
         rows_launch(outer, len, &out)?;
         return Ok(out);
     }
+    if let Some((chunk, splits)) = midsplit_plan(outer * inner, len) {
+        // Few outputs over a long dim (bias and other weight gradients): S row ranges in
+        // parallel into f32 partials, then one pass over them.
+        let n = outer * inner;
+        let partial = super::cuda_empty(dev, DType::F32, &[splits, n])?;
+        let entry = format!("reduce_{kind}_midsplit_{tn}");
+        let (o64, l64, i64_, c64) = (outer as i64, len as i64, inner as i64, chunk as i64);
+        let pp = super::ptr(&partial)?;
+        let f = dev.function("reduce", &entry)?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&o64).arg(&l64).arg(&i64_).arg(&c64).arg(&px).arg(&pp);
+        let mut cfg = mid_config(n);
+        cfg.grid_dim.1 = splits as u32;
+        // SAFETY: reduce_OP_midsplit_T(i64 outer, i64 len, i64 inner, i64 chunk, const T* x,
+        // float* partial): x a contiguous [outer, len, inner] buffer of T; gridDim.y = splits =
+        // ceil(len / chunk) ≤ 65535 (midsplit_plan), so partial's [splits, n] floats cover
+        // every block's writes.
+        unsafe { super::launch(op, &entry, l, cfg)? };
+        let kind2 = if kind == "max" { "max" } else { "sum" };
+        let finish = |out: &Tensor| -> Result<()> {
+            let entry = format!("reduce_{kind2}_mid_f32");
+            let (o64, l64, i64_, po) = (1i64, splits as i64, n as i64, super::ptr(out)?);
+            let f = dev.function("reduce", &entry)?;
+            let mut l = dev.stream().launch_builder(&f);
+            l.arg(&o64)
+                .arg(&l64)
+                .arg(&i64_)
+                .arg(&pp)
+                .arg(&po)
+                .arg(&scale);
+            // SAFETY: reduce_OP_mid_f32(i64 outer, i64 len, i64 inner, const float* x, float*
+            // out, float scale): the partials are a contiguous [1, splits, n] f32 buffer, out
+            // n floats.
+            unsafe { super::launch(op, &entry, l, mid_config(n)) }
+        };
+        if x.dtype() == DType::F32 {
+            finish(&out)?;
+            return Ok(out);
+        }
+        let total = super::cuda_empty(dev, DType::F32, out_shape)?;
+        finish(&total)?;
+        return total.to_dtype(x.dtype());
+    }
     let entry = format!("reduce_{kind}_mid_{tn}");
     let (o64, l64, i64_, po) = (outer as i64, len as i64, inner as i64, super::ptr(&out)?);
     let f = dev.function("reduce", &entry)?;
@@ -170,6 +213,31 @@ pub(crate) fn reduce_cuda(
     // x is a contiguous [outer, len, inner] buffer of T, out a fresh [outer, inner] one.
     unsafe { super::launch(op, &entry, l, mid_config(outer * inner))? };
     Ok(out)
+}
+
+/// Outputs below which a middle-dim reduction is split over row ranges: the one-pass kernel
+/// runs one thread per output, which leaves most of a GPU idle (a bias gradient has a few
+/// thousand outputs, each a sum over B·T rows).
+#[cfg(feature = "cuda")]
+const MIDSPLIT_MAX_OUTPUTS: usize = 1 << 16;
+/// Fewest rows per range.
+#[cfg(feature = "cuda")]
+const MIDSPLIT_MIN_CHUNK: usize = 64;
+
+/// `(chunk, splits)` for a `reduce_*_midsplit` launch over `len` rows with `outputs` results, or
+/// `None` when the one-pass kernel suffices. Chosen from the sizes alone (never from the card),
+/// so a reduction sums in the same order everywhere: about MIDSPLIT_MAX_OUTPUTS threads, each
+/// over at least MIDSPLIT_MIN_CHUNK rows; `splits` = ceil(len / chunk) ≤ 32768 (a valid
+/// gridDim.y).
+#[cfg(feature = "cuda")]
+fn midsplit_plan(outputs: usize, len: usize) -> Option<(usize, usize)> {
+    if !(2..MIDSPLIT_MAX_OUTPUTS).contains(&outputs) || len < 2 * MIDSPLIT_MIN_CHUNK {
+        return None;
+    }
+    let want = MIDSPLIT_MAX_OUTPUTS.div_ceil(outputs);
+    let chunk = len.div_ceil(want).max(MIDSPLIT_MIN_CHUNK);
+    let splits = len.div_ceil(chunk);
+    (splits > 1).then_some((chunk, splits))
 }
 
 /// The launch of reduce.cu's one-thread-per-output kernels (*_mid, argmax_mid, argmax_bwd):
@@ -410,6 +478,37 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn midsplit_plans_cover_every_row_once_within_grid_limits() {
+        use super::{midsplit_plan, MIDSPLIT_MAX_OUTPUTS, MIDSPLIT_MIN_CHUNK};
+        // A GPT-2 bias gradient: 768 outputs over 1024 rows.
+        assert_eq!(midsplit_plan(768, 1024), Some((64, 16)));
+        assert_eq!(midsplit_plan(768, 100), None, "short dims stay one pass");
+        assert_eq!(
+            midsplit_plan(MIDSPLIT_MAX_OUTPUTS, 1 << 20),
+            None,
+            "enough outputs"
+        );
+        assert_eq!(
+            midsplit_plan(1, 1 << 20),
+            None,
+            "one output: the *_partial path"
+        );
+        let mut rng = crate::Rng::new(5);
+        for _ in 0..2000 {
+            let outputs = 1 + rng.below(1 << 17) as usize;
+            let len = 1 + rng.below(1 << 22) as usize;
+            if let Some((chunk, splits)) = midsplit_plan(outputs, len) {
+                assert!(chunk >= MIDSPLIT_MIN_CHUNK && splits > 1 && splits <= 65535);
+                assert!(
+                    chunk * splits >= len && (splits - 1) * chunk < len,
+                    "{outputs} {len}"
+                );
+            }
+        }
+    }
+
     use crate::gradcheck::check_gradients;
     use crate::Tensor;
 
