@@ -151,10 +151,10 @@ impl Tensor {
         let x = self.detach();
         Ok(Tensor::record(out, "relu", &[self], move |g| {
             #[cfg(feature = "cuda")]
-            let gpu = Some(gpu_deriv::relu as fn(&Tensor) -> Result<Tensor>);
-            #[cfg(not(feature = "cuda"))]
-            let gpu = None;
-            let d = deriv(&x, "relu", |v| if v > 0.0 { 1.0 } else { 0.0 }, gpu)?;
+            if x.device() != crate::Device::Cpu {
+                return Ok(vec![Some(g.mul(&gpu_deriv::relu(&x)?)?)]);
+            }
+            let d = deriv(&x, "relu", |v| if v > 0.0 { 1.0 } else { 0.0 }, None)?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
     }
@@ -246,6 +246,10 @@ impl Tensor {
         let out = unary_fwd(self, "abs", (0.0, 0.0), |x| map_scalar(x, f32::abs))?;
         let x = self.detach();
         Ok(Tensor::record(out, "abs", &[self], move |g| {
+            #[cfg(feature = "cuda")]
+            if x.device() != crate::Device::Cpu {
+                return Ok(vec![Some(g.mul(&gpu_deriv::abs(&x)?)?)]);
+            }
             let d = deriv(
                 &x,
                 "abs",
@@ -258,13 +262,7 @@ impl Tensor {
                         0.0
                     }
                 },
-                {
-                    #[cfg(feature = "cuda")]
-                    let gpu = Some(gpu_deriv::abs as fn(&Tensor) -> Result<Tensor>);
-                    #[cfg(not(feature = "cuda"))]
-                    let gpu = None;
-                    gpu
-                },
+                None,
             )?;
             Ok(vec![Some(g.mul(&d)?)])
         }))
