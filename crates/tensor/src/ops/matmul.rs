@@ -4,7 +4,7 @@
 //! GEMM's packing step reads any layout. The backward uses the same trick (dA = dC·Bᵀ, dB = Aᵀ·dC).
 
 use super::binary::require_f32;
-use crate::cpu::gemm::{sgemm, MatMut, MatRef};
+use crate::cpu::gemm::{sgemm, sgemm_bias_with, MatMut, MatRef};
 use crate::layout::broadcast_shapes;
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
@@ -17,6 +17,47 @@ fn batch_offset(mut b: usize, batch_shape: &[usize], strides: &[usize]) -> usize
         b /= d;
     }
     off
+}
+
+/// The rows of a contiguous f32 `a` ([.., k]) times a 2-D f32 `b` ([k, n], any strides), plus
+/// an optional bias row added in the GEMM's epilogue, as one GEMM into a tensor of `out_shape`
+/// ([.., n]). Shapes are the caller's to check.
+fn gemm_rows(a: &Tensor, b: &Tensor, bias: Option<&[f32]>, out_shape: &[usize]) -> Result<Tensor> {
+    let (k, n) = (b.shape()[0], b.shape()[1]);
+    // Counted from the shape, not numel / k, which is 0 when k is.
+    let rows: usize = a.shape()[..a.rank() - 1].iter().product();
+    // sgemm with beta = 0 writes every element of C without reading it.
+    let mut out = crate::cpu::pool::for_overwrite(rows * n);
+    let (sa, sb) = (a.storage().as_slice::<f32>(), b.storage().as_slice::<f32>());
+    let (sa, sb) = (sa.unwrap_or(&[]), sb.unwrap_or(&[]));
+    let bl = b.layout();
+    sgemm_bias_with(
+        crate::cpu::isa(),
+        1.0,
+        MatRef {
+            data: &sa[a.layout().offset()..],
+            rows,
+            cols: k,
+            row_stride: k,
+            col_stride: 1,
+        },
+        MatRef {
+            data: &sb[bl.offset()..],
+            rows: k,
+            cols: n,
+            row_stride: bl.strides()[0],
+            col_stride: bl.strides()[1],
+        },
+        0.0,
+        bias,
+        MatMut {
+            data: &mut out,
+            rows,
+            cols: n,
+            row_stride: n,
+        },
+    )?;
+    Ok(Tensor::f32_owned(out, out_shape))
 }
 
 fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -53,38 +94,7 @@ fn matmul_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     // [.., m, k] · [k, n] with contiguous rows in `a`: one GEMM with m·batch rows. This is the
     // shape of every linear layer, and one large GEMM beats many small ones.
     if b.rank() == 2 && a.is_contiguous() {
-        // Counted from the shape, not numel / k, which is 0 when k is.
-        let rows: usize = a.shape()[..a.rank() - 1].iter().product();
-        // sgemm with beta = 0 writes every element of C without reading it.
-        let mut out = crate::cpu::pool::for_overwrite(rows * n);
-        let (sa, sb) = (a.storage().as_slice::<f32>(), b.storage().as_slice::<f32>());
-        let (sa, sb) = (sa.unwrap_or(&[]), sb.unwrap_or(&[]));
-        let bl = b.layout();
-        sgemm(
-            1.0,
-            MatRef {
-                data: &sa[a.layout().offset()..],
-                rows,
-                cols: k,
-                row_stride: k,
-                col_stride: 1,
-            },
-            MatRef {
-                data: &sb[bl.offset()..],
-                rows: k,
-                cols: n,
-                row_stride: bl.strides()[0],
-                col_stride: bl.strides()[1],
-            },
-            0.0,
-            MatMut {
-                data: &mut out,
-                rows,
-                cols: n,
-                row_stride: n,
-            },
-        )?;
-        return Ok(Tensor::f32_owned(out, &out_shape));
+        return gemm_rows(a, b, None, &out_shape);
     }
 
     let ea = a.detach().broadcast_to(&[&batch[..], &[m, k]].concat())?;
@@ -402,44 +412,10 @@ impl Tensor {
         if !fused {
             return self.matmul(w)?.add(bias);
         }
-        let (k, n) = (w.shape()[0], w.shape()[1]);
-        let rows: usize = self.shape()[..self.rank() - 1].iter().product();
+        let n = w.shape()[1];
         let mut out_shape = self.shape().to_vec();
         *out_shape.last_mut().expect("rank >= 2") = n;
-        // sgemm with beta = 0 writes every element of C without reading it.
-        let mut out = crate::cpu::pool::for_overwrite(rows * n);
-        {
-            let x = self.f32_data()?;
-            let bv = bias.f32_data()?;
-            let sw = w.storage().as_slice::<f32>().unwrap_or(&[]);
-            let wl = w.layout();
-            crate::cpu::gemm::sgemm_bias(
-                1.0,
-                MatRef {
-                    data: &x,
-                    rows,
-                    cols: k,
-                    row_stride: k,
-                    col_stride: 1,
-                },
-                MatRef {
-                    data: &sw[wl.offset()..],
-                    rows: k,
-                    cols: n,
-                    row_stride: wl.strides()[0],
-                    col_stride: wl.strides()[1],
-                },
-                0.0,
-                &bv,
-                MatMut {
-                    data: &mut out,
-                    rows,
-                    cols: n,
-                    row_stride: n,
-                },
-            )?;
-        }
-        let out = Tensor::f32_owned(out, &out_shape);
+        let out = gemm_rows(self, w, Some(&bias.f32_data()?), &out_shape)?;
         let (x, wd) = (self.detach(), w.detach());
         let needs = (self.tracks_grad(), w.tracks_grad(), bias.tracks_grad());
         Ok(Tensor::record(out, "linear", &[self, w, bias], move |g| {
