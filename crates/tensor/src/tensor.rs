@@ -380,14 +380,6 @@ impl Tensor {
             .storage
             .as_slice::<T>()
             .ok_or_else(|| Error::invalid("to_vec", "storage is not readable as its dtype"))?;
-        if let Some(f) = self.0.storage.as_slice::<f32>() {
-            // f32 copies come from the buffer pool (no fresh pages to fault in). T is f32 here
-            // (the dtype was checked), so the downcast succeeds.
-            let v: Box<dyn std::any::Any> = Box::new(self.0.layout.gather_f32(f));
-            if let Ok(v) = v.downcast::<Vec<T>>() {
-                return Ok(*v);
-            }
-        }
         Ok(self.0.layout.gather(s))
     }
 
@@ -592,7 +584,8 @@ impl Tensor {
             }));
         }
         let storage = match self.dtype() {
-            DType::F32 => Storage::F32(self.to_vec()?),
+            // f32 copies come from the buffer pool (no fresh pages to fault in).
+            DType::F32 => Storage::F32(self.f32_data()?.into_owned()),
             DType::BF16 => Storage::BF16(self.to_vec()?),
             DType::F16 => Storage::F16(self.to_vec()?),
             DType::I64 => Storage::I64(self.to_vec()?),
