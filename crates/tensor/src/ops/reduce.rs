@@ -111,8 +111,8 @@ pub(crate) fn reduce_cuda(
         // Every element into one: two passes when there is more than one chunk of work, so
         // that more than one block takes part.
         let g = len.div_ceil(PARTIAL_CHUNK).min(1024);
-        let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
         if g == 1 {
+            let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
             rows_launch(1, len, &out)?;
             return Ok(out);
         }
@@ -143,16 +143,10 @@ pub(crate) fn reduce_cuda(
             // float scale): the partials are one contiguous row of g floats, out one f32.
             unsafe { super::launch(op, &entry, l, rows_config(1, REDUCE_THREADS)) }
         };
-        if x.dtype() == DType::F32 {
-            finish(&out)?;
-            return Ok(out);
-        }
-        let total = super::cuda_empty(dev, DType::F32, out_shape)?;
-        finish(&total)?;
-        return total.to_dtype(x.dtype());
+        return via_f32(dev, x.dtype(), out_shape, finish);
     }
-    let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
     if inner == 1 {
+        let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
         rows_launch(outer, len, &out)?;
         return Ok(out);
     }
@@ -191,14 +185,9 @@ pub(crate) fn reduce_cuda(
             // n floats.
             unsafe { super::launch(op, &entry, l, mid_config(n)) }
         };
-        if x.dtype() == DType::F32 {
-            finish(&out)?;
-            return Ok(out);
-        }
-        let total = super::cuda_empty(dev, DType::F32, out_shape)?;
-        finish(&total)?;
-        return total.to_dtype(x.dtype());
+        return via_f32(dev, x.dtype(), out_shape, finish);
     }
+    let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
     let entry = format!("reduce_{kind}_mid_{tn}");
     let (o64, l64, i64_, po) = (outer as i64, len as i64, inner as i64, super::ptr(&out)?);
     let f = dev.function("reduce", &entry)?;
@@ -238,6 +227,21 @@ fn midsplit_plan(outputs: usize, len: usize) -> Option<(usize, usize)> {
     let chunk = len.div_ceil(want).max(MIDSPLIT_MIN_CHUNK);
     let splits = len.div_ceil(chunk);
     (splits > 1).then_some((chunk, splits))
+}
+
+/// A fresh f32 tensor of `shape` on `dev` written by `finish` (the last pass of a two-pass
+/// reduction, which accumulates in f32), then in `dtype` (a cast on the device for bf16; the
+/// tensor itself for f32).
+#[cfg(feature = "cuda")]
+fn via_f32(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    dtype: crate::DType,
+    shape: &[usize],
+    finish: impl FnOnce(&Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let total = super::cuda_empty(dev, crate::DType::F32, shape)?;
+    finish(&total)?;
+    total.to_dtype(dtype)
 }
 
 /// The launch of reduce.cu's one-thread-per-output kernels (*_mid, argmax_mid, argmax_bwd):
