@@ -29,6 +29,7 @@ __device__ __forceinline__ float bf16_to_f32(bf16 h) {
     return __uint_as_float(((u32)h) << 16);
 }
 
+#ifndef RLHF_CUDA_EMU  // the CPU emulator models these two (tools/cuda-emu/emu.h)
 // Round to nearest even, NaN stays NaN (cvt.rn.bf16.f32, sm_80+).
 __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     unsigned short r;
@@ -43,6 +44,7 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+#endif
 
 // Loads and stores that convert through f32, so one template body serves f32 and bf16.
 __device__ __forceinline__ float load_f32(const float* p) { return *p; }
@@ -115,6 +117,10 @@ __device__ __forceinline__ i64 strided_offset(const Strided& s, i64 i) {
     return off;
 }
 
+// Everything below is inline PTX. The CPU emulator (tools/cuda-emu) compiles these files as
+// C++ and brings its own models of these functions, written from the same PTX ISA layouts.
+#ifndef RLHF_CUDA_EMU
+
 // ---- shared-memory addresses for PTX ------------------------------------------------------
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -154,3 +160,5 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const u32 (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // RLHF_CUDA_EMU

@@ -209,8 +209,18 @@ fn gpt_training_steps_on_cuda_match_the_cpu() {
             .zip(&before)
         {
             assert_eq!(pg.device(), GPU, "{name}");
-            let dc: Vec<f64> = pc.to_f64_vec().iter().zip(p0).map(|(a, b)| a - b).collect();
-            let dg: Vec<f64> = host_f64(&pg).iter().zip(p0).map(|(a, b)| a - b).collect();
+            let mut dc: Vec<f64> = pc.to_f64_vec().iter().zip(p0).map(|(a, b)| a - b).collect();
+            let mut dg: Vec<f64> = host_f64(&pg).iter().zip(p0).map(|(a, b)| a - b).collect();
+            if name.ends_with("attn.c_attn.bias") {
+                // The key third of the QKV bias has an exactly zero gradient: adding one vector
+                // to every key adds the same q·b to each score of a row, which softmax ignores.
+                // What the devices compute for it is rounding noise of opposite signs, and
+                // Adam turns noise into steps of about ±lr, so those elements are compared
+                // with nothing (found by the CPU emulator: 0.62 relative error in bf16).
+                let d = dc.len() / 3;
+                dc.drain(d..2 * d);
+                dg.drain(d..2 * d);
+            }
             check(&format!("update {name}"), rel_err(&dg, &dc), update_tol);
         }
     }
@@ -428,9 +438,14 @@ fn greedy_generation_on_cuda_matches_the_cpu() {
         // Where the GPU picks another token, it must be a near-tie on the CPU: its CPU
         // log-probability within `tie` of the CPU's choice. After that the sequences differ,
         // so the comparison of that sequence stops there.
+        // bf16: rounding the weights alone to bf16, all arithmetic still f32 on the CPU, moves
+        // this model's log-probabilities by up to 0.34 and changes a greedy choice in 1 of the
+        // 3 sequences (5 seeds, measured); mixed precision also rounds every activation. The
+        // CPU emulator (tools/gpu-emu-check) gave 0.17 to 0.35 over the same seeds. So bf16 is
+        // held to 0.6: far below what a wrong layout or a dropped term does (whole nats).
         let (tie, lp_tol) = match precision {
             Precision::F32 => (1e-3, 1e-3),
-            Precision::Bf16 => (0.15, 0.15),
+            Precision::Bf16 => (0.6, 0.6),
         };
         let (mut same, mut worst_lp) = (0usize, 0.0f64);
         for (i, prompt) in prompts.iter().enumerate() {

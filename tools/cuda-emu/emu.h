@@ -1,0 +1,658 @@
+// emu.h: the device side of the CUDA emulator (tools/cuda-emu/README.md).
+//
+// The emulator's NVRTC (nvrtc.cpp) compiles a kernel file with the host C++ compiler, this
+// header forced in front (-include) and RLHF_CUDA_EMU defined, into a shared library that its
+// driver (driver.cpp) loads as the "module". Everything a kernel needs from the device lives
+// here:
+//   - the CUDA keywords (__global__, __shared__, __launch_bounds__ ...) as plain C++;
+//   - threadIdx/blockIdx/blockDim/gridDim, per emulated thread;
+//   - a block scheduler: each CUDA thread of a block is a fiber with its own stack;
+//     a fiber runs until it reaches __syncthreads or a warp collective, where it waits until
+//     every live thread of its block (or warp) has arrived. Threads of one block interleave at
+//     exactly the points CUDA makes them meet, and nowhere else, so a missing __syncthreads
+//     shows up as a wrong result (thread 0 runs ahead and reads what the others have not
+//     written yet), and a barrier that some threads never reach is reported as a deadlock;
+//   - warp shuffles, and C++ models of the PTX in kernels/common.cuh (cvt to bf16, ldmatrix,
+//     mma.sync m16n8k16, cp.async), written from the PTX ISA's fragment layouts. A cp.async
+//     poisons its destination when issued and lands at the cp.async.wait_group that covers
+//     it, so reading too early and overwriting too early both show up as NaN.
+//
+// Blocks of one launch run one after another on the launching host thread, and launches of one
+// module take its lock, so one block of a module runs at a time: __shared__ variables are plain
+// `static`s, and the scheduler's state is plain globals (no thread-local lookups on the hot
+// path).
+//
+// What it cannot show: timing, memory-model races between blocks, bank conflicts, register or
+// shared-memory limits (tools/check-kernels reports those from ptxas), and the exact rounding
+// of the hardware's mma accumulation order. It checks semantics, not speed.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <sys/mman.h>
+#include <type_traits>
+#include <ucontext.h>
+#include <utility>
+#include <vector>
+
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+#ifdef RLHF_EMU_SCAN
+// Only while nvrtc.cpp preprocesses a file to list its kernels: the mark survives the
+// preprocessor and names every `extern "C" __global__` function, macro-generated ones included.
+#define __global__ RLHF_EMU_KERNEL_MARK
+#else
+#define __global__
+#endif
+
+struct uint3 { unsigned int x, y, z; };
+struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+struct float2 { float x, y; };
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+struct int2 { int x, y; };
+struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
+struct uint2 { unsigned int x, y; };
+struct __attribute__((aligned(16))) uint4 { unsigned int x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+namespace rlhf_emu {
+
+// Where the emulator is, for the driver's fault report: the driver passes a pointer to its
+// copy at each launch and reads it from its SIGSEGV handler.
+struct Where {
+    const char* kernel;
+    unsigned block[3];
+    unsigned thread[3];
+};
+
+enum class State { Runnable, AtBarrier, AtWarp, Done };
+
+// Fiber switching. On x86-64 a hand-written switch that saves only the callee-saved registers
+// (ucontext's swapcontext makes a sigprocmask system call on every switch, which made the
+// emulator spend half its time in the kernel); elsewhere, ucontext.
+#if defined(__x86_64__)
+extern "C" void rlhf_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .hidden rlhf_emu_switch
+    .globl rlhf_emu_switch
+    .type rlhf_emu_switch,@function
+rlhf_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size rlhf_emu_switch, .-rlhf_emu_switch
+)");
+struct Context {
+    void* sp = nullptr;
+};
+#else
+struct Context {
+    ucontext_t uc;
+};
+#endif
+
+struct Thread {
+    Context ctx;
+    uint3 tid;
+    int linear;  // threadIdx in row-major x-fastest order
+    State state;
+    unsigned exchanges;  // warp exchanges done: picks the slot buffer (see warp_exchange)
+    // cp.async: copies issued but not yet committed, and committed groups not yet waited.
+    struct Copy { void* dst; unsigned char bytes[16]; };
+    std::vector<Copy> open_group;
+    std::vector<std::vector<Copy>> groups;
+};
+
+constexpr int kSlotBytes = 64;
+constexpr size_t kStackBytes = 64 * 1024;  // per thread (see stack_of)
+constexpr int kMaxThreads = 1024;          // per block, as on every CUDA GPU
+
+struct Warp {
+    int live = 0;     // lanes that exist and have not returned
+    int arrived = 0;  // lanes waiting at the current collective
+    unsigned char slot[2][32][kSlotBytes];
+    // Lanes ready to run, first in first out (each lane is in it at most once).
+    int ready[32];
+    unsigned ready_head = 0, ready_len = 0;
+};
+
+struct Block {
+    std::vector<Thread> threads;
+    std::vector<Warp> warps;
+    int live = 0;
+    int at_barrier = 0;
+    Context scheduler;
+    size_t stack_bytes = 0;
+    std::vector<char*> stacks;
+    // Bit w: warp w has ready lanes. The lowest such warp runs first (see next_context).
+    uint32_t ready_warps = 0;
+};
+
+inline Thread* cur = nullptr;
+inline Block* block = nullptr;
+inline uint3 block_idx{0, 0, 0};
+inline uint3 block_dim{1, 1, 1};
+inline uint3 grid_dim{1, 1, 1};
+inline Where* where = nullptr;
+inline void (*entry_fn)(void**) = nullptr;
+inline void** entry_params = nullptr;
+inline const char* failure = nullptr;
+
+[[noreturn]] inline void fatal(const char* what) {
+    std::fprintf(stderr, "cuda-emu: %s in kernel %s, block (%u,%u,%u), thread (%u,%u,%u)\n", what,
+                 where ? where->kernel : "?", block_idx.x, block_idx.y, block_idx.z,
+                 cur ? cur->tid.x : 0u, cur ? cur->tid.y : 0u, cur ? cur->tid.z : 0u);
+    std::abort();
+}
+
+inline void note_where() {
+    if (!where) return;
+    where->block[0] = block_idx.x, where->block[1] = block_idx.y, where->block[2] = block_idx.z;
+    where->thread[0] = cur->tid.x, where->thread[1] = cur->tid.y, where->thread[2] = cur->tid.z;
+}
+
+inline void switch_to(Context& save, Context& load) {
+#if defined(__x86_64__)
+    rlhf_emu_switch(&save.sp, load.sp);
+#else
+    swapcontext(&save.uc, &load.uc);
+#endif
+}
+
+inline void make_ready(Block& b, Thread& t) {
+    t.state = State::Runnable;
+    const int wi = t.linear >> 5;
+    Warp& w = b.warps[wi];
+    w.ready[(w.ready_head + w.ready_len++) & 31] = t.linear;
+    b.ready_warps |= 1u << wi;
+}
+
+// The context to run next, else the scheduler's. Warps are independent between block
+// barriers, so any order is a legal schedule; this one runs the lowest-numbered warp with a
+// ready lane, so warp 0 gets as far ahead of the others as a barrier allows. That is the order
+// that exposes a missing __syncthreads: warp 0 refills or reads shared memory while the other
+// warps have not yet read or written it. Within a warp, lanes run in the order they became
+// ready.
+inline Context& next_context() {
+    Block& b = *block;
+    if (b.ready_warps == 0) return b.scheduler;
+    const int wi = __builtin_ctz(b.ready_warps);
+    Warp& w = b.warps[wi];
+    Thread& t = b.threads[w.ready[w.ready_head]];
+    w.ready_head = (w.ready_head + 1) & 31;
+    if (--w.ready_len == 0) b.ready_warps &= ~(1u << wi);
+    cur = &t;
+    note_where();
+    return t.ctx;
+}
+
+// Blocks the current thread (its state already says where it waits) and runs the next ready
+// one directly, without a detour through the scheduler; returns when it is released.
+inline void suspend() {
+    Thread* me = cur;
+    Context& next = next_context();
+    if (&next != &me->ctx) switch_to(me->ctx, next);
+    cur = me;
+    note_where();
+}
+
+inline void release_barrier(Block& b) {
+    for (auto& t : b.threads)
+        if (t.state == State::AtBarrier) make_ready(b, t);
+    b.at_barrier = 0;
+}
+
+inline void syncthreads() {
+    Block& b = *block;
+    cur->state = State::AtBarrier;
+    if (++b.at_barrier == b.live) {
+        // The releasing thread queues like the others (all leave the barrier at once).
+        release_barrier(b);
+    }
+    suspend();
+}
+
+inline int lane() { return cur->linear & 31; }
+inline Warp& my_warp() { return block->warps[cur->linear >> 5]; }
+
+inline void release_warp(Block& b, Warp& w, int base) {
+    for (int l = 0; l < 32 && base + l < (int)b.threads.size(); ++l) {
+        Thread& t = b.threads[base + l];
+        if (t.state == State::AtWarp) make_ready(b, t);
+    }
+    w.arrived = 0;
+}
+
+// Waits until every live lane of this thread's warp is here. (Masks are not tracked: every
+// collective in the kernels is warp-wide, and a partial one deadlocks here, reported.)
+inline void warp_sync() {
+    Warp& w = my_warp();
+    cur->state = State::AtWarp;
+    if (++w.arrived == w.live) {
+        // The last lane to arrive continues at once; the others follow in lane order.
+        cur->state = State::Runnable;
+        release_warp(*block, w, cur->linear & ~31);
+        return;
+    }
+    suspend();
+}
+
+// All lanes publish `bytes` of their own; after the sync each may read any lane's. One sync
+// is enough because consecutive exchanges alternate between two slot buffers: a lane can
+// start exchange k+1 early, but cannot pass its sync, and so cannot reach exchange k+2 and
+// overwrite buffer k, before every lane has finished reading exchange k.
+template <typename F>
+inline void warp_exchange(const void* mine, size_t bytes, F&& read) {
+    Warp& w = my_warp();
+    const unsigned buf = cur->exchanges++ & 1;
+    std::memcpy(w.slot[buf][lane()], mine, bytes);
+    warp_sync();
+    read(w.slot[buf]);
+}
+
+template <typename T>
+inline T shfl_from(T v, int src) {
+    static_assert(sizeof(T) <= kSlotBytes, "shuffle of a type wider than a slot");
+    T r = v;
+    warp_exchange(&v, sizeof(T), [&](unsigned char (*slot)[kSlotBytes]) {
+        if (src >= 0 && src < 32) std::memcpy(&r, slot[src], sizeof(T));
+    });
+    return r;
+}
+
+inline void thread_main() {
+    entry_fn(entry_params);
+    Block& b = *block;
+    cur->state = State::Done;
+    --b.live;
+    --b.warps[cur->linear >> 5].live;
+    // A returned thread no longer counts at a barrier: release one it was the last to reach.
+    if (b.at_barrier > 0 && b.at_barrier == b.live) release_barrier(b);
+    Warp& w = b.warps[cur->linear >> 5];
+    if (w.arrived > 0 && w.arrived == w.live) release_warp(b, w, cur->linear & ~31);
+}
+
+// A fiber's first frame. It never returns: when the kernel function has returned, it hands
+// over to the next ready thread (or the scheduler) for good.
+inline void fiber_entry() {
+    thread_main();
+    Context dead;
+    switch_to(dead, next_context());
+    __builtin_unreachable();
+}
+
+inline void start_fiber(Thread& t, char* stack, size_t bytes, Context& scheduler) {
+#if defined(__x86_64__)
+    // The stack rlhf_emu_switch's pops and `ret` expect: six callee-saved registers, then the
+    // address to return to (fiber_entry), then a dummy return address for fiber_entry, so that
+    // it starts with rsp = 8 (mod 16) as after a call.
+    uintptr_t top = ((uintptr_t)(stack + bytes)) & ~(uintptr_t)15;
+    void** sp = (void**)top;
+    *--sp = nullptr;
+    *--sp = (void*)&fiber_entry;
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;
+    t.ctx.sp = sp;
+    (void)scheduler;
+#else
+    getcontext(&t.ctx.uc);
+    t.ctx.uc.uc_stack.ss_sp = stack;
+    t.ctx.uc.uc_stack.ss_size = bytes;
+    t.ctx.uc.uc_link = &scheduler.uc;
+    makecontext(&t.ctx.uc, (void (*)())fiber_entry, 0);
+#endif
+}
+
+// Fiber stacks: one region of kMaxThreads stacks of kStackBytes, made once per module. They
+// sit close together (on transparent huge pages where the kernel allows) because a block's
+// threads switch constantly: with 256 KB guarded stacks, TLB and cache misses on the stack tops
+// made every switch cost several times more. A canary at the bottom of each stack, checked
+// after every block, catches a thread that used more than its stack.
+constexpr uint64_t kCanary = 0x5a17ca9a5a17ca9aull;
+inline char* stack_region = nullptr;
+
+inline char* stack_of(int i) {
+    if (!stack_region) {
+        const size_t huge = 2u << 20, bytes = kStackBytes * kMaxThreads;
+        char* p = (char*)mmap(nullptr, bytes + huge, PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) return nullptr;
+        p = (char*)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
+        madvise(p, bytes, MADV_HUGEPAGE);
+        stack_region = p;
+    }
+    return stack_region + (size_t)i * kStackBytes;
+}
+
+// Runs one block to completion. Returns false (with `failure` set) on a deadlock.
+inline bool run_block(Block& b) {
+    const int n = (int)b.threads.size();
+    b.live = n;
+    b.at_barrier = 0;
+    for (auto& w : b.warps) w.live = 0, w.arrived = 0, w.ready_head = w.ready_len = 0;
+    b.ready_warps = 0;
+    for (int i = 0; i < n; ++i) {
+        Thread& t = b.threads[i];
+        t.open_group.clear();
+        t.groups.clear();
+        t.exchanges = 0;
+        ++b.warps[i >> 5].live;
+        std::memcpy(b.stacks[i], &kCanary, sizeof kCanary);
+        start_fiber(t, b.stacks[i], b.stack_bytes, b.scheduler);
+        make_ready(b, t);
+    }
+    // Threads hand over to each other; control comes back here only when none is ready.
+    switch_to(b.scheduler, next_context());
+    for (int i = 0; i < n; ++i)
+        if (std::memcmp(b.stacks[i], &kCanary, sizeof kCanary) != 0) {
+            cur = &b.threads[i];
+            fatal("fiber stack overflow (a thread used more than 64 KB of stack)");
+        }
+    if (b.live == 0) return true;
+    int at_barrier = 0, at_warp = 0;
+    for (auto& t : b.threads) {
+        at_barrier += t.state == State::AtBarrier;
+        at_warp += t.state == State::AtWarp;
+    }
+    static char msg[200];
+    std::snprintf(msg, sizeof msg,
+                  "deadlock: %d threads wait at __syncthreads, %d at a warp collective, %d have "
+                  "returned",
+                  at_barrier, at_warp, n - b.live);
+    failure = msg;
+    return false;
+}
+
+
+}  // namespace rlhf_emu
+
+#define threadIdx (rlhf_emu::cur->tid)
+#define blockIdx (rlhf_emu::block_idx)
+#define blockDim (rlhf_emu::block_dim)
+#define gridDim (rlhf_emu::grid_dim)
+#define warpSize 32
+
+inline void __syncthreads() { rlhf_emu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { rlhf_emu::warp_sync(); }
+
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
+    const int l = rlhf_emu::lane();
+    return rlhf_emu::shfl_from(v, (l & ~(width - 1)) + (src & (width - 1)));
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+    const int l = rlhf_emu::lane(), s = l ^ mask;
+    return rlhf_emu::shfl_from(v, (s & ~(width - 1)) == (l & ~(width - 1)) ? s : l);
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+    const int l = rlhf_emu::lane(), s = l + (int)delta;
+    return rlhf_emu::shfl_from(v, (s & ~(width - 1)) == (l & ~(width - 1)) ? s : l);
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+    const int l = rlhf_emu::lane(), s = l - (int)delta;
+    return rlhf_emu::shfl_from(v, s >= (l & ~(width - 1)) ? s : l);
+}
+inline unsigned __ballot_sync(unsigned, int pred) {
+    unsigned r = 0;
+    const int p = pred != 0;
+    rlhf_emu::warp_exchange(&p, sizeof p, [&](unsigned char (*slot)[rlhf_emu::kSlotBytes]) {
+        rlhf_emu::Warp& w = rlhf_emu::my_warp();
+        (void)w;
+        const int base = rlhf_emu::cur->linear & ~31;
+        for (int l = 0; l < 32 && base + l < (int)rlhf_emu::block->threads.size(); ++l) {
+            int v;
+            std::memcpy(&v, slot[l], sizeof v);
+            if (rlhf_emu::block->threads[base + l].state != rlhf_emu::State::Done && v) r |= 1u << l;
+        }
+    });
+    return r;
+}
+inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
+inline int __all_sync(unsigned m, int pred) {
+    const int base = rlhf_emu::cur->linear & ~31;
+    unsigned live = 0;
+    for (int l = 0; l < 32 && base + l < (int)rlhf_emu::block->threads.size(); ++l)
+        if (rlhf_emu::block->threads[base + l].state != rlhf_emu::State::Done) live |= 1u << l;
+    return __ballot_sync(m, pred) == live;
+}
+
+// ---- arithmetic intrinsics ----------------------------------------------------------------
+
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __expf(float a) { return std::exp(a); }
+inline float __logf(float a) { return std::log(a); }
+inline float __saturatef(float a) { return a < 0.0f ? 0.0f : (a > 1.0f ? 1.0f : a); }
+inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+
+// Blocks run one at a time and fibers switch only at barriers and collectives, so these are
+// atomic already; the builtins keep them so should the driver ever run blocks in parallel.
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+    unsigned long long old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+
+[[noreturn]] inline void __trap() { rlhf_emu::fatal("__trap()"); }
+
+// ---- models of the PTX in kernels/common.cuh (which skips its asm under RLHF_CUDA_EMU) ------
+
+typedef unsigned short bf16;
+typedef unsigned int u32;
+
+// cvt.rn.bf16.f32: round to nearest even; a NaN stays a (quiet) NaN.
+inline bf16 f32_to_bf16(float f) {
+    const u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// cvt.rn.bf16x2.f32 d, hi, lo: `lo` in the low half.
+inline u32 pack_bf16x2(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+inline void cp_async16(void* smem_dst, const void* gmem_src) {
+    if (((uintptr_t)smem_dst | (uintptr_t)gmem_src) & 15)
+        rlhf_emu::fatal("cp.async 16: address not 16-byte aligned");
+    rlhf_emu::Thread::Copy c;
+    c.dst = smem_dst;
+    std::memcpy(c.bytes, gmem_src, 16);
+    // On a GPU the bytes land at some moment between the issue and the wait that covers them.
+    // Both ends are made visible: the destination turns to 0xff (NaN) now, so a thread still
+    // reading the old contents (a missing barrier before the refill) sees NaN, and the data
+    // lands only at the wait, so a read before it sees NaN too.
+    std::memset(smem_dst, 0xff, 16);
+    rlhf_emu::cur->open_group.push_back(c);
+}
+inline void cp_async_commit() {
+    auto& t = *rlhf_emu::cur;
+    t.groups.push_back(std::move(t.open_group));
+    t.open_group.clear();
+}
+// cp.async.wait_group N: every committed group but the newest N has landed.
+template <int N>
+inline void cp_async_wait() {
+    auto& g = rlhf_emu::cur->groups;
+    while ((int)g.size() > N) {
+        for (auto& c : g.front()) std::memcpy(c.dst, c.bytes, 16);
+        g.erase(g.begin());
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of
+// 8x8 matrix i; register i of lane l gets row l/4, columns 2(l%4)..+1 of matrix i (.trans:
+// rows 2(l%4)..+1 of column l/4).
+template <bool TRANS>
+inline void ldmatrix_x4(u32 (&r)[4], const bf16* p) {
+    if ((uintptr_t)p & 15) rlhf_emu::fatal("ldmatrix: row address not 16-byte aligned");
+    const int l = rlhf_emu::lane(), g = l >> 2, t = l & 3;
+    rlhf_emu::warp_exchange(&p, sizeof p, [&](unsigned char (*slot)[rlhf_emu::kSlotBytes]) {
+        for (int i = 0; i < 4; ++i) {
+            bf16 lo, hi;
+            if (TRANS) {
+                const bf16 *r0, *r1;
+                std::memcpy(&r0, slot[8 * i + 2 * t], sizeof r0);
+                std::memcpy(&r1, slot[8 * i + 2 * t + 1], sizeof r1);
+                lo = r0[g], hi = r1[g];
+            } else {
+                const bf16* row;
+                std::memcpy(&row, slot[8 * i + g], sizeof row);
+                lo = row[2 * t], hi = row[2 * t + 1];
+            }
+            r[i] = (u32)lo | ((u32)hi << 16);
+        }
+    });
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, D = A·B + C, with the fragment layouts
+// of the PTX ISA (g = lane / 4, t = lane % 4):
+//   A regs: (row g, k 2t..2t+1), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
+//   B regs: (k 2t..2t+1, col g), (k 2t+8.., col g)
+//   C: (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t), (row g+8, col 2t+1)
+// Products of bf16 values are exact in f32; the sum runs in k order (the hardware's order and
+// internal precision differ slightly: the tests' bf16 tolerances cover it).
+inline void mma_bf16_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    struct Frag { u32 a[4], b[2]; };
+    const Frag mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+    float A[16][16], B[16][8];
+    rlhf_emu::warp_exchange(&mine, sizeof mine, [&](unsigned char (*slot)[rlhf_emu::kSlotBytes]) {
+        auto half = [](u32 r, int hi) { return __uint_as_float((hi ? r >> 16 : r & 0xffffu) << 16); };
+        for (int l = 0; l < 32; ++l) {
+            Frag f;
+            std::memcpy(&f, slot[l], sizeof f);
+            const int g = l >> 2, t = l & 3;
+            for (int j = 0; j < 2; ++j) {
+                A[g][2 * t + j] = half(f.a[0], j);
+                A[g + 8][2 * t + j] = half(f.a[1], j);
+                A[g][2 * t + 8 + j] = half(f.a[2], j);
+                A[g + 8][2 * t + 8 + j] = half(f.a[3], j);
+                B[2 * t + j][g] = half(f.b[0], j);
+                B[2 * t + 8 + j][g] = half(f.b[1], j);
+            }
+        }
+    });
+    const int l = rlhf_emu::lane(), g = l >> 2, t = l & 3;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+        float s = c[i];
+        for (int k = 0; k < 16; ++k) s += A[rows[i]][k] * B[k][cols[i]];
+        c[i] = s;
+    }
+}
+
+// ---- launching: the entry point the driver calls -------------------------------------------
+
+template <typename... A, size_t... I>
+inline void rlhf_emu_invoke(void (*f)(A...), void** p, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(p[I])...);
+}
+template <typename... A>
+inline void rlhf_emu_invoke(void (*f)(A...), void** p) {
+    rlhf_emu_invoke(f, p, std::index_sequence_for<A...>{});
+}
+// nvrtc.cpp appends one of these per kernel it found: `__emu_entry_<name>` unpacks the
+// driver's kernelParams (an array of pointers to each argument) into a call.
+#define RLHF_EMU_REGISTER(name) \
+    extern "C" __attribute__((visibility("default"))) void __emu_entry_##name(void** p) { rlhf_emu_invoke(&name, p); }
+
+// Runs a whole grid. Returns 0, or -1 with a message in `err` (a deadlock).
+extern "C" __attribute__((visibility("default"))) int __emu_launch(
+    void (*entry)(void**), const char* name, const unsigned grid[3], const unsigned blk[3],
+    void** params, rlhf_emu::Where* where, char* err, size_t err_len) {
+    using namespace rlhf_emu;
+    static std::mutex launch_lock;  // one block of this module at a time (see the top)
+    std::lock_guard<std::mutex> hold(launch_lock);
+    const int n = (int)(blk[0] * blk[1] * blk[2]);
+    Block b;
+    b.threads.resize(n);
+    b.warps.resize((n + 31) / 32);
+    if (n > kMaxThreads) {
+        std::snprintf(err, err_len, "%d threads per block (the limit is %d)", n, kMaxThreads);
+        return -1;
+    }
+    b.stack_bytes = kStackBytes;
+    for (int i = 0; i < n; ++i) {
+        char* s = stack_of(i);
+        if (!s) {
+            std::snprintf(err, err_len, "out of memory for %d fiber stacks", n);
+            return -1;
+        }
+        b.stacks.push_back(s);
+    }
+    for (int i = 0; i < n; ++i) {
+        Thread& t = b.threads[i];
+        t.linear = i;
+        t.tid = {(unsigned)(i % blk[0]), (unsigned)((i / blk[0]) % blk[1]), (unsigned)(i / (blk[0] * blk[1]))};
+    }
+    rlhf_emu::where = where;
+    where->kernel = name;
+    block = &b;
+    block_dim = {blk[0], blk[1], blk[2]};
+    grid_dim = {grid[0], grid[1], grid[2]};
+    entry_fn = entry;
+    entry_params = params;
+    int rc = 0;
+    for (unsigned z = 0; z < grid[2] && rc == 0; ++z)
+        for (unsigned y = 0; y < grid[1] && rc == 0; ++y)
+            for (unsigned x = 0; x < grid[0] && rc == 0; ++x) {
+                block_idx = {x, y, z};
+                if (!run_block(b)) {
+                    std::snprintf(err, err_len, "kernel %s, block (%u,%u,%u): %s", name, x, y, z, failure);
+                    rc = -1;
+                }
+            }
+    block = nullptr;
+    cur = nullptr;
+    rlhf_emu::where = nullptr;
+    return rc;
+}
