@@ -135,6 +135,7 @@ constexpr size_t kStackBytes = 64 * 1024;  // per thread (see stack_of)
 constexpr int kMaxThreads = 1024;          // per block, as on every CUDA GPU
 
 struct Warp {
+    int size = 0;     // lanes that exist (fewer than 32 in a partial last warp)
     int live = 0;     // lanes that exist and have not returned
     int arrived = 0;  // lanes waiting at the current collective
     unsigned char slot[2][32][kSlotBytes];
@@ -153,6 +154,7 @@ struct Block {
     std::vector<char*> stacks;
     // Bit w: warp w has ready lanes. The lowest such warp runs first (see next_context).
     uint32_t ready_warps = 0;
+    bool failed = false;  // a thread broke CUDA's rules (see fail)
 };
 
 inline Thread* cur = nullptr;
@@ -229,8 +231,25 @@ inline void release_barrier(Block& b) {
     b.at_barrier = 0;
 }
 
+// Ends the block: a thread did something CUDA leaves undefined. The launch fails with `what`;
+// the block's fibers are abandoned where they stand.
+[[noreturn]] inline void fail(const char* what) {
+    static char msg[300];
+    std::snprintf(msg, sizeof msg, "%s (thread (%u,%u,%u))", what, cur->tid.x, cur->tid.y, cur->tid.z);
+    failure = msg;
+    block->failed = true;
+    Context dead;
+    switch_to(dead, block->scheduler);
+    __builtin_unreachable();
+}
+
+// Barriers and warp collectives must be reached by every thread of the block (warp): one that
+// some threads skip by returning early is undefined behaviour in CUDA even where a GPU happens
+// to let it pass (compute-sanitizer's synccheck reports it as well), so here it fails the launch.
 inline void syncthreads() {
     Block& b = *block;
+    if (b.live != (int)b.threads.size())
+        fail("divergent __syncthreads: some threads of the block have already returned");
     cur->state = State::AtBarrier;
     if (++b.at_barrier == b.live) {
         // The releasing thread queues like the others (all leave the barrier at once).
@@ -254,6 +273,7 @@ inline void release_warp(Block& b, Warp& w, int base) {
 // collective in the kernels is warp-wide, and a partial one deadlocks here, reported.)
 inline void warp_sync() {
     Warp& w = my_warp();
+    if (w.live != w.size) fail("divergent warp collective: some lanes of the warp have already returned");
     cur->state = State::AtWarp;
     if (++w.arrived == w.live) {
         // The last lane to arrive continues at once; the others follow in lane order.
@@ -290,13 +310,12 @@ inline T shfl_from(T v, int src) {
 inline void thread_main() {
     entry_fn(entry_params);
     Block& b = *block;
+    if (b.at_barrier > 0) fail("divergent __syncthreads: a thread returned while others wait at one");
+    if (b.warps[cur->linear >> 5].arrived > 0)
+        fail("divergent warp collective: a lane returned while others of its warp wait at one");
     cur->state = State::Done;
     --b.live;
     --b.warps[cur->linear >> 5].live;
-    // A returned thread no longer counts at a barrier: release one it was the last to reach.
-    if (b.at_barrier > 0 && b.at_barrier == b.live) release_barrier(b);
-    Warp& w = b.warps[cur->linear >> 5];
-    if (w.arrived > 0 && w.arrived == w.live) release_warp(b, w, cur->linear & ~31);
 }
 
 // A fiber's first frame. It never returns: when the kernel function has returned, it hands
@@ -355,14 +374,16 @@ inline bool run_block(Block& b) {
     const int n = (int)b.threads.size();
     b.live = n;
     b.at_barrier = 0;
-    for (auto& w : b.warps) w.live = 0, w.arrived = 0, w.ready_head = w.ready_len = 0;
+    for (auto& w : b.warps) w.size = w.live = 0, w.arrived = 0, w.ready_head = w.ready_len = 0;
     b.ready_warps = 0;
+    b.failed = false;
     for (int i = 0; i < n; ++i) {
         Thread& t = b.threads[i];
         t.open_group.clear();
         t.groups.clear();
         t.exchanges = 0;
         ++b.warps[i >> 5].live;
+        ++b.warps[i >> 5].size;
         std::memcpy(b.stacks[i], &kCanary, sizeof kCanary);
         start_fiber(t, b.stacks[i], b.stack_bytes, b.scheduler);
         make_ready(b, t);
@@ -374,6 +395,7 @@ inline bool run_block(Block& b) {
             cur = &b.threads[i];
             fatal("fiber stack overflow (a thread used more than 64 KB of stack)");
         }
+    if (b.failed) return false;
     if (b.live == 0) return true;
     int at_barrier = 0, at_warp = 0;
     for (auto& t : b.threads) {
