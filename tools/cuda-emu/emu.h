@@ -150,8 +150,7 @@ struct Block {
     int live = 0;
     int at_barrier = 0;
     Context scheduler;
-    size_t stack_bytes = 0;
-    std::vector<char*> stacks;
+    std::vector<char*> stacks;  // kStackBytes each
     // Bit w: warp w has ready lanes. The lowest such warp runs first (see next_context).
     uint32_t ready_warps = 0;
     bool failed = false;  // a thread broke CUDA's rules (see fail)
@@ -385,7 +384,7 @@ inline bool run_block(Block& b) {
         ++b.warps[i >> 5].live;
         ++b.warps[i >> 5].size;
         std::memcpy(b.stacks[i], &kCanary, sizeof kCanary);
-        start_fiber(t, b.stacks[i], b.stack_bytes, b.scheduler);
+        start_fiber(t, b.stacks[i], kStackBytes, b.scheduler);
         make_ready(b, t);
     }
     // Threads hand over to each other; control comes back here only when none is ready.
@@ -447,8 +446,6 @@ inline unsigned __ballot_sync(unsigned, int pred) {
     unsigned r = 0;
     const int p = pred != 0;
     rlhf_emu::warp_exchange(&p, sizeof p, [&](unsigned char (*slot)[rlhf_emu::kSlotBytes]) {
-        rlhf_emu::Warp& w = rlhf_emu::my_warp();
-        (void)w;
         const int base = rlhf_emu::cur->linear & ~31;
         for (int l = 0; l < 32 && base + l < (int)rlhf_emu::block->threads.size(); ++l) {
             int v;
@@ -642,7 +639,6 @@ extern "C" __attribute__((visibility("default"))) int __emu_launch(
         std::snprintf(err, err_len, "%d threads per block (the limit is %d)", n, kMaxThreads);
         return -1;
     }
-    b.stack_bytes = kStackBytes;
     for (int i = 0; i < n; ++i) {
         char* s = stack_of(i);
         if (!s) {
