@@ -49,7 +49,7 @@ fn bench_attention(c: &mut Criterion) {
         let n = BH * t * D;
         let (q, k, v, dout) = (data(n, 1), data(n, 2), data(n, 3), data(n, 4));
         let (mut out, mut lse) = (vec![0.0; n], vec![0.0; BH * t]);
-        causal_attention_forward(shape, scale, &q, &k, &v, &mut out, &mut lse).unwrap();
+        causal_attention_forward(shape, scale, None, &q, &k, &v, &mut out, &mut lse).unwrap();
         let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
         let id = |name: &str| BenchmarkId::new(name, format!("bh{BH}_T{t}_d{D}"));
         // The reference at T = 1024 takes seconds per call: few samples.
@@ -60,14 +60,17 @@ fn bench_attention(c: &mut Criterion) {
         g.throughput(Throughput::Elements((2 * BH * t * t * D) as u64));
         g.bench_function(id("fused"), |b| {
             b.iter(|| {
-                causal_attention_forward(shape, scale, &q, &k, &v, &mut out, &mut lse).unwrap()
+                causal_attention_forward(shape, scale, None, &q, &k, &v, &mut out, &mut lse)
+                    .unwrap()
             })
         });
         let (mut out_r, mut lse_r) = (out.clone(), lse.clone());
         g.bench_function(id("reference"), |b| {
             b.iter(|| {
-                causal_attention_forward_reference(shape, scale, &q, &k, &v, &mut out_r, &mut lse_r)
-                    .unwrap()
+                causal_attention_forward_reference(
+                    shape, scale, None, &q, &k, &v, &mut out_r, &mut lse_r,
+                )
+                .unwrap()
             })
         });
         g.finish();
@@ -78,7 +81,7 @@ fn bench_attention(c: &mut Criterion) {
         g.bench_function(id("fused"), |b| {
             b.iter(|| {
                 causal_attention_backward(
-                    shape, scale, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv,
+                    shape, scale, None, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv,
                 )
                 .unwrap()
             })
@@ -86,7 +89,7 @@ fn bench_attention(c: &mut Criterion) {
         g.bench_function(id("reference"), |b| {
             b.iter(|| {
                 causal_attention_backward_reference(
-                    shape, scale, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv,
+                    shape, scale, None, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv,
                 )
                 .unwrap()
             })

@@ -23,6 +23,13 @@
 // cores (mma.sync, described above its code); the GPU tests hold it to the SIMT forward and
 // the CPU reference. A tensor-core backward is the next step.
 //
+// Dropout on the probabilities (p.drop_threshold != 0) is fused into every kernel: element
+// (head bh0 + blockIdx.y, query i, key j) survives iff its hash bits (fa_drop_bits, the function
+// of crates/tensor/src/cpu/attention/dropout.rs, bit for bit) are ≥ drop_threshold, and is then
+// scaled by drop_scale = 1/(1-p). The forward's running sum l takes the undropped P (the
+// normaliser and lse are dropout-free) and O accumulates (P ∘ Z)·V; the backward re-derives Z:
+// dV = (P ∘ Z)ᵀ·dO, dP = Z ∘ (dO·Vᵀ), dS = P ∘ (dP - δ) with δ = rowsum(dO ∘ O) unchanged.
+//
 // The backward is deterministic with no atomics: one kernel owns key tiles and accumulates
 // dK, dV over queries; a second owns query tiles and accumulates dQ over keys (recomputing P,
 // which costs one extra Q·Kᵀ and dO·Vᵀ pass instead of f32 atomics on dQ).
@@ -43,6 +50,8 @@
 //   flash_attn_bwd_dkdv_T_dD(AttnParams p, q, k, v, do, lse, delta, dk, dv)
 //   flash_attn_bwd_dq_T_dD(AttnParams p, q, k, v, do, lse, delta, dq)
 
+typedef unsigned long long u64;
+
 struct AttnParams {
     int B, H, Tq, Tk;
     i64 q_sb, q_sh, q_st;
@@ -51,9 +60,47 @@ struct AttnParams {
     i64 o_sb, o_sh, o_st;     // o in the forward and the delta kernel
     i64 do_sb, do_sh, do_st;  // dO in the backward
     float scale;
+    u32 drop_threshold;       // dropout: hash bits below this drop the element; 0: no dropout
+    u64 drop_seed;
+    int bh0;                  // head index (b·H + h) of this launch's first head
+    float drop_scale;         // 1/(1-p), the survivors' factor
 };
-static_assert(sizeof(AttnParams) == 144,
+static_assert(sizeof(AttnParams) == 160,
               "AttnParams must match crates/tensor/src/cuda/params.rs");
+
+// ---- dropout hash (crates/tensor/src/cpu/attention/dropout.rs) ------------------------------
+
+__device__ __forceinline__ u64 fa_mix64(u64 z) {  // SplitMix64's finaliser
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ u32 fa_fmix32(u32 x) {  // MurmurHash3's finaliser
+    x ^= x >> 16;
+    x *= 0x85ebca6bu;
+    x ^= x >> 13;
+    x *= 0xc2b2ae35u;
+    return x ^ (x >> 16);
+}
+
+// The hash key of query row i of this launch's head `bh` (blockIdx.y): low and high words.
+struct FaDropRow {
+    u32 lo, hi;
+};
+
+__device__ __forceinline__ FaDropRow fa_drop_row(const AttnParams& p, int bh, int i) {
+    const u64 head = (u64)(u32)(p.bh0 + bh);
+    const u64 key = fa_mix64(p.drop_seed ^ fa_mix64((head << 32) | (u64)(u32)i));
+    return {(u32)key, (u32)(key >> 32)};
+}
+
+// Element (row, key j)'s dropout factor: 0 when dropped, else drop_scale. Callers skip it
+// when p.drop_threshold == 0 (then nothing drops and no factor applies).
+__device__ __forceinline__ float fa_drop_factor(const AttnParams& p, FaDropRow r, int j) {
+    const u32 bits = fa_fmix32(r.lo ^ fa_fmix32((u32)j ^ r.hi));
+    return bits >= p.drop_threshold ? p.drop_scale : 0.0f;
+}
 
 #define FA_DPT 16   // head-dim values per thread
 #define FA_CHUNK 16 // keys per online-softmax update in the forward
@@ -123,6 +170,8 @@ __device__ __forceinline__ void fa_fwd_body(const AttnParams& p, const T* __rest
         acc[d] = 0.0f;
     }
     float m = neg_inf(), l = 0.0f;
+    const bool dropping = p.drop_threshold != 0;
+    const FaDropRow dr = fa_drop_row(p, bh, i);
 
     // Keys up to the last position any row of this block can see.
     const int last_key = min(i0 + R, p.Tq) - 1 + shift;
@@ -155,8 +204,9 @@ __device__ __forceinline__ void fa_fwd_body(const AttnParams& p, const T* __rest
             for (int d = 0; d < FA_DPT; ++d) acc[d] *= alpha;
 #pragma unroll
             for (int j = 0; j < FA_CHUNK; ++j) {
-                const float pj = exp2f(s[j] - m_new);
+                float pj = exp2f(s[j] - m_new);
                 l += pj;
+                if (dropping) pj *= fa_drop_factor(p, dr, j0 + c0 + j);
                 const float* vr = Vs + (c0 + j) * D + d0;
 #pragma unroll
                 for (int d = 0; d < FA_DPT; ++d) acc[d] = fmaf(pj, vr[d], acc[d]);
@@ -243,6 +293,8 @@ __device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16*
     const int row_lo = i0 + warp * 16 + g, row_hi = row_lo + 8;
     const float sl2 = p.scale * LOG2E;  // scores in log2 units
     float m_lo = neg_inf(), m_hi = neg_inf(), l_lo = 0.0f, l_hi = 0.0f;
+    const bool dropping = p.drop_threshold != 0;
+    const FaDropRow dr_lo = fa_drop_row(p, bh, row_lo), dr_hi = fa_drop_row(p, bh, row_hi);
     float acc[ND][4];
 #pragma unroll
     for (int j = 0; j < ND; ++j)
@@ -314,10 +366,17 @@ __device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16*
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const float* sj = s[2 * kk + half];
-                const float p0 = exp2f(sj[0] - m_lo), p1 = exp2f(sj[1] - m_lo);
-                const float p2 = exp2f(sj[2] - m_hi), p3 = exp2f(sj[3] - m_hi);
+                float p0 = exp2f(sj[0] - m_lo), p1 = exp2f(sj[1] - m_lo);
+                float p2 = exp2f(sj[2] - m_hi), p3 = exp2f(sj[3] - m_hi);
                 l_lo += p0 + p1;
                 l_hi += p2 + p3;
+                if (dropping) {  // after the sums: the normaliser is the undropped one
+                    const int key = j0 + (2 * kk + half) * 8 + 2 * t;
+                    p0 *= fa_drop_factor(p, dr_lo, key);
+                    p1 *= fa_drop_factor(p, dr_lo, key + 1);
+                    p2 *= fa_drop_factor(p, dr_hi, key);
+                    p3 *= fa_drop_factor(p, dr_hi, key + 1);
+                }
                 pf[kk][2 * half] = pack_bf16x2(p0, p1);
                 pf[kk][2 * half + 1] = pack_bf16x2(p2, p3);
             }
@@ -399,10 +458,12 @@ __device__ __forceinline__ void fa_dkdv_body(const AttnParams& p, const T* __res
     __shared__ __align__(16) float Qs[R * D];
     __shared__ __align__(16) float Gs[R * D];  // dO tile
     __shared__ float Ls[R], Ds[R];
+    __shared__ FaDropRow Zs[R];  // the tile's query rows' dropout keys
 
     const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
     const int row = threadIdx.x / TPR, d0 = (threadIdx.x % TPR) * FA_DPT;
     const int j0 = blockIdx.x * R, j = j0 + row;
+    const bool dropping = p.drop_threshold != 0;
     const bool active = j < p.Tk;
     const int shift = p.Tk - p.Tq;
     const T* qb = q + b * p.q_sb + h * p.q_sh;
@@ -431,6 +492,7 @@ __device__ __forceinline__ void fa_dkdv_body(const AttnParams& p, const T* __res
             const bool in = i0 + e < p.Tq;
             Ls[e] = in ? lb[i0 + e] : 0.0f;
             Ds[e] = in ? db[i0 + e] : 0.0f;
+            if (dropping) Zs[e] = fa_drop_row(p, bh, i0 + e);
         }
         __syncthreads();
         // Unrolling this loop further only raises register pressure (each step holds a Q row
@@ -446,10 +508,12 @@ __device__ __forceinline__ void fa_dkdv_body(const AttnParams& p, const T* __res
             const float dpv = row_sum<TPR>(dot_n<FA_DPT>(gi, vr));
             const bool visible = active && i < p.Tq && j <= i + shift;
             const float pij = visible ? expf(sdot * p.scale - Ls[r]) : 0.0f;
-            const float ds = pij * (dpv - Ds[r]);
+            const float z = dropping ? fa_drop_factor(p, Zs[r], j) : 1.0f;
+            const float ds = pij * (z * dpv - Ds[r]);
+            const float pz = pij * z;
 #pragma unroll
             for (int d = 0; d < FA_DPT; ++d) {
-                dvr[d] = fmaf(pij, gi[d], dvr[d]);
+                dvr[d] = fmaf(pz, gi[d], dvr[d]);
                 dkr[d] = fmaf(ds, qi[d], dkr[d]);
             }
         }
@@ -494,6 +558,8 @@ __device__ __forceinline__ void fa_dq_body(const AttnParams& p, const T* __restr
     }
     const float li = active ? lse[(i64)bh * p.Tq + i] : 0.0f;
     const float di = active ? delta[(i64)bh * p.Tq + i] : 0.0f;
+    const bool dropping = p.drop_threshold != 0;
+    const FaDropRow dr = fa_drop_row(p, bh, i);
 
     const int last_key = min(i0 + R, p.Tq) - 1 + shift;
     for (int j0 = 0; j0 <= last_key; j0 += R) {
@@ -509,7 +575,8 @@ __device__ __forceinline__ void fa_dq_body(const AttnParams& p, const T* __restr
             const float dpv = row_sum<TPR>(dot_n<FA_DPT>(gr, Vs + jj * D + d0));
             const bool visible = active && j < p.Tk && j <= i + shift;
             const float pij = visible ? expf(sdot * p.scale - li) : 0.0f;
-            const float ds = pij * (dpv - di);
+            const float z = dropping ? fa_drop_factor(p, dr, j) : 1.0f;
+            const float ds = pij * (z * dpv - di);
 #pragma unroll
             for (int d = 0; d < FA_DPT; ++d) dqr[d] = fmaf(ds, kj[d], dqr[d]);
         }

@@ -45,7 +45,7 @@ use crate::config::GptConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::weights::{param_specs, BlockWeights, GptWeights, ParamKind};
-use rlhf_tensor::{DType, Device, Parameter, Rng, Tensor};
+use rlhf_tensor::{AttentionDropout, DType, Device, Parameter, Rng, Tensor};
 use std::collections::HashMap;
 
 /// The dtype a model computes in (its parameters stay f32 either way).
@@ -127,8 +127,13 @@ impl Dropout {
         }
     }
 
-    fn active(&self, p: f32) -> bool {
-        self.rng.is_some() && p > 0.0
+    /// The attention dropout of the next site: a fresh seed for the fused kernels' hash, or
+    /// None in evaluation mode or with p = 0.
+    fn attention(&mut self, p: f32) -> Result<Option<AttentionDropout>> {
+        match &mut self.rng {
+            Some(rng) if p > 0.0 => Ok(Some(AttentionDropout::new(p, rng.next_u64())?)),
+            _ => Ok(None),
+        }
     }
 
     fn apply(&mut self, x: Tensor, p: f32) -> Result<Tensor> {
@@ -158,25 +163,6 @@ fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
 fn mlp(x: &Tensor, w: &BlockWeights<Tensor>) -> Result<Tensor> {
     let h = linear(x, &w.c_fc_weight, &w.c_fc_bias)?.gelu()?;
     linear(&h, &w.mlp_c_proj_weight, &w.mlp_c_proj_bias)
-}
-
-/// Causal attention with dropout on the probabilities, composed from primitives (it holds the
-/// T×T score matrix). Only training with `attn_pdrop > 0` takes this path: the fused kernel has
-/// no dropout.
-fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    let (tq, tk, dh) = (q.dim(-2)?, k.dim(-2)?, q.dim(-1)?);
-    let mut mask = vec![0u8; tq * tk];
-    for i in 0..tq {
-        for j in (tk - tq + i + 1)..tk {
-            mask[i * tk + j] = 1;
-        }
-    }
-    let scores = q.matmul(&k.t()?)?.mul_scalar(1.0 / (dh as f32).sqrt())?;
-    // The mask is built on the host; on a GPU masked_fill copies it up once ([tq, tk] u8,
-    // broadcast over batch and heads on the device) and its backward gives masked scores zero
-    // gradient, as on the CPU.
-    let scores = scores.masked_fill(&Tensor::from_vec(mask, &[tq, tk])?, f32::NEG_INFINITY)?;
-    Ok(scores.softmax(-1)?.dropout(p, seed)?.matmul(v)?)
 }
 
 impl Gpt {
@@ -449,25 +435,15 @@ impl Gpt {
         let positions = Tensor::from_vec((0..t as i64).collect::<Vec<_>>(), &[t])?;
         let x = self.embed(w, &ids, &positions)?;
         let mut x = drop.apply(x, c.embd_pdrop)?;
-        let (h, dh) = (c.n_head, c.head_dim());
+        let h = c.n_head;
         for bw in &w.h {
             let a = layer_norm(&x, &bw.ln_1_weight, &bw.ln_1_bias, c.layer_norm_epsilon)?;
             let qkv = linear(&a, &bw.c_attn_weight, &bw.c_attn_bias)?;
-            let att = if drop.active(c.attn_pdrop) {
-                // [B, T, 3d] → [3, B, H, T, Dh] as a view; q, k, v are slices of it.
-                let qkv = qkv
-                    .reshape_to(&[b, t, 3, h, dh])?
-                    .permute(&[2, 0, 3, 1, 4])?;
-                let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(0, i, 1)?.squeeze(0)?) };
-                let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-                let seed = drop.rng.as_mut().map(Rng::next_u64).unwrap_or(0);
-                let att = attention_with_dropout(&q, &k, &v, c.attn_pdrop, seed)?;
-                att.permute(&[0, 2, 1, 3])?.reshape_to(&[b, t, h * dh])?
-            } else {
-                // The fused op splits and merges heads itself, and its backward writes
-                // d(qkv) in one buffer.
-                Tensor::causal_self_attention(&qkv, h)?
-            };
+            // The fused op splits and merges heads itself, drops attention probabilities
+            // inside the kernels (no T×T matrix, with or without dropout), and its backward
+            // writes d(qkv) in one buffer.
+            let att =
+                Tensor::causal_self_attention_dropout(&qkv, h, drop.attention(c.attn_pdrop)?)?;
             let att = linear(&att, &bw.attn_c_proj_weight, &bw.attn_c_proj_bias)?;
             x = x.add(&drop.apply(att, c.resid_pdrop)?)?;
             let m = mlp(
@@ -720,31 +696,16 @@ mod tests {
     }
 
     #[test]
-    fn attention_with_dropout_is_causal_attention_when_nothing_drops() {
-        // p = 0 keeps every probability, so the composed path must equal the fused kernel,
-        // including fewer queries than keys.
-        for (tq, tk) in [(5, 5), (2, 6)] {
-            let q = Tensor::randn(&[2, 3, tq, 4], 0.0, 1.0, 1);
-            let k = Tensor::randn(&[2, 3, tk, 4], 0.0, 1.0, 2);
-            let v = Tensor::randn(&[2, 3, tk, 4], 0.0, 1.0, 3);
-            let a = attention_with_dropout(&q, &k, &v, 0.0, 9)
-                .unwrap()
-                .to_f64_vec();
-            let b = Tensor::causal_attention(&q, &k, &v).unwrap().to_f64_vec();
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() < 1e-5, "{x} {y}");
-            }
-        }
-        // With p > 0 the output changes and the same seed repeats it.
-        let q = Tensor::randn(&[1, 1, 6, 4], 0.0, 1.0, 4);
-        let a = attention_with_dropout(&q, &q, &q, 0.5, 1)
-            .unwrap()
-            .to_f64_vec();
-        let b = attention_with_dropout(&q, &q, &q, 0.5, 1)
-            .unwrap()
-            .to_f64_vec();
-        let fused = Tensor::causal_attention(&q, &q, &q).unwrap().to_f64_vec();
-        assert_eq!(a, b);
-        assert_ne!(a, fused);
+    fn attention_dropout_is_active_only_in_training() {
+        // The training forward (a dropout seed) drops attention probabilities through the
+        // fused op; evaluation (no seed) and p = 0 leave them alone.
+        let mut drop = Dropout::new(Some(5));
+        let a = drop.attention(0.1).unwrap().expect("training drops");
+        assert_eq!(a.p(), 0.1);
+        // One seed per site, in order: the next site gets another one.
+        assert_ne!(drop.attention(0.1).unwrap().unwrap().seed(), a.seed());
+        assert!(drop.attention(0.0).unwrap().is_none());
+        assert!(Dropout::new(None).attention(0.1).unwrap().is_none());
+        assert!(Dropout::new(Some(1)).attention(1.0).is_err());
     }
 }

@@ -230,10 +230,10 @@ fn gpt_training_steps_on_cuda_match_the_cpu() {
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn gpt_training_steps_with_dropout_on_cuda_match_the_cpu() {
     // GPT-2's default dropout (0.1 on embeddings, attention probabilities and residual
-    // branches): training takes the composed attention (narrowed q, k, v of the packed QKV
-    // view, masked_fill, softmax, dropout, matmul) instead of the fused kernel. Dropout masks
-    // are drawn on the host from the trainer's seeds, so both devices drop the same elements
-    // and the tolerances are those of the dropout-free test.
+    // branches). Embedding and residual masks are drawn on the host from the trainer's seeds;
+    // attention dropout runs inside the fused attention kernels, from a hash of the seed and
+    // each element's (head, query, key) that the CPU kernel evaluates too. So both devices
+    // drop the same elements and the tolerances are those of the dropout-free test.
     let s = seed("gpt_training_steps_with_dropout");
     let mut c = config();
     (c.embd_pdrop, c.attn_pdrop, c.resid_pdrop) = (0.1, 0.1, 0.1);

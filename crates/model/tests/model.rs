@@ -149,7 +149,7 @@ fn the_lm_head_is_the_transposed_embedding() {
 #[test]
 fn whole_model_gradient_check() {
     // Dropout on (seeded, so the forward is a fixed function) to check its backward and the
-    // composed attention-with-dropout path too.
+    // fused attention's dropout too.
     let mut c = tiny();
     c.resid_pdrop = 0.1;
     c.embd_pdrop = 0.1;

@@ -21,6 +21,7 @@ pub mod storage;
 pub mod tensor;
 
 pub use autograd::{no_grad, NoGradGuard, Parameter};
+pub use cpu::attention::AttentionDropout;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use layout::Layout;

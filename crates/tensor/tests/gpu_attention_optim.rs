@@ -14,7 +14,7 @@
 
 use rlhf_tensor::cpu::{isa, Isa};
 use rlhf_tensor::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use rlhf_tensor::{DType, Device, Error, Parameter, Rng, Tensor};
+use rlhf_tensor::{AttentionDropout, DType, Device, Error, Parameter, Rng, Tensor};
 
 mod gpu_common;
 use gpu_common::*;
@@ -651,4 +651,101 @@ fn cuda_adamw_errors_for_mixed_devices() {
     opt.step(0.1).unwrap();
     let st = opt.state().unwrap();
     assert!(st.moments[0].1.to_f64_vec().iter().all(|&m| m > 0.0));
+}
+
+// ---- attention dropout --------------------------------------------------------------------------
+
+/// causal_attention_dropout's output and the gradients of q, k, v for output gradient `g`.
+fn attention_dropout_grads(
+    xs: [&Tensor; 3],
+    drop: Option<AttentionDropout>,
+    g: &Tensor,
+) -> (Tensor, [Tensor; 3]) {
+    let ps = xs.map(|x| Parameter::new(x.clone()));
+    let [q, k, v] = [0, 1, 2].map(|i| ps[i].tensor());
+    let out = Tensor::causal_attention_dropout(&q, &k, &v, drop).unwrap();
+    out.backward_with(g.clone()).unwrap();
+    (out, ps.map(|p| p.grad().expect("a gradient")))
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_attention_dropout_matches_the_cpu() {
+    // The dropped elements are a hash of (seed, head, query, key), evaluated by every kernel:
+    // the GPU must drop exactly the CPU's elements (a single differing element among a few
+    // hundred changes the output far beyond the tolerance at p = 0.5), forward and backward.
+    // Contiguous bf16 operands with D 64/128 take the tensor-core kernels; the time-strided
+    // views (stride D + 1) the SIMT ones; f32 always the SIMT ones.
+    let mut rng = Rng::new(seed("attention_dropout"));
+    let mut trial = 0;
+    for dtype in [DType::F32, DType::BF16] {
+        for d in HEAD_DIMS {
+            for strided in [false, true] {
+                trial += 1;
+                let (b, h) = (1 + rng.below(2) as usize, 1 + rng.below(3) as usize);
+                let t = 1 + rng.below(150) as usize;
+                let p = [0.1f32, 0.5][trial % 2];
+                let drop = AttentionDropout::new(p, rng.next_u64()).ok();
+                let mut cpu = Vec::new();
+                let mut gpu = Vec::new();
+                for _ in 0..3 {
+                    let x = rand(&mut rng, &[b, h, t, d + 1], -1.5, 1.5, DType::F32);
+                    let (c, g) = pair(&x, dtype);
+                    cpu.push(c.narrow(3, 0, d).unwrap().contiguous().unwrap());
+                    let g = g.narrow(3, 0, d).unwrap();
+                    gpu.push(if strided { g } else { g.contiguous().unwrap() });
+                }
+                let (gc, gg) = pair(&rand(&mut rng, &[b, h, t, d], -1.0, 1.0, DType::F32), dtype);
+                let what = format!("{dtype} B{b} H{h} T{t} D{d} p{p} strided {strided}");
+                let (oc, dc) = attention_dropout_grads([&cpu[0], &cpu[1], &cpu[2]], drop, &gc);
+                let (og, dg) = attention_dropout_grads([&gpu[0], &gpu[1], &gpu[2]], drop, &gg);
+                assert_eq!(og.device(), GPU);
+                check(&format!("{what}: out"), &og, &oc, tol(dtype, 1e-4));
+                for (name, (got, want)) in ["dq", "dk", "dv"].iter().zip(dg.iter().zip(&dc)) {
+                    check(
+                        &format!("{what}: {name}"),
+                        got,
+                        want,
+                        2.0 * tol(dtype, 1e-4),
+                    );
+                }
+                // Dropout was applied: without it the output is another one.
+                if t > 40 {
+                    let plain = Tensor::causal_attention(&gpu[0], &gpu[1], &gpu[2]).unwrap();
+                    assert!(
+                        rel_err(
+                            &plain
+                                .to_device(Device::Cpu)
+                                .unwrap()
+                                .to_dtype(DType::F32)
+                                .unwrap(),
+                            &oc
+                        ) > 0.05,
+                        "{what}: dropout had no effect"
+                    );
+                }
+            }
+        }
+    }
+    // The packed self-attention (the GPT block's op) drops the same elements as the split one.
+    for (dtype, dh) in [(DType::F32, 64usize), (DType::BF16, 64), (DType::BF16, 32)] {
+        let (b, t, h) = (2, 1 + rng.below(120) as usize, 3);
+        let c = h * dh;
+        let drop = AttentionDropout::new(0.3, rng.next_u64()).ok();
+        let (xc, xg) = pair(
+            &rand(&mut rng, &[b, t, 3 * c], -1.5, 1.5, DType::F32),
+            dtype,
+        );
+        let (gc, gg) = pair(&rand(&mut rng, &[b, t, c], -1.0, 1.0, DType::F32), dtype);
+        let run = |x: &Tensor, g: &Tensor| {
+            let p = Parameter::new(x.clone());
+            let out = Tensor::causal_self_attention_dropout(&p.tensor(), h, drop).unwrap();
+            out.backward_with(g.clone()).unwrap();
+            (out, p.grad().expect("a gradient"))
+        };
+        let ((oc, dc), (og, dg)) = (run(&xc, &gc), run(&xg, &gg));
+        let what = format!("packed {dtype} B{b} T{t} H{h} Dh{dh}");
+        check(&format!("{what}: out"), &og, &oc, tol(dtype, 1e-4));
+        check(&format!("{what}: d(qkv)"), &dg, &dc, 2.0 * tol(dtype, 1e-4));
+    }
 }

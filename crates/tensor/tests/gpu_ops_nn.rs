@@ -1180,11 +1180,12 @@ fn cuda_narrow_backward_bitwise() {
     }
 }
 
-// ---- the composed attention with dropout (crates/model's attn_pdrop > 0 path) ------------------
+// ---- attention with dropout composed from primitives ---------------------------------------------
 
-/// Causal attention with dropout on the probabilities, as `attention_with_dropout` in
-/// crates/model/src/gpt.rs composes it, from a packed [B, T, 3C] input: q, k, v are narrowed
-/// slices of its [3, B, H, T, D] view; the causal mask is `mask` ([T, T], nonzero = masked).
+/// Causal attention with dropout on the probabilities composed from primitives (the way the
+/// GPT's training path ran before attention dropout was fused, and a chain of ops that user
+/// code writes), from a packed [B, T, 3C] input: q, k, v are narrowed slices of its
+/// [3, B, H, T, D] view; the causal mask is `mask` ([T, T], nonzero = masked).
 fn packed_attention_with_dropout(
     qkv: &Tensor,
     h: usize,

@@ -112,6 +112,15 @@ pub struct AttnParams {
     pub o: [i64; 3],
     pub dout: [i64; 3],
     pub scale: f32,
+    /// Dropout on the probabilities: hash bits below this drop the element; 0 for none
+    /// (crates/tensor/src/cpu/attention/dropout.rs gives the hash).
+    pub drop_threshold: u32,
+    pub drop_seed: u64,
+    /// Head index (b·H + h) of the launch's first head: the dropout hash's head index is
+    /// bh0 + blockIdx.y when batches are launched in chunks.
+    pub bh0: i32,
+    /// The survivors' factor 1/(1-p) (1 without dropout).
+    pub drop_scale: f32,
 }
 
 // SAFETY: #[repr(C)] integers and floats mirroring the CUDA struct (layout asserted both sides).
@@ -139,8 +148,9 @@ mod tests {
         assert_eq!(offset_of!(SimtParams, alpha), 80);
 
         // flash_attention.cu: int B, H, Tq, Tk; then 15 i64 strides (q, k, v, o, do; each
-        // batch, head, time) from byte 16; float scale at 136; 8-byte alignment pads to 144.
-        assert_eq!(size_of::<AttnParams>(), 144);
+        // batch, head, time) from byte 16; float scale at 136; the dropout threshold (u32) at
+        // 140, its seed (u64) at 144, int bh0 at 152, float drop_scale at 156: 160 bytes.
+        assert_eq!(size_of::<AttnParams>(), 160);
         assert_eq!(
             [
                 offset_of!(AttnParams, b),
@@ -163,6 +173,15 @@ mod tests {
         // do_st, the last stride: dout[2].
         assert_eq!(offset_of!(AttnParams, dout) + 2 * 8, 128);
         assert_eq!(offset_of!(AttnParams, scale), 136);
+        assert_eq!(
+            [
+                offset_of!(AttnParams, drop_threshold),
+                offset_of!(AttnParams, drop_seed),
+                offset_of!(AttnParams, bh0),
+                offset_of!(AttnParams, drop_scale),
+            ],
+            [140, 144, 152, 156]
+        );
     }
 
     #[test]

@@ -7,8 +7,16 @@
 //!
 //! Queries may be fewer than keys (decoding with a KV cache): query i of Tq sits at absolute
 //! position Tk - Tq + i and sees keys 0..=that position.
+//!
+//! Dropout on the probabilities (`*_dropout`, training with `attn_pdrop > 0`) is fused into the
+//! same kernels, CPU and CUDA: which elements drop is a hash of the seed and each element's
+//! (head, query, key) indices ([`AttentionDropout`]), so the backward re-derives the mask
+//! instead of storing it, and the reference, the fused CPU kernel and the GPU kernels drop the
+//! same elements. The head index is the row-major flattening of the leading dims (b·H + h).
 
-use crate::cpu::attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
+use crate::cpu::attention::{
+    causal_attention_backward, causal_attention_forward, AttentionDropout, AttentionShape,
+};
 use crate::cpu::pool::Pooled;
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
@@ -56,10 +64,23 @@ impl Tensor {
     /// On a CUDA device this runs kernels/flash_attention.cu (the `cuda` module of this file
     /// says which kernel, the head dims it supports and the fallback for other head dims).
     pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        Tensor::causal_attention_dropout(q, k, v, None)
+    }
+
+    /// [`Tensor::causal_attention`] with dropout on the probabilities (`None`: none), fused:
+    /// still no T×T matrix. The element dropped for (head, query i, key j) depends only on the
+    /// seed and those indices ([`AttentionDropout`]), on every device.
+    pub fn causal_attention_dropout(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        drop: Option<AttentionDropout>,
+    ) -> Result<Tensor> {
         let (_, shape) = attention_shape(q, k, v)?;
+        let drop = drop.filter(AttentionDropout::is_active);
         #[cfg(feature = "cuda")]
         if let Some(dev) = super::cuda_inputs("causal_attention", &[q, k, v])? {
-            return cuda::causal_attention(&dev, q, k, v, shape.d);
+            return cuda::causal_attention(&dev, q, k, v, shape.d, drop);
         }
         let scale = 1.0 / (shape.d.max(1) as f32).sqrt();
         if q.numel() == 0 {
@@ -90,6 +111,7 @@ impl Tensor {
         causal_attention_forward(
             shape,
             scale,
+            drop,
             &qc.f32_data()?,
             &kc.f32_data()?,
             &vc.f32_data()?,
@@ -112,6 +134,7 @@ impl Tensor {
                 causal_attention_backward(
                     shape,
                     scale,
+                    drop,
                     &qc.f32_data()?,
                     &kc.f32_data()?,
                     &vc.f32_data()?,
@@ -134,7 +157,18 @@ impl Tensor {
     /// The same attention composed from primitives (holds the full score matrix): the
     /// reference the fused kernel is tested against.
     pub fn causal_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (_, s) = attention_shape(q, k, v)?;
+        Tensor::causal_attention_reference_dropout(q, k, v, None)
+    }
+
+    /// [`Tensor::causal_attention_dropout`] composed from primitives: the softmax times an
+    /// explicit [.., Tq, Tk] tensor of dropout factors (0 or 1/(1-p)), then the product with v.
+    pub fn causal_attention_reference_dropout(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        drop: Option<AttentionDropout>,
+    ) -> Result<Tensor> {
+        let (lead, s) = attention_shape(q, k, v)?;
         let scale = 1.0 / (s.d.max(1) as f32).sqrt();
         let mut mask = vec![0u8; s.tq * s.tk];
         for i in 0..s.tq {
@@ -145,7 +179,23 @@ impl Tensor {
         let mask = Tensor::from_vec(mask, &[s.tq, s.tk])?;
         let scores = q.matmul(&k.t()?)?.mul_scalar(scale)?;
         let scores = scores.masked_fill(&mask, f32::NEG_INFINITY)?;
-        scores.softmax(-1)?.matmul(v)
+        let probs = scores.softmax(-1)?;
+        let Some(drop) = drop.filter(AttentionDropout::is_active) else {
+            return probs.matmul(v);
+        };
+        let mut factors = Vec::with_capacity(s.bh * s.tq * s.tk);
+        for bh in 0..s.bh {
+            for i in 0..s.tq {
+                let row = drop.row(bh, i);
+                factors.extend((0..s.tk).map(|j| row.factor(j)));
+            }
+        }
+        let mut shape = lead;
+        shape.extend([s.tq, s.tk]);
+        let factors = Tensor::f32_owned(factors, &shape)
+            .to_dtype(probs.dtype())?
+            .to_device(probs.device())?;
+        probs.mul(&factors)?.matmul(v)
     }
 }
 
@@ -270,6 +320,18 @@ impl Tensor {
     /// On a CUDA device Q, K and V are read straight out of `qkv` by the flash-attention
     /// kernels and d(qkv) is written into one packed buffer (no split or merge copies).
     pub fn causal_self_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+        Tensor::causal_self_attention_dropout(qkv, n_head, None)
+    }
+
+    /// [`Tensor::causal_self_attention`] with dropout on the probabilities (`None`: none),
+    /// fused as in [`Tensor::causal_attention_dropout`]; head b·H + h of the packed input is
+    /// head index b·H + h of [`AttentionDropout`].
+    pub fn causal_self_attention_dropout(
+        qkv: &Tensor,
+        n_head: usize,
+        drop: Option<AttentionDropout>,
+    ) -> Result<Tensor> {
+        let drop = drop.filter(AttentionDropout::is_active);
         let bad = || {
             Error::invalid(
                 "causal_self_attention",
@@ -289,7 +351,7 @@ impl Tensor {
         let (b, t, d3) = (qkv.shape()[0], qkv.shape()[1], qkv.shape()[2]);
         #[cfg(feature = "cuda")]
         if let Some(dev) = super::cuda_inputs("causal_self_attention", &[qkv])? {
-            return cuda::causal_self_attention(&dev, qkv, n_head);
+            return cuda::causal_self_attention(&dev, qkv, n_head, drop);
         }
         let (d, dh) = (d3 / 3, d3 / 3 / n_head);
         let dims = (b, t, n_head, dh);
@@ -308,7 +370,7 @@ impl Tensor {
         let mut out = Pooled(crate::cpu::pool::for_overwrite(n));
         let mut lse = Pooled(crate::cpu::pool::for_overwrite(b * n_head * t));
         if n > 0 {
-            causal_attention_forward(shape, scale, &q, &k, &v, &mut out, &mut lse)?;
+            causal_attention_forward(shape, scale, drop, &q, &k, &v, &mut out, &mut lse)?;
         }
         let result = Tensor::f32_owned(merge_heads(&out, dims), &[b, t, d]);
         Ok(Tensor::record(
@@ -321,7 +383,7 @@ impl Tensor {
                 if n > 0 {
                     let [dq, dk, dv] = &mut d;
                     causal_attention_backward(
-                        shape, scale, &q, &k, &v, &out, &lse, &dout, dq, dk, dv,
+                        shape, scale, drop, &q, &k, &v, &out, &lse, &dout, dq, dk, dv,
                     )?;
                 }
                 let dqkv = merge_qkv(&d, dims);
@@ -356,6 +418,7 @@ impl Tensor {
 /// models meant for the GPU should use a supported head dim. Head dims over 128 are an error.
 #[cfg(feature = "cuda")]
 mod cuda {
+    use crate::cpu::attention::AttentionDropout;
     use crate::cuda::{AttnParams, CudaDevice, CudaStorage};
     use crate::layout::Layout;
     use crate::ops::{cuda_empty, dense, launch, ptr, same_dtype, tname};
@@ -401,6 +464,8 @@ mod cuda {
         tk: usize,
         d: usize,
         scale: f32,
+        /// Dropout on the probabilities, fused into every kernel (None: none).
+        drop: Option<AttentionDropout>,
     }
 
     /// An operand as the kernels see it: the device address of its first element and its
@@ -444,6 +509,16 @@ mod cuda {
                     ),
                 ));
             }
+            // The heads' index (bh0 + blockIdx.y, the dropout hash's head) is an int.
+            if self.b.saturating_mul(self.h) > i32::MAX as usize {
+                return Err(Error::cuda(
+                    self.op,
+                    format!(
+                        "B·H = {} heads do not fit the kernels' 32-bit head index ({self:?})",
+                        self.b * self.h
+                    ),
+                ));
+            }
             // The delta kernel's gridDim.x for the largest chunk.
             let rows = self.chunk_len() * self.h * self.tq;
             if rows.div_ceil(DELTA_ROWS_PER_BLOCK) > i32::MAX as usize {
@@ -463,8 +538,10 @@ mod cuda {
             (0..b).step_by(per).map(move |b0| (b0, per.min(b - b0)))
         }
 
-        fn params(&self, nb: usize, ops: [&Operand; 5]) -> AttnParams {
+        /// The parameters of the launch for batch elements b0..b0 + nb.
+        fn params(&self, b0: usize, nb: usize, ops: [&Operand; 5]) -> AttnParams {
             let [q, k, v, o, dout] = ops;
+            let drop = self.drop.filter(AttentionDropout::is_active);
             AttnParams {
                 b: nb as i32,
                 h: self.h as i32,
@@ -476,6 +553,10 @@ mod cuda {
                 o: o.st,
                 dout: dout.st,
                 scale: self.scale,
+                drop_threshold: drop.map_or(0, |d| d.threshold()),
+                drop_seed: drop.map_or(0, |d| d.seed()),
+                bh0: (b0 * self.h) as i32,
+                drop_scale: drop.map_or(1.0, |d| d.scale()),
             }
         }
 
@@ -562,7 +643,7 @@ mod cuda {
                 entry: entry.clone(),
                 grid: grid(pr.tq.div_ceil(rows), nb * pr.h),
                 threads,
-                p: pr.params(nb, [q, k, v, o, &none]),
+                p: pr.params(b0, nb, [q, k, v, o, &none]),
                 head_dim: None,
                 ptrs: vec![
                     q.at(b0, esz),
@@ -600,7 +681,7 @@ mod cuda {
         let (gq, gk, gv) = (grads(dq, q), grads(dk, k), grads(dv, v));
         let mut plan = Vec::new();
         for (b0, nb) in pr.chunks() {
-            let p = pr.params(nb, [q, k, v, o, dout]);
+            let p = pr.params(b0, nb, [q, k, v, o, dout]);
             let (pq, pk, pv) = (q.at(b0, esz), k.at(b0, esz), v.at(b0, esz));
             let (po, pg) = (o.at(b0, esz), dout.at(b0, esz));
             let (pl, pd) = (lse + pr.row_offset(b0), delta + pr.row_offset(b0));
@@ -851,6 +932,7 @@ mod cuda {
         k: &Tensor,
         v: &Tensor,
         d: usize,
+        drop: Option<AttentionDropout>,
     ) -> Result<Tensor> {
         const OP: &str = "causal_attention";
         same_dtype(OP, q, k)?;
@@ -861,10 +943,11 @@ mod cuda {
             return empty_attention(dev, q, k, v);
         }
         match padded_head_dim(OP, d)? {
-            None => attention_core(dev, q, k, v, scale),
+            None => attention_core(dev, q, k, v, scale, drop),
             Some(dp) => {
                 let e = pad_matrix(d, dp, q)?;
-                let o = attention_core(dev, &q.matmul(&e)?, &k.matmul(&e)?, &v.matmul(&e)?, scale)?;
+                let (qp, kp, vp) = (q.matmul(&e)?, k.matmul(&e)?, v.matmul(&e)?);
+                let o = attention_core(dev, &qp, &kp, &vp, scale, drop)?;
                 o.matmul(&e.t()?)
             }
         }
@@ -902,6 +985,7 @@ mod cuda {
         k: &Tensor,
         v: &Tensor,
         scale: f32,
+        drop: Option<AttentionDropout>,
     ) -> Result<Tensor> {
         const OP: &str = "causal_attention";
         let r = q.rank();
@@ -917,6 +1001,7 @@ mod cuda {
             tk,
             d,
             scale,
+            drop,
         };
         pr.check()?;
         let out = cuda_empty(dev, q.dtype(), q.shape())?;
@@ -967,6 +1052,7 @@ mod cuda {
         dev: &Arc<CudaDevice>,
         qkv: &Tensor,
         n_head: usize,
+        drop: Option<AttentionDropout>,
     ) -> Result<Tensor> {
         const OP: &str = "causal_self_attention";
         tname(OP, qkv.dtype())?;
@@ -981,7 +1067,7 @@ mod cuda {
             }));
         }
         match padded_head_dim(OP, dh)? {
-            None => self_attention_core(dev, qkv, n_head, scale),
+            None => self_attention_core(dev, qkv, n_head, scale, drop),
             Some(dp) => {
                 // [B, T, 3·H, Dh]·[Dh, Dp] pads every head of Q, K and V at once.
                 let e = pad_matrix(dh, dp, qkv)?;
@@ -989,7 +1075,7 @@ mod cuda {
                     .reshape_to(&[b, t, 3 * n_head, dh])?
                     .matmul(&e)?
                     .reshape_to(&[b, t, 3 * n_head * dp])?;
-                let o = self_attention_core(dev, &padded, n_head, scale)?;
+                let o = self_attention_core(dev, &padded, n_head, scale, drop)?;
                 o.reshape_to(&[b, t, n_head, dp])?
                     .matmul(&e.t()?)?
                     .reshape_to(&[b, t, n_head * dh])
@@ -1007,6 +1093,7 @@ mod cuda {
         qkv: &Tensor,
         n_head: usize,
         scale: f32,
+        drop: Option<AttentionDropout>,
     ) -> Result<Tensor> {
         const OP: &str = "causal_self_attention";
         let (b, t, d3) = (qkv.shape()[0], qkv.shape()[1], qkv.shape()[2]);
@@ -1021,6 +1108,7 @@ mod cuda {
             tk: t,
             d: dh,
             scale,
+            drop,
         };
         pr.check()?;
         let x = dense(qkv)?;
@@ -1149,6 +1237,7 @@ mod cuda {
                 tk: 4,
                 d: 64,
                 scale: 1.0,
+                drop: None,
             };
             let chunks: Vec<_> = pr.chunks().collect();
             assert!(chunks.iter().all(|&(_, nb)| nb * 12 <= MAX_GRID_Y));
@@ -1174,6 +1263,7 @@ mod cuda {
                 tk: 1,
                 d: 64,
                 scale: 1.0,
+                drop: None,
             };
             let ok = Operand {
                 ptr: 256,
@@ -1208,9 +1298,15 @@ mod cuda {
             (ptr / 4) as usize + (b as i64 * st[0] + h as i64 * st[1] + t as i64 * st[2]) as usize
         }
 
-        fn replay(plan: &[Launch], mem: &mut [f32], d: usize) {
+        /// `drop` is the dropout the plan was made with: its launches must carry it (threshold,
+        /// seed, scale), and the replay applies it with each launch's head offset bh0.
+        fn replay(plan: &[Launch], mem: &mut [f32], d: usize, drop: Option<AttentionDropout>) {
             for l in plan {
                 let p = &l.p;
+                assert_eq!(
+                    (p.drop_threshold, p.drop_seed, p.drop_scale),
+                    drop.map_or((0, 0, 1.0), |x| (x.threshold(), x.seed(), x.scale()))
+                );
                 let (b, h, tq, tk) = (p.b as usize, p.h as usize, p.tq as usize, p.tk as usize);
                 let shift = tk - tq;
                 let scale = p.scale as f64;
@@ -1220,6 +1316,11 @@ mod cuda {
                 };
                 let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
                 let row = |bi: usize, hi: usize| (bi * h + hi) * tq;
+                // Element (i, j)'s dropout factor in head (bi, hi) of this launch.
+                let z = |bi: usize, hi: usize, i: usize, j: usize| {
+                    let head = p.bh0 as usize + bi * h + hi;
+                    drop.map_or(1.0, |x| x.factor(head, i, j) as f64)
+                };
                 let simt = (simt_rows(d), simt_threads(d));
                 assert_eq!(
                     l.grid.1 as usize,
@@ -1249,7 +1350,7 @@ mod cuda {
                         for (j, sj) in s.iter().enumerate() {
                             let vj = rd(mem, v, p.v, bi, hi, j);
                             for c in 0..d {
-                                acc[c] += (sj - m).exp() / l_sum * vj[c];
+                                acc[c] += (sj - m).exp() / l_sum * z(bi, hi, i, j) * vj[c];
                             }
                         }
                         let oi = at(o, p.o, bi, hi, i);
@@ -1299,7 +1400,9 @@ mod cuda {
                         let di = mem[(delta / 4) as usize + row(bi, hi) + i] as f64;
                         let pij = (scale * dot(&qi, &rd(mem, k, p.k, bi, hi, j)) - li).exp();
                         let dp = dot(&rd(mem, g, p.dout, bi, hi, i), &rd(mem, v, p.v, bi, hi, j));
-                        (pij, pij * (dp - di))
+                        // dV takes P ⊙ Z, dS = P ⊙ (Z ⊙ dP − δ).
+                        let zij = z(bi, hi, i, j);
+                        (pij * zij, pij * (zij * dp - di))
                     };
                     for (bi, hi) in (0..b).flat_map(|x| (0..h).map(move |y| (x, y))) {
                         for own in 0..t_own {
@@ -1387,20 +1490,32 @@ mod cuda {
         }
 
         /// The CPU attention's output and gradients for output gradient `g`.
-        fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> (Tensor, Vec<Tensor>) {
+        fn cpu_attention(
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            g: &Tensor,
+            drop: Option<AttentionDropout>,
+        ) -> (Tensor, Vec<Tensor>) {
             let ps: Vec<crate::Parameter> = [q, k, v]
                 .iter()
                 .map(|x| crate::Parameter::new(x.contiguous().unwrap()))
                 .collect();
-            let o = Tensor::causal_attention(&ps[0].tensor(), &ps[1].tensor(), &ps[2].tensor())
-                .unwrap();
+            let [pq, pk, pv] = [0, 1, 2].map(|i| ps[i].tensor());
+            let o = Tensor::causal_attention_dropout(&pq, &pk, &pv, drop).unwrap();
             o.backward_with(g.clone()).unwrap();
             (o, ps.iter().map(|p| p.grad().unwrap()).collect())
         }
 
         /// Plans the forward and backward of causal_attention for host views q, k, v (layouts
         /// that group without copies), replays them and compares with the CPU.
-        fn replay_attention(q: &Tensor, k: &Tensor, v: &Tensor, seed: u64) {
+        fn replay_attention(
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            seed: u64,
+            drop: Option<AttentionDropout>,
+        ) {
             let r = q.rank();
             let lead = q.shape()[..r - 2].to_vec();
             let (tq, tk, d) = (q.shape()[r - 2], k.shape()[r - 2], q.shape()[r - 1]);
@@ -1414,6 +1529,7 @@ mod cuda {
                 tk,
                 d,
                 scale: 1.0 / (d as f32).sqrt(),
+                drop,
             };
             let g = Tensor::randn(q.shape(), 0.0, 1.0, seed);
             let mut mem = Arena(Vec::new());
@@ -1428,7 +1544,7 @@ mod cuda {
             let oo = operand(&Tensor::zeros(&out_shape), o_base);
             let lse = mem.zeros(pr.b * pr.h * tq);
             let plan = forward_plan(&pr, [&ins[0], &ins[1], &ins[2], &oo], 4 * lse as u64).unwrap();
-            replay(&plan, &mut mem.0, d);
+            replay(&plan, &mut mem.0, d, drop);
             let g_base = mem.put(&g);
             let go = operand(&g, g_base);
             // The backward's operands and gradient buffers, as with_grad_buffer picks them.
@@ -1453,9 +1569,9 @@ mod cuda {
                 [0, 1, 2].map(|i| 4 * grads[i].0 as u64),
             )
             .unwrap();
-            replay(&plan, &mut mem.0, d);
+            replay(&plan, &mut mem.0, d, drop);
 
-            let (want_o, want_g) = cpu_attention(q, k, v, &g);
+            let (want_o, want_g) = cpu_attention(q, k, v, &g, drop);
             let got_o = mem.read(
                 &out_shape,
                 &crate::layout::contiguous_strides(&out_shape),
@@ -1481,12 +1597,15 @@ mod cuda {
             let q = x(&[b, tq, h, d], 1).permute(&[0, 2, 1, 3]).unwrap();
             let k = x(&[b, h, tk + 9, d], 2).narrow(2, 4, tk).unwrap();
             let v = x(&[b, tk, h, d], 3).permute(&[0, 2, 1, 3]).unwrap();
-            replay_attention(&q, &k, &v, 4);
+            let drop = AttentionDropout::new(0.3, 99).ok();
+            replay_attention(&q, &k, &v, 4, None);
+            replay_attention(&q, &k, &v, 4, drop);
             // Three leading dims that merge into one batch dim; no leading dims at all.
             let y = |t, seed| x(&[2, 2, 2, t, d], seed);
-            replay_attention(&y(20, 5), &y(33, 6), &y(33, 7), 8);
+            replay_attention(&y(20, 5), &y(33, 6), &y(33, 7), 8, None);
+            replay_attention(&y(20, 5), &y(33, 6), &y(33, 7), 8, drop);
             let z = |seed| x(&[17, 64], seed);
-            replay_attention(&z(9), &z(10), &z(11), 12);
+            replay_attention(&z(9), &z(10), &z(11), 12, drop);
         }
 
         #[test]
@@ -1495,12 +1614,20 @@ mod cuda {
             // 65535), each launch's pointers and lse/delta rows moved to its chunk.
             let (d, tk) = (32, 2);
             let x = |t, seed| Tensor::randn(&[35_000, 2, t, d], 0.0, 1.0, seed);
-            replay_attention(&x(1, 1), &x(tk, 2), &x(tk, 3), 4);
+            // With dropout: each chunk's launches carry their first head index (bh0), so the
+            // dropped elements are those of the whole problem's head numbering.
+            let drop = AttentionDropout::new(0.5, 7).ok();
+            replay_attention(&x(1, 1), &x(tk, 2), &x(tk, 3), 4, drop);
         }
 
         #[test]
         fn replayed_packed_plans_match_the_cpu() {
-            for (b, t, h, dh) in [(2usize, 45usize, 3usize, 32usize), (1, 20, 2, 64)] {
+            let half = AttentionDropout::new(0.5, 3).ok();
+            for (b, t, h, dh, drop) in [
+                (2usize, 45usize, 3usize, 32usize, None),
+                (1, 20, 2, 64, None),
+                (2, 33, 2, 32, half),
+            ] {
                 let c = h * dh;
                 let qkv = Tensor::randn(&[b, t, 3 * c], 0.0, 1.0, 21);
                 let g = Tensor::randn(&[b, t, c], 0.0, 1.0, 22);
@@ -1513,6 +1640,7 @@ mod cuda {
                     tk: t,
                     d: dh,
                     scale: 1.0 / (dh as f32).sqrt(),
+                    drop,
                 };
                 let mut mem = Arena(Vec::new());
                 let x = mem.put(&qkv);
@@ -1525,7 +1653,7 @@ mod cuda {
                 };
                 let lse = mem.zeros(b * h * t);
                 let plan = forward_plan(&pr, [&q, &k, &v, &o], 4 * lse as u64).unwrap();
-                replay(&plan, &mut mem.0, dh);
+                replay(&plan, &mut mem.0, dh, drop);
                 let dout = Operand {
                     ptr: 4 * mem.put(&g) as u64,
                     st: merged,
@@ -1540,10 +1668,10 @@ mod cuda {
                     [dq, dk, dv],
                 )
                 .unwrap();
-                replay(&plan, &mut mem.0, dh);
+                replay(&plan, &mut mem.0, dh, drop);
 
                 let p = crate::Parameter::new(qkv.clone());
-                let want = Tensor::causal_self_attention(&p.tensor(), h).unwrap();
+                let want = Tensor::causal_self_attention_dropout(&p.tensor(), h, drop).unwrap();
                 want.backward_with(g.clone()).unwrap();
                 let got = mem.read(&[b, t, c], &[t * c, c, 1], o_base);
                 assert!(max_abs_diff(&got, &want) < 1e-4);
@@ -1557,11 +1685,11 @@ mod cuda {
 
 #[cfg(test)]
 mod tests {
-    use crate::{Parameter, Tensor};
+    use crate::{AttentionDropout, Parameter, Tensor};
     use proptest::prelude::*;
 
     fn grads(
-        f: fn(&Tensor, &Tensor, &Tensor) -> crate::Result<Tensor>,
+        f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> crate::Result<Tensor>,
         xs: &[Tensor],
         w: &Tensor,
     ) -> (Vec<f64>, Vec<Vec<f64>>) {
@@ -1577,15 +1705,16 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(16))]
         #[test]
-        fn fused_equals_composed(b in 1usize..3, h in 1usize..3, tk in 1usize..40, dq in 0usize..40, d in 1usize..20, seed in 0u64..1000) {
+        fn fused_equals_composed(b in 1usize..3, h in 1usize..3, tk in 1usize..40, dq in 0usize..40, d in 1usize..20, seed in 0u64..1000, p in prop_oneof![Just(0.0f32), Just(0.2), Just(0.6)]) {
             let tq = tk - dq.min(tk - 1);
             let q = Tensor::randn(&[b, h, tq, d], 0.0, 1.0, seed);
             let k = Tensor::randn(&[b, h, tk, d], 0.0, 1.0, seed + 1);
             let v = Tensor::randn(&[b, h, tk, d], 0.0, 1.0, seed + 2);
             let w = Tensor::randn(&[b, h, tq, d], 0.0, 1.0, seed + 3);
             let xs = [q, k, v];
-            let (o1, g1) = grads(Tensor::causal_attention, &xs, &w);
-            let (o2, g2) = grads(Tensor::causal_attention_reference, &xs, &w);
+            let drop = Some(AttentionDropout::new(p, seed).unwrap());
+            let (o1, g1) = grads(&|q, k, v| Tensor::causal_attention_dropout(q, k, v, drop), &xs, &w);
+            let (o2, g2) = grads(&|q, k, v| Tensor::causal_attention_reference_dropout(q, k, v, drop), &xs, &w);
             for (a, e) in o1.iter().zip(&o2) { prop_assert!((a - e).abs() < 1e-4, "out {a} {e}"); }
             for (ga, ge) in g1.iter().zip(&g2) {
                 for (a, e) in ga.iter().zip(ge) { prop_assert!((a - e).abs() < 1e-3 * (1.0 + e.abs()), "grad {a} {e}"); }
@@ -1597,18 +1726,23 @@ mod tests {
     fn fused_self_attention_equals_split_views() {
         // dh = 20 also takes copy_row's 16-wide pieces; 5 only its tail.
         for dims in [(2, 7, 3, 5), (3, 5, 2, 20)] {
-            fused_self_attention_case(dims);
+            fused_self_attention_case(dims, None);
         }
+        fused_self_attention_case((2, 9, 2, 4), AttentionDropout::new(0.4, 8).ok());
         assert!(Tensor::causal_self_attention(&Tensor::zeros(&[1, 2, 10]), 3).is_err());
     }
 
-    fn fused_self_attention_case((b, t, h, dh): (usize, usize, usize, usize)) {
+    fn fused_self_attention_case(
+        (b, t, h, dh): (usize, usize, usize, usize),
+        drop: Option<AttentionDropout>,
+    ) {
         let qkv = Tensor::randn(&[b, t, 3 * h * dh], 0.0, 1.0, 4);
         let w = Tensor::randn(&[b, t, h * dh], 0.0, 1.0, 5);
         let split = |x: &Tensor| -> crate::Result<Tensor> {
             let x = x.reshape_to(&[b, t, 3, h, dh])?.permute(&[2, 0, 3, 1, 4])?;
             let part = |i| x.narrow(0, i, 1)?.squeeze(0);
-            let o = Tensor::causal_attention_reference(&part(0)?, &part(1)?, &part(2)?)?;
+            let o =
+                Tensor::causal_attention_reference_dropout(&part(0)?, &part(1)?, &part(2)?, drop)?;
             o.permute(&[0, 2, 1, 3])?.reshape_to(&[b, t, h * dh])
         };
         let run = |f: &dyn Fn(&Tensor) -> crate::Result<Tensor>| {
@@ -1617,14 +1751,14 @@ mod tests {
             o.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
             (o.to_f64_vec(), p.grad().unwrap().to_f64_vec())
         };
-        let (o1, g1) = run(&|x| Tensor::causal_self_attention(x, h));
+        let (o1, g1) = run(&|x| Tensor::causal_self_attention_dropout(x, h, drop));
         let (o2, g2) = run(&split);
         for (a, e) in o1.iter().zip(&o2).chain(g1.iter().zip(&g2)) {
             assert!((a - e).abs() < 1e-4 * (1.0 + e.abs()), "{a} vs {e}");
         }
         let err = crate::gradcheck::check_gradients(
             &[qkv],
-            |x| Tensor::causal_self_attention(&x[0], h),
+            |x| Tensor::causal_self_attention_dropout(&x[0], h, drop),
             1e-2,
         )
         .unwrap();

@@ -14,6 +14,11 @@
 //! `dP = dO·Vᵀ` and `D_i = rowsum(dO⊙O)`. When a head is split into several groups (few heads:
 //! see [`MIN_BWD_TASKS`]) the groups' `dQ` buffers are summed afterwards in group order.
 //!
+//! Dropout ([`AttentionDropout`], when given): the forward multiplies each probability tile by
+//! its dropout factors after the running sum has taken it (the normaliser is the undropped
+//! one) and before the product with `V`; the backward multiplies `dP` by the same factors and
+//! uses `P ⊙ Z` for `dV`, re-deriving each factor from its (head, query, key) indices.
+//!
 //! Determinism: the decomposition into tasks, the order of every sum and the group count depend
 //! only on the shape and the instruction set, never on the thread count, so results are
 //! bitwise-identical for any number of threads.
@@ -27,7 +32,7 @@
 //! padded).
 
 use super::simd::Simd;
-use super::AttentionShape;
+use super::{AttentionDropout, AttentionShape};
 use crate::cpu::Isa;
 use rayon::prelude::*;
 
@@ -313,6 +318,7 @@ macro_rules! per_isa {
 struct FwdCtx<'a> {
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     q: &'a [f32],
     /// Per (head, key block): `Kᵀ` as `[d][BK]`, then `V` as `[BK][dp]` when `dp != d`.
     packed: &'a [f32],
@@ -346,6 +352,7 @@ pub(super) fn forward(
     isa: Isa,
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -368,6 +375,7 @@ pub(super) fn forward(
     let mut ctx = FwdCtx {
         shape,
         scale,
+        drop,
         q,
         packed: &[],
         v,
@@ -536,6 +544,13 @@ unsafe fn forward_block<S: Simd>(
                 S::reduce_add(sum)
             };
             row[nvv * w..].fill(0.0);
+            if let Some(dr) = ctx.drop {
+                // Dropped after the sum took them: P ⊙ Z meets V, the normaliser is P's.
+                let dr = dr.row(b, q0 + r);
+                for (j, x) in row[..nv].iter_mut().enumerate() {
+                    *x *= dr.factor(k0 + j);
+                }
+            }
             // exp(−inf) = 0 on the first tile: the empty running sums are simply replaced.
             let alpha = (m_old - m_new).exp();
             sc.l[r] = sc.l[r] * alpha + tile_sum;
@@ -576,6 +591,7 @@ unsafe fn forward_block<S: Simd>(
 struct BwdCtx<'a> {
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
@@ -629,6 +645,7 @@ pub(super) fn backward(
     isa: Isa,
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     (q, k, v, out, lse, dout): super::BwdInputs<'_>,
     dq: &mut [f32],
     dk: &mut [f32],
@@ -645,6 +662,7 @@ pub(super) fn backward(
     let ctx = BwdCtx {
         shape,
         scale,
+        drop,
         q,
         k,
         v,
@@ -770,6 +788,7 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, mut task: BwdTask<'_>) -> Op
     let mut s = vec![0.0; BQ * BK];
     let mut dpt = vec![0.0; BQ * BK];
     let mut ds = vec![0.0; BQ * BK];
+    let mut zrow = [0.0f32; BK];
     let mut dk_acc = vec![0.0; BK * dp];
     let mut dv_acc = vec![0.0; BK * dp];
     // SAFETY (all `unsafe` below): the caller promises the CPU has `S`'s instruction set;
@@ -813,7 +832,15 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, mut task: BwdTask<'_>) -> Op
                 let nv = (off + i + 1 - k0).min(kn);
                 let nvv = nv.div_ceil(w);
                 let (srow, dsrow) = (&mut s[r * BK..(r + 1) * BK], &mut ds[r * BK..(r + 1) * BK]);
-                let dprow = &dpt[r * BK..(r + 1) * BK];
+                let dprow = &mut dpt[r * BK..(r + 1) * BK];
+                if let Some(dr) = ctx.drop {
+                    // dP = Z ⊙ dO·Vᵀ: the forward's factors for this row's visible keys.
+                    let dr = dr.row(b, i);
+                    for (j, (z, dp)) in zrow[..nv].iter_mut().zip(dprow.iter_mut()).enumerate() {
+                        *z = dr.factor(k0 + j);
+                        *dp *= *z;
+                    }
+                }
                 unsafe {
                     let scale = S::splat(ctx.scale);
                     let lse_i = S::splat(lh[i]);
@@ -824,6 +851,12 @@ unsafe fn backward_group<S: Simd>(ctx: &BwdCtx<'_>, mut task: BwdTask<'_>) -> Op
                         let dsv = S::mul(S::mul(p, S::sub(ld::<S>(dprow, j * w), di)), scale);
                         st::<S>(srow, j * w, p);
                         st::<S>(dsrow, j * w, dsv);
+                    }
+                }
+                if ctx.drop.is_some() {
+                    // dV takes P ⊙ Z (dS above took P itself).
+                    for (p, z) in srow[..nv].iter_mut().zip(&zrow[..nv]) {
+                        *p *= z;
                     }
                 }
                 srow[nv..].fill(0.0);

@@ -16,11 +16,14 @@
 //! The `*_reference` functions hold one full score matrix per head and follow the textbook
 //! formulas; the tests compare every instruction-set path against them.
 
+mod dropout;
 mod fused;
 mod reference;
 mod simd;
 #[cfg(test)]
 mod tests;
+
+pub use dropout::{AttentionDropout, DropRow};
 
 use super::Isa;
 use crate::{Error, Result};
@@ -147,20 +150,29 @@ fn check_backward(
     Ok(q_len > 0)
 }
 
-/// `out[bh,tq,d] = softmax(q·kᵀ·scale + causal mask)·v`; `lse[bh,tq]` = logsumexp of each
-/// scaled, masked score row (saved for the backward). Fused kernel on [`crate::cpu::isa`].
+/// Dropout that can drop something, or `None`: the kernels skip the hashing for `None`.
+fn active(drop: Option<AttentionDropout>) -> Option<AttentionDropout> {
+    drop.filter(AttentionDropout::is_active)
+}
+
+/// `out[bh,tq,d] = (softmax(q·kᵀ·scale + causal mask) ⊙ Z)·v` where `Z` is the dropout factor
+/// of each element ([`AttentionDropout`]; all ones without dropout); `lse[bh,tq]` = logsumexp
+/// of each scaled, masked score row (saved for the backward). Fused kernel on
+/// [`crate::cpu::isa`].
 ///
 /// Errors when a slice length disagrees with `shape`, when `tq > tk` or when `d == 0`.
+#[allow(clippy::too_many_arguments)] // one argument per tensor of the API
 pub fn causal_attention_forward(
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()> {
-    causal_attention_forward_with(super::isa(), shape, scale, q, k, v, out, lse)
+    causal_attention_forward_with(super::isa(), shape, scale, drop, q, k, v, out, lse)
 }
 
 /// [`causal_attention_forward`] on an explicit instruction set (an error if this CPU lacks it).
@@ -169,6 +181,7 @@ pub fn causal_attention_forward_with(
     isa: Isa,
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -178,18 +191,20 @@ pub fn causal_attention_forward_with(
     const OP: &str = "causal_attention_forward";
     check_isa(OP, isa)?;
     if check_forward(OP, shape, (q, k, v), (out.len(), lse.len()))? {
-        fused::forward(isa, shape, scale, q, k, v, out, lse);
+        fused::forward(isa, shape, scale, active(drop), q, k, v, out, lse);
     }
     Ok(())
 }
 
 /// Given `dout`, writes (overwrites) `dq`, `dk`, `dv` of [`causal_attention_forward`].
 /// Recomputes the probabilities from `q`, `k` and `lse` (flash-attention-2 style) with
-/// `D_i = rowsum(dout ⊙ out)`; `out` and `lse` must be the forward's.
+/// `D_i = rowsum(dout ⊙ out)`; `out` and `lse` must be the forward's, and `drop` the same
+/// dropout (it drops the same elements again: `dP = Z ⊙ dO·Vᵀ`, `dV = (P ⊙ Z)ᵀ·dO`).
 #[allow(clippy::too_many_arguments)] // one argument per tensor of the API
 pub fn causal_attention_backward(
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -204,6 +219,7 @@ pub fn causal_attention_backward(
         super::isa(),
         shape,
         scale,
+        drop,
         q,
         k,
         v,
@@ -222,6 +238,7 @@ pub fn causal_attention_backward_with(
     isa: Isa,
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -236,7 +253,7 @@ pub fn causal_attention_backward_with(
     check_isa(OP, isa)?;
     let inputs = (q, k, v, out, lse, dout);
     if check_backward(OP, shape, inputs, dq.len(), dk.len(), dv.len())? {
-        fused::backward(isa, shape, scale, inputs, dq, dk, dv);
+        fused::backward(isa, shape, scale, active(drop), inputs, dq, dk, dv);
     } else {
         // No query rows (or no heads): no key is attended, so its gradients are zero.
         dk.fill(0.0);
@@ -247,9 +264,11 @@ pub fn causal_attention_backward_with(
 
 /// The forward with one full score matrix per head: the reference the fused kernel is tested
 /// against. Same arguments, results and errors as [`causal_attention_forward`].
+#[allow(clippy::too_many_arguments)] // one argument per tensor of the API
 pub fn causal_attention_forward_reference(
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -258,7 +277,7 @@ pub fn causal_attention_forward_reference(
 ) -> Result<()> {
     const OP: &str = "causal_attention_forward_reference";
     if check_forward(OP, shape, (q, k, v), (out.len(), lse.len()))? {
-        reference::forward(shape, scale, (q, k, v), out, lse);
+        reference::forward(shape, scale, active(drop), (q, k, v), out, lse);
     }
     Ok(())
 }
@@ -270,6 +289,7 @@ pub fn causal_attention_forward_reference(
 pub fn causal_attention_backward_reference(
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -283,7 +303,7 @@ pub fn causal_attention_backward_reference(
     const OP: &str = "causal_attention_backward_reference";
     let inputs = (q, k, v, out, lse, dout);
     if check_backward(OP, shape, inputs, dq.len(), dk.len(), dv.len())? {
-        reference::backward(shape, scale, inputs, dq, dk, dv);
+        reference::backward(shape, scale, active(drop), inputs, dq, dk, dv);
     } else {
         dk.fill(0.0);
         dv.fill(0.0);

@@ -3,7 +3,7 @@
 //! measures the fused kernels' speedup over them. They parallelise over heads only (one head
 //! per task), so that the comparison is about the algorithm, not about threads.
 
-use super::AttentionShape;
+use super::{AttentionDropout, AttentionShape};
 use rayon::prelude::*;
 
 /// Row `i` of a row-major matrix with rows of `d` floats.
@@ -19,6 +19,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub(super) fn forward(
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     (q, k, v): (&[f32], &[f32], &[f32]),
     out: &mut [f32],
     lse: &mut [f32],
@@ -54,6 +55,13 @@ pub(super) fn forward(
                     *x /= l;
                 }
                 lh[i] = m + l.ln();
+                // Dropout after normalisation: O = (P ⊙ Z)·V, the logsumexp undropped.
+                if let Some(dr) = drop {
+                    let r = dr.row(b, i);
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x *= r.factor(j);
+                    }
+                }
                 let o = &mut oh[i * d..(i + 1) * d];
                 o.fill(0.0);
                 for (j, &p) in row.iter().enumerate() {
@@ -69,6 +77,7 @@ pub(super) fn forward(
 pub(super) fn backward(
     shape: AttentionShape,
     scale: f32,
+    drop: Option<AttentionDropout>,
     (q, k, v, out, lse, dout): super::BwdInputs<'_>,
     dq: &mut [f32],
     dk: &mut [f32],
@@ -98,12 +107,23 @@ pub(super) fn backward(
                     p[i * tk + j] = (s - lh[i]).exp();
                 }
             }
-            // dS = P ⊙ (dP − D), dP = dO · Vᵀ, D_i = rowsum(dO ⊙ O).
+            // With dropout factors Z (all ones without): O = (P ⊙ Z)·V, so dP = Z ⊙ dO·Vᵀ,
+            // dV = (P ⊙ Z)ᵀ·dO, and dS = P ⊙ (dP − D) with D_i = rowsum(dO ⊙ O) still (it
+            // equals Σ_j P_ij·dP_ij).
+            let mut z = vec![1.0f32; tq * tk];
+            if let Some(dr) = drop {
+                for i in 0..tq {
+                    let r = dr.row(b, i);
+                    for (j, zij) in z[i * tk..(i + 1) * tk].iter_mut().enumerate() {
+                        *zij = r.factor(j);
+                    }
+                }
+            }
             let mut ds = vec![0.0f32; tq * tk];
             for i in 0..tq {
                 let di = dot(row(doh, d, i), row(oh, d, i));
                 for j in 0..=off + i {
-                    let dp = dot(row(doh, d, i), row(vh, d, j));
+                    let dp = z[i * tk + j] * dot(row(doh, d, i), row(vh, d, j));
                     ds[i * tk + j] = p[i * tk + j] * (dp - di);
                 }
             }
@@ -113,9 +133,9 @@ pub(super) fn backward(
             for i in 0..tq {
                 // Entries past the diagonal are 0 in both P and dS.
                 for j in 0..=off + i {
-                    let (pij, dsij) = (p[i * tk + j], ds[i * tk + j]);
+                    let (pij, dsij) = (p[i * tk + j] * z[i * tk + j], ds[i * tk + j]);
                     for c in 0..d {
-                        // dV = Pᵀ·dO, dQ = scale·dS·K, dK = scale·dSᵀ·Q.
+                        // dV = (P ⊙ Z)ᵀ·dO, dQ = scale·dS·K, dK = scale·dSᵀ·Q.
                         dvh[j * d + c] += pij * doh[i * d + c];
                         dqh[i * d + c] += scale * dsij * kh[j * d + c];
                         dkh[j * d + c] += scale * dsij * qh[i * d + c];

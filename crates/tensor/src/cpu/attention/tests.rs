@@ -21,6 +21,7 @@ impl Rng {
 }
 
 /// Random inputs of one attention problem.
+#[derive(Clone)]
 struct Case {
     shape: AttentionShape,
     scale: f32,
@@ -28,6 +29,7 @@ struct Case {
     k: Vec<f32>,
     v: Vec<f32>,
     dout: Vec<f32>,
+    drop: Option<AttentionDropout>,
 }
 
 impl Case {
@@ -41,6 +43,7 @@ impl Case {
             k: rng.vec(bh * tk * d, amp),
             v: rng.vec(bh * tk * d, 1.0),
             dout: rng.vec(bh * tq * d, 1.0),
+            drop: None,
         }
     }
 
@@ -48,7 +51,7 @@ impl Case {
         let s = self.shape;
         let (mut out, mut lse) = (vec![0.0; s.bh * s.tq * s.d], vec![0.0; s.bh * s.tq]);
         causal_attention_forward_reference(
-            s, self.scale, &self.q, &self.k, &self.v, &mut out, &mut lse,
+            s, self.scale, self.drop, &self.q, &self.k, &self.v, &mut out, &mut lse,
         )
         .unwrap();
         (out, lse)
@@ -62,7 +65,7 @@ impl Case {
             vec![f32::NAN; s.bh * s.tq],
         );
         causal_attention_forward_with(
-            isa, s, self.scale, &self.q, &self.k, &self.v, &mut out, &mut lse,
+            isa, s, self.scale, self.drop, &self.q, &self.k, &self.v, &mut out, &mut lse,
         )
         .unwrap();
         (out, lse)
@@ -78,7 +81,7 @@ impl Case {
         ];
         let [dq, dk, dv] = &mut g;
         causal_attention_backward_reference(
-            s, self.scale, &self.q, &self.k, &self.v, out, lse, &self.dout, dq, dk, dv,
+            s, self.scale, self.drop, &self.q, &self.k, &self.v, out, lse, &self.dout, dq, dk, dv,
         )
         .unwrap();
         g
@@ -93,7 +96,8 @@ impl Case {
         ];
         let [dq, dk, dv] = &mut g;
         causal_attention_backward_with(
-            isa, s, self.scale, &self.q, &self.k, &self.v, out, lse, &self.dout, dq, dk, dv,
+            isa, s, self.scale, self.drop, &self.q, &self.k, &self.v, out, lse, &self.dout, dq, dk,
+            dv,
         )
         .unwrap();
         g
@@ -144,6 +148,18 @@ proptest! {
     ) {
         check_against_reference(&Case::new(shape(bh, tq, tk, d), seed, amp));
     }
+
+    #[test]
+    fn fused_matches_reference_with_dropout(
+        (bh, tk, tq) in (1usize..=3, 1usize..=80).prop_flat_map(|(bh, tk)| (Just(bh), Just(tk), 1..=tk)),
+        d in 1usize..=40,
+        seed in any::<u64>(),
+        p in prop_oneof![Just(0.1f32), Just(0.5f32), Just(0.9f32)],
+    ) {
+        let mut case = Case::new(shape(bh, tq, tk, d), seed, 2.0);
+        case.drop = Some(AttentionDropout::new(p, seed ^ 0x5eed).unwrap());
+        check_against_reference(&case);
+    }
 }
 
 #[test]
@@ -160,7 +176,37 @@ fn fused_matches_reference_on_multi_tile_shapes() {
     .enumerate()
     {
         check_against_reference(&Case::new(s, 1000 + i as u64, 2.0));
+        let mut case = Case::new(s, 2000 + i as u64, 2.0);
+        case.drop = Some(AttentionDropout::new(0.2, i as u64).unwrap());
+        check_against_reference(&case);
     }
+}
+
+/// Dropout changes the output (it is applied, not ignored), a zero-p dropout changes nothing,
+/// and the same seed reproduces the same result while another seed does not.
+#[test]
+fn dropout_is_applied_and_keyed_by_its_seed() {
+    let mut case = Case::new(shape(2, 50, 50, 16), 5, 1.0);
+    let plain = case.forward(Isa::Scalar);
+    let isa = crate::cpu::isa();
+    case.drop = Some(AttentionDropout::new(0.0, 3).unwrap());
+    assert_eq!(
+        case.forward(isa).0,
+        Case {
+            drop: None,
+            ..case.clone()
+        }
+        .forward(isa)
+        .0
+    );
+    case.drop = Some(AttentionDropout::new(0.3, 3).unwrap());
+    let a = case.forward(isa);
+    assert_eq!(a, case.forward(isa));
+    assert_ne!(a.0, plain.0);
+    // The logsumexp is the undropped one.
+    assert_close("lse", &a.1, &plain.1, 1e-6);
+    case.drop = Some(AttentionDropout::new(0.3, 4).unwrap());
+    assert_ne!(a.0, case.forward(isa).0);
 }
 
 #[test]
@@ -185,8 +231,14 @@ fn large_scores_stay_finite() {
     }
 }
 
-/// Forward in f64 from the textbook formula: the ground truth for the finite differences.
-fn forward_f64(s: AttentionShape, scale: f64, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+/// Forward in f64 from the textbook formula, dropout factors applied to the normalised
+/// probabilities: the ground truth for the finite differences.
+fn forward_f64(
+    s: AttentionShape,
+    scale: f64,
+    drop: Option<AttentionDropout>,
+    (q, k, v): (&[f64], &[f64], &[f64]),
+) -> Vec<f64> {
     let AttentionShape { bh, tq, tk, d } = s;
     let mut out = vec![0.0; bh * tq * d];
     for b in 0..bh {
@@ -203,9 +255,10 @@ fn forward_f64(s: AttentionShape, scale: f64, q: &[f64], k: &[f64], v: &[f64]) -
             let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
             let l: f64 = e.iter().sum();
+            let z = |j: usize| drop.map_or(1.0, |dr| f64::from(dr.factor(b, i, j)));
             for c in 0..d {
                 out[(b * tq + i) * d + c] = (0..=p)
-                    .map(|j| e[j] / l * v[(b * tk + j) * d + c])
+                    .map(|j| e[j] / l * z(j) * v[(b * tk + j) * d + c])
                     .sum::<f64>();
             }
         }
@@ -215,8 +268,14 @@ fn forward_f64(s: AttentionShape, scale: f64, q: &[f64], k: &[f64], v: &[f64]) -
 
 #[test]
 fn reference_backward_matches_finite_differences() {
-    for s in [shape(2, 3, 5, 3), shape(1, 4, 4, 2)] {
-        let case = Case::new(s, 42, 1.5);
+    let half = AttentionDropout::new(0.5, 11).unwrap();
+    for (s, drop) in [
+        (shape(2, 3, 5, 3), None),
+        (shape(1, 4, 4, 2), None),
+        (shape(2, 4, 6, 3), Some(half)),
+    ] {
+        let mut case = Case::new(s, 42, 1.5);
+        case.drop = drop;
         let (out, lse) = case.forward_reference();
         let to64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
         let (q, k, v, g) = (
@@ -227,7 +286,7 @@ fn reference_backward_matches_finite_differences() {
         );
         let scale = case.scale as f64;
         // The reference forward itself against the f64 formula.
-        let out64 = forward_f64(s, scale, &q, &k, &v);
+        let out64 = forward_f64(s, scale, drop, (&q, &k, &v));
         assert_close(
             "reference out",
             &out,
@@ -236,7 +295,7 @@ fn reference_backward_matches_finite_differences() {
         );
         // L = Σ dout ⊙ out, so ∂L/∂x is what the backward returns for x.
         let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-            forward_f64(s, scale, q, k, v)
+            forward_f64(s, scale, drop, (q, k, v))
                 .iter()
                 .zip(&g)
                 .map(|(o, g)| o * g)
@@ -292,7 +351,10 @@ fn bitwise_identical_for_one_and_two_threads() {
     .into_iter()
     .enumerate()
     {
-        let case = Case::new(s, 77 + i as u64, 1.0);
+        let mut case = Case::new(s, 77 + i as u64, 1.0);
+        if i == 0 {
+            case.drop = Some(AttentionDropout::new(0.25, 9).unwrap());
+        }
         for isa in Isa::available() {
             assert_eq!(run(1, &case, isa), run(2, &case, isa), "{isa:?} {s:?}");
         }
@@ -357,8 +419,8 @@ fn errors_on_bad_lengths_and_shapes() {
     let fwd =
         |s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32]| {
             [
-                causal_attention_forward(s, 0.5, q, k, v, out, lse).is_err(),
-                causal_attention_forward_reference(s, 0.5, q, k, v, out, lse).is_err(),
+                causal_attention_forward(s, 0.5, None, q, k, v, out, lse).is_err(),
+                causal_attention_forward_reference(s, 0.5, None, q, k, v, out, lse).is_err(),
             ]
         };
     assert_eq!(fwd(s, q, k, v, &mut out, &mut lse), [false, false]);
@@ -381,20 +443,22 @@ fn errors_on_bad_lengths_and_shapes() {
         [true, true]
     );
 
-    let err = causal_attention_forward(s, 0.5, q, &k[1..], v, &mut out, &mut lse).unwrap_err();
+    let err =
+        causal_attention_forward(s, 0.5, None, q, &k[1..], v, &mut out, &mut lse).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("k has 39 elements") && msg.contains("40"),
         "{msg}"
     );
 
-    causal_attention_forward(s, 0.5, q, k, v, &mut out, &mut lse).unwrap();
+    causal_attention_forward(s, 0.5, None, q, k, v, &mut out, &mut lse).unwrap();
     let d = &case.dout;
     let (mut dq, mut dk, mut dv) = (vec![0.0; 24], vec![0.0; 40], vec![0.0; 40]);
     let mut bwd = |o: &[f32], l: &[f32], g: &[f32], dq: &mut [f32], dk: &mut [f32]| {
         [
-            causal_attention_backward(s, 0.5, q, k, v, o, l, g, dq, dk, &mut dv).is_err(),
-            causal_attention_backward_reference(s, 0.5, q, k, v, o, l, g, dq, dk, &mut dv).is_err(),
+            causal_attention_backward(s, 0.5, None, q, k, v, o, l, g, dq, dk, &mut dv).is_err(),
+            causal_attention_backward_reference(s, 0.5, None, q, k, v, o, l, g, dq, dk, &mut dv)
+                .is_err(),
         ]
     };
     assert_eq!(bwd(&out, &lse, d, &mut dq, &mut dk), [false, false]);
@@ -410,11 +474,12 @@ fn empty_problems_are_fine() {
     // No heads, or no query rows: nothing to compute, key gradients are zero.
     let s = shape(2, 0, 3, 4);
     let (k, v) = (vec![1.0; 24], vec![1.0; 24]);
-    causal_attention_forward(s, 1.0, &[], &k, &v, &mut [], &mut []).unwrap();
+    causal_attention_forward(s, 1.0, None, &[], &k, &v, &mut [], &mut []).unwrap();
     let (mut dk, mut dv) = (vec![f32::NAN; 24], vec![f32::NAN; 24]);
     causal_attention_backward(
         s,
         1.0,
+        None,
         &[],
         &k,
         &v,
@@ -427,5 +492,15 @@ fn empty_problems_are_fine() {
     )
     .unwrap();
     assert!(dk.iter().chain(&dv).all(|&x| x == 0.0));
-    causal_attention_forward(shape(0, 4, 4, 8), 1.0, &[], &[], &[], &mut [], &mut []).unwrap();
+    causal_attention_forward(
+        shape(0, 4, 4, 8),
+        1.0,
+        None,
+        &[],
+        &[],
+        &[],
+        &mut [],
+        &mut [],
+    )
+    .unwrap();
 }
