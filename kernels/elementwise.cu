@@ -28,6 +28,9 @@
 //   cast_f32_to_bf16(n, x_layout, x, out), cast_bf16_to_f32(n, x_layout, x, out)
 //   where_T(n, cond_layout, a_layout, b_layout, cond (u8), a, b, out): cond ? a : b
 //   fill_T(n, out, value)
+//   dropout_T(n, x_layout, x, out, seed (u64), threshold (u32), scale): element i (row-major)
+//        keeps x·scale when 32 bits of SplitMix64's output i/2 + 1 for `seed` (low half for
+//        even i, high for odd) are ≥ threshold, else 0 (crates/tensor/src/ops/dropout.rs).
 
 #define GRID_STRIDE_LOOP(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
@@ -233,4 +236,40 @@ extern "C" __global__ void fill_f32(i64 n, float* __restrict__ out, float value)
 extern "C" __global__ void fill_bf16(i64 n, bf16* __restrict__ out, float value) {
     const bf16 v = f32_to_bf16(value);
     GRID_STRIDE_LOOP(i, n) { out[i] = v; }
+}
+
+// ---- dropout --------------------------------------------------------------------------------
+//
+// A counter-based mask (crates/tensor/src/ops/dropout.rs): each thread hashes the element
+// indices it owns, so there is no mask in memory and no generator state. A thread takes
+// element pairs (2k, 2k + 1), which share one SplitMix64 output.
+
+template <typename T>
+__device__ __forceinline__ void dropout_body(i64 n, const Strided& lx, const T* __restrict__ x,
+                                             T* __restrict__ out, unsigned long long seed,
+                                             u32 threshold, float scale) {
+    GRID_STRIDE_LOOP(k, (n + 1) / 2) {
+        unsigned long long z = seed + (unsigned long long)(k + 1) * 0x9e3779b97f4a7c15ull;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        const i64 i = 2 * k;
+        const float a = load_f32(x + offset_of(lx, i));
+        store_f32(out + i, (u32)z >= threshold ? a * scale : 0.0f);
+        if (i + 1 < n) {
+            const float b = load_f32(x + offset_of(lx, i + 1));
+            store_f32(out + i + 1, (u32)(z >> 32) >= threshold ? b * scale : 0.0f);
+        }
+    }
+}
+
+extern "C" __global__ void dropout_f32(i64 n, Strided lx, const float* __restrict__ x,
+                                       float* __restrict__ out, unsigned long long seed,
+                                       u32 threshold, float scale) {
+    dropout_body<float>(n, lx, x, out, seed, threshold, scale);
+}
+extern "C" __global__ void dropout_bf16(i64 n, Strided lx, const bf16* __restrict__ x,
+                                        bf16* __restrict__ out, unsigned long long seed,
+                                        u32 threshold, float scale) {
+    dropout_body<bf16>(n, lx, x, out, seed, threshold, scale);
 }

@@ -1,19 +1,96 @@
 //! Dropout from an explicit seed: the same seed drops the same elements, so runs replay exactly.
-//! Composed from `mul`, so the backward (the same mask, scaled) comes for free.
 //!
-//! On CUDA the mask is drawn on the host from the same generator, in the same order, and
-//! copied up, so a GPU tensor loses exactly the elements a CPU tensor would for the same seed
-//! (and so CPU and GPU runs of one model replay each other's dropout). f32: the mask holds
-//! 0 or 1/(1-p) and one `mul` gives the CPU's result bit for bit. bf16: 1/(1-p) is not a bf16
-//! value, so the mask holds 0 or 1 (exact) and `mul_scalar(1/(1-p))` scales in f32, rounding
-//! once. Drawing the mask costs host time and a copy per call; a device generator replaying
-//! the xoshiro stream (jump-ahead per block) would remove both.
+//! Which elements drop is a counter-based hash, not a stream: element `i` (row-major over the
+//! tensor's shape) takes 32 bits of SplitMix64's output number `i / 2 + 1` for the seed (the
+//! low half for even `i`, the high half for odd), and survives when they are at least
+//! `threshold = p · 2³²`; survivors are scaled by `1/(1-p)` (an f32, rounded once on the host)
+//! in f32 and rounded once to the tensor's dtype. Any element's fate is computed on its own:
+//! the CPU does it in parallel chunks, the CUDA kernel (kernels/elementwise.cu `dropout_T`)
+//! per thread, with no mask drawn on the host or copied to the device, and both drop exactly
+//! the same elements (the f32 results agree bit for bit). The backward is the same map
+//! applied to the incoming gradient: the same seed and shape give the same factors.
+//!
+//! (Attention dropout inside the fused attention kernels hashes (head, query, key) instead,
+//! since those kernels never see a row-major element index: cpu/attention/dropout.rs.)
 
-use crate::rng::Rng;
 use crate::{Error, Result, Tensor};
+use rayon::prelude::*;
+
+/// SplitMix64's increment.
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One dropout: who drops (seed, threshold) and the survivors' factor.
+#[derive(Clone, Copy, Debug)]
+struct Mask {
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+}
+
+impl Mask {
+    fn new(p: f32, seed: u64) -> Mask {
+        Mask {
+            seed,
+            // Exact: p is an f32 in [0, 1), so p · 2³² ≤ 2³² − 256.
+            threshold: (f64::from(p) * 4_294_967_296.0) as u32,
+            scale: 1.0 / (1.0 - p),
+        }
+    }
+
+    /// The hash bits of elements 2k and 2k + 1 (SplitMix64's output k + 1).
+    #[inline]
+    fn pair_bits(&self, k: u64) -> (u32, u32) {
+        let mut z = self
+            .seed
+            .wrapping_add(k.wrapping_add(1).wrapping_mul(GOLDEN));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z as u32, (z >> 32) as u32)
+    }
+
+    #[inline]
+    fn apply(&self, bits: u32, x: f32) -> f32 {
+        if bits >= self.threshold {
+            x * self.scale
+        } else {
+            0.0
+        }
+    }
+
+    /// `out[j] = x[j]`'s dropped value for elements `start..start + x.len()`; `start` even.
+    fn apply_run(&self, start: usize, x: &[f32], out: &mut [f32]) {
+        debug_assert!(start.is_multiple_of(2));
+        for (j, (o, x)) in out.chunks_mut(2).zip(x.chunks(2)).enumerate() {
+            let (lo, hi) = self.pair_bits((start / 2 + j) as u64);
+            o[0] = self.apply(lo, x[0]);
+            if let (Some(o1), Some(&x1)) = (o.get_mut(1), x.get(1)) {
+                *o1 = self.apply(hi, x1);
+            }
+        }
+    }
+
+    /// The dropped tensor, untracked: the CUDA kernel for a GPU tensor, else the CPU map.
+    fn run(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.cuda_storage().is_some() {
+            return dropout_cuda(x, self);
+        }
+        let data = x.f32_data()?;
+        let mut out = crate::cpu::pool::for_overwrite(data.len());
+        // Fixed chunks of an even length: each element's value depends only on its index.
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK)
+            .zip(data.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (o, x))| self.apply_run(c * CHUNK, x, o));
+        Ok(Tensor::f32_owned(out, x.shape()))
+    }
+}
 
 impl Tensor {
-    /// Zeroes each element with probability `p` and scales survivors by 1/(1-p).
+    /// Zeroes each element with probability `p` and scales survivors by 1/(1-p); the module
+    /// docs say which elements drop for a given seed (the same on every device).
     pub fn dropout(&self, p: f32, seed: u64) -> Result<Tensor> {
         if !(0.0..1.0).contains(&p) {
             return Err(Error::invalid(
@@ -24,52 +101,50 @@ impl Tensor {
         if p == 0.0 {
             return Ok(self.clone());
         }
-        let mut rng = Rng::new(seed);
-        let keep = 1.0 / (1.0 - p);
-        #[cfg(feature = "cuda")]
-        if let Some(dev) = super::cuda_inputs("dropout", &[self])? {
-            return dropout_cuda(&dev, self, &mut rng, p, keep);
-        }
-        let mask: Vec<f32> = (0..self.numel())
-            .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
-            .collect();
-        self.mul(&Tensor::f32_owned(mask, self.shape()))
+        let mask = Mask::new(p, seed);
+        let out = mask.run(self)?;
+        Ok(Tensor::record(out, "dropout", &[self], move |g| {
+            Ok(vec![Some(mask.run(g)?)])
+        }))
     }
 }
 
-/// The mask drawn on the host exactly as the CPU path draws it (one `next_f32` per element in
-/// row-major order), copied to x's GPU in x's dtype, then `mul` (and for bf16 `mul_scalar`)
-/// on the device; the backward is theirs.
+/// kernels/elementwise.cu `dropout_T(n, x_layout, x, out, seed, threshold, scale)`: x read
+/// through its layout, row-major element indices, contiguous output.
 #[cfg(feature = "cuda")]
-fn dropout_cuda(
-    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
-    x: &Tensor,
-    rng: &mut Rng,
-    p: f32,
-    keep: f32,
-) -> Result<Tensor> {
-    use crate::storage::Storage;
-    use crate::DType;
-    super::tname("dropout", x.dtype())?;
+fn dropout_cuda(x: &Tensor, m: &Mask) -> Result<Tensor> {
+    use super::{cuda_empty, cuda_inputs, launch, ptr, tname};
+    use cudarc::driver::PushKernelArg;
+    const OP: &str = "dropout";
+    let dev = cuda_inputs(OP, &[x])?.ok_or_else(|| Error::cuda(OP, "input not on a GPU"))?;
+    let entry = format!("dropout_{}", tname(OP, x.dtype())?);
+    let out = cuda_empty(&dev, x.dtype(), x.shape())?;
     let n = x.numel();
-    if x.dtype() == DType::F32 {
-        let mask: Vec<f32> = (0..n)
-            .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
-            .collect();
-        let mask = super::cuda_from_host(dev, &Storage::F32(mask), x.shape())?;
-        return x.mul(&mask);
+    if n == 0 {
+        return Ok(out);
     }
-    let (zero, one) = (half::bf16::ZERO, half::bf16::ONE);
-    let mask: Vec<half::bf16> = (0..n)
-        .map(|_| if rng.next_f32() < p { zero } else { one })
-        .collect();
-    let mask = super::cuda_from_host(dev, &Storage::BF16(mask), x.shape())?;
-    x.mul(&mask)?.mul_scalar(keep)
+    let lx = crate::cuda::storage::strided_of(x.layout())?;
+    let (px, po, n64) = (ptr(x)?, ptr(&out)?, n as i64);
+    let f = dev.function("elementwise", &entry)?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&n64)
+        .arg(&lx)
+        .arg(&px)
+        .arg(&po)
+        .arg(&m.seed)
+        .arg(&m.threshold)
+        .arg(&m.scale);
+    // SAFETY: dropout_T(i64 n, Strided lx, const T* x, T* out, u64 seed, u32 threshold,
+    // float scale); x is read through its own layout (inside its storage), out holds n
+    // elements of T.
+    unsafe { launch(OP, &entry, b, crate::cuda::storage::elementwise_config(n))? };
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::Tensor;
+    use super::Mask;
+    use crate::{Parameter, Tensor};
 
     #[test]
     fn dropout_is_seeded_and_unbiased() {
@@ -80,5 +155,70 @@ mod tests {
         let mean = a.mean_all().unwrap().item().unwrap();
         assert!((mean - 1.0).abs() < 0.05, "{mean}");
         assert!(x.dropout(1.0, 0).is_err());
+        assert!(x.dropout(-0.1, 0).is_err());
+    }
+
+    /// The hash is SplitMix64's stream: outputs pinned from the published generator
+    /// (seed 0: 0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4), halves in element order.
+    #[test]
+    fn element_bits_are_splitmix64_outputs() {
+        let m = Mask::new(0.5, 0);
+        assert_eq!(m.pair_bits(0), (0x7b1d_cdaf, 0xe220_a839));
+        assert_eq!(m.pair_bits(1), (0xa1b9_65f4, 0x6e78_9e6a));
+        // Elements 0..4 of a tensor follow those bits: kept iff bits ≥ 2³¹.
+        let x = Tensor::ones(&[4]).dropout(0.5, 0).unwrap().to_f64_vec();
+        assert_eq!(x, [0.0, 2.0, 2.0, 0.0]);
+    }
+
+    #[test]
+    fn drop_rate_and_independence_of_neighbours() {
+        let n = 200_000usize;
+        for p in [0.1f32, 0.5, 0.9] {
+            let d = Tensor::ones(&[n]).dropout(p, 17).unwrap().to_f64_vec();
+            let dropped = d.iter().filter(|&&x| x == 0.0).count();
+            let both = d.windows(2).filter(|w| w[0] == 0.0 && w[1] == 0.0).count();
+            let pf = f64::from(p);
+            let within = |count: usize, q: f64, m: usize| {
+                let (mean, sd) = (m as f64 * q, (m as f64 * q * (1.0 - q)).sqrt());
+                (count as f64 - mean).abs() < 5.0 * sd
+            };
+            assert!(within(dropped, pf, n), "p {p}: {dropped} of {n}");
+            assert!(
+                within(both, pf * pf, n - 1),
+                "p {p}: {both} neighbouring pairs"
+            );
+        }
+    }
+
+    /// The parallel chunked map equals a plain per-element loop (odd lengths, several chunks,
+    /// strided input), and the backward applies the forward's factors to the gradient.
+    #[test]
+    fn matches_the_per_element_definition_and_its_backward() {
+        let m = Mask::new(0.3, 99);
+        let x = Tensor::randn(&[3, 11_001], 0.0, 1.0, 5);
+        for x in [x.clone(), x.t().unwrap()] {
+            let xs = x.to_f64_vec();
+            let want: Vec<f64> = xs
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let (lo, hi) = m.pair_bits(i as u64 / 2);
+                    m.apply(if i % 2 == 0 { lo } else { hi }, v as f32) as f64
+                })
+                .collect();
+            assert_eq!(x.dropout(0.3, 99).unwrap().to_f64_vec(), want);
+        }
+        let p = Parameter::new(x.clone());
+        let g = Tensor::randn(&[3, 11_001], 0.0, 1.0, 6);
+        p.tensor()
+            .dropout(0.3, 99)
+            .unwrap()
+            .backward_with(g.clone())
+            .unwrap();
+        let factors = Tensor::ones(&[3, 11_001]).dropout(0.3, 99).unwrap();
+        assert_eq!(
+            p.grad().unwrap().to_f64_vec(),
+            g.mul(&factors).unwrap().to_f64_vec()
+        );
     }
 }
