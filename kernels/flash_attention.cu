@@ -21,7 +21,7 @@
 // lanes, each holding 16 of its D values in registers; row dot products are finished with
 // butterfly shuffles among those lanes. flash_attn_fwd_mma_bf16_* is the forward on the tensor
 // cores (mma.sync, described above its code); the GPU tests hold it to the SIMT forward and
-// the CPU reference. A tensor-core backward is the next step.
+// the CPU reference. flash_attn_bwd_{dkdv,dq}_mma_bf16_* are its backward (end of this file).
 //
 // The backward is deterministic with no atomics: one kernel owns key tiles and accumulates
 // dK, dV over queries; a second owns query tiles and accumulates dQ over keys (recomputing P,
@@ -42,6 +42,9 @@
 //   flash_attn_bwd_delta_T(AttnParams p, D, o, do, delta)
 //   flash_attn_bwd_dkdv_T_dD(AttnParams p, q, k, v, do, lse, delta, dk, dv)
 //   flash_attn_bwd_dq_T_dD(AttnParams p, q, k, v, do, lse, delta, dq)
+//   flash_attn_bwd_dkdv_mma_bf16_d{64,128}(AttnParams p, q, k, v, do, lse, delta, dk, dv)
+//   flash_attn_bwd_dq_mma_bf16_d{64,128}(AttnParams p, q, k, v, do, lse, delta, dq)
+//                                                                 (launch: see their code)
 
 struct AttnParams {
     int B, H, Tq, Tk;
