@@ -284,7 +284,7 @@ fn aligned_and_misaligned(x: &Tensor) -> (Tensor, Tensor) {
 
 #[test]
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
-fn cuda_mma_backward_matches_the_simt_backward() {
+fn cuda_attention_mma_backward_matches_the_simt_backward() {
     // bf16 with D 64 or 128 and aligned operands: the tensor-core dK/dV and dQ kernels. The
     // same forward (bitwise the same output and lse) run backward twice: from an aligned output
     // gradient (tensor-core backward), and from the same values 2 bytes into a buffer (dO fails

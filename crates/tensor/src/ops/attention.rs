@@ -1419,8 +1419,8 @@ mod cuda {
                             }
                         }
                         let oi = mem.row(o, p.o, (bi, hi, i), d);
-                        for c in 0..d {
-                            mem.vals[oi + c] = acc[c] as f32;
+                        for (dst, x) in mem.vals[oi..oi + d].iter_mut().zip(&acc) {
+                            *dst = *x as f32;
                         }
                         let li = rowvec(mem, lse, bi, hi, i);
                         mem.vals[li] = (m + l_sum.ln()) as f32;
@@ -1501,8 +1501,8 @@ mod cuda {
                                     }
                                 }
                                 let iq = mem.row(l.ptrs[6], p.q, (bi, hi, own), d);
-                                for c in 0..d {
-                                    mem.vals[iq + c] = dq[c] as f32;
+                                for (dst, x) in mem.vals[iq..iq + d].iter_mut().zip(&dq) {
+                                    *dst = *x as f32;
                                 }
                             }
                         }
