@@ -21,7 +21,7 @@
 // lanes, each holding 16 of its D values in registers; row dot products are finished with
 // butterfly shuffles among those lanes. flash_attn_fwd_mma_bf16_* is the forward on the tensor
 // cores (mma.sync, described above its code); the GPU tests hold it to the SIMT forward and
-// the CPU reference. A tensor-core backward is the next step.
+// the CPU reference. flash_attn_bwd_{dkdv,dq}_mma_bf16_* are its backward (end of this file).
 //
 // Dropout on the probabilities (p.drop_threshold != 0) is fused into every kernel: element
 // (head bh0 + blockIdx.y, query i, key j) survives iff its hash bits (fa_drop_bits, the function
@@ -49,6 +49,9 @@
 //   flash_attn_bwd_delta_T(AttnParams p, D, o, do, delta)
 //   flash_attn_bwd_dkdv_T_dD(AttnParams p, q, k, v, do, lse, delta, dk, dv)
 //   flash_attn_bwd_dq_T_dD(AttnParams p, q, k, v, do, lse, delta, dq)
+//   flash_attn_bwd_dkdv_mma_bf16_d{64,128}(AttnParams p, q, k, v, do, lse, delta, dk, dv)
+//   flash_attn_bwd_dq_mma_bf16_d{64,128}(AttnParams p, q, k, v, do, lse, delta, dq)
+//                                                                 (launch: see their code)
 
 typedef unsigned long long u64;
 
@@ -95,11 +98,15 @@ __device__ __forceinline__ FaDropRow fa_drop_row(const AttnParams& p, int bh, in
     return {(u32)key, (u32)(key >> 32)};
 }
 
+// Whether element (row, key j) survives dropout.
+__device__ __forceinline__ bool fa_drop_keeps(const AttnParams& p, FaDropRow r, int j) {
+    return fa_fmix32(r.lo ^ fa_fmix32((u32)j ^ r.hi)) >= p.drop_threshold;
+}
+
 // Element (row, key j)'s dropout factor: 0 when dropped, else drop_scale. Callers skip it
 // when p.drop_threshold == 0 (then nothing drops and no factor applies).
 __device__ __forceinline__ float fa_drop_factor(const AttnParams& p, FaDropRow r, int j) {
-    const u32 bits = fa_fmix32(r.lo ^ fa_fmix32((u32)j ^ r.hi));
-    return bits >= p.drop_threshold ? p.drop_scale : 0.0f;
+    return fa_drop_keeps(p, r, j) ? p.drop_scale : 0.0f;
 }
 
 #define FA_DPT 16   // head-dim values per thread
@@ -624,3 +631,395 @@ extern "C" __global__ void flash_attn_bwd_delta_bf16(AttnParams p, int D, const 
                                                      float* __restrict__ delta) {
     fa_delta_body<bf16>(p, D, o, dout, delta);
 }
+
+// ---- backward on the tensor cores (bf16) ----------------------------------------------------
+//
+// The counterpart of flash_attn_fwd_mma_bf16_*: the SIMT backward's maths and split (one kernel
+// owns key tiles and accumulates dK, dV over queries, a second owns query tiles and accumulates
+// dQ over keys; no atomics), with every product on mma.sync m16n8k16 (bf16 operands, f32
+// accumulators). P and dS are computed in f32 from lse (the forward's) and δ
+// (flash_attn_bwd_delta_bf16, run first) and rounded to bf16 only where they become mma
+// operands. Both kernels use 4 warps (128 threads), shared memory rows padded by 16 bytes (the
+// forward's fam_load_rows), and the forward's fragment conventions: a C fragment of two
+// adjacent n8 tiles is an m16k16 A fragment, so P and dS go from accumulators to operands
+// without leaving registers.
+//
+// dK/dV (flash_attn_bwd_dkdv_mma_bf16_dD): a block owns 64 keys, each warp 16 of them; the
+// block's K and V rows stay in shared memory for the whole kernel (each warp reads its 16 as A
+// fragments). The warp works on the transposed problem, keys as rows: per chunk of QC queries
+// of a BRQ-query tile (Q, dO, lse and δ of the tile in shared memory),
+//   Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ      Q and dO, stored [query][d], are the "col" B operand as
+//                                  they stand (ldmatrix);
+//   Pᵀ = exp(scale·Sᵀ - lse), dSᵀ = Pᵀ ∘ (dPᵀ - δ)   in f32, lse and δ per column (query);
+//   dV += Pᵀ·dO and dK += dSᵀ·Q     Pᵀ, dSᵀ reused as A fragments; dO and Q, stored
+//                                  [query][d] = [k][n], through ldmatrix.trans.
+// Keys as rows is what lets dK and dV accumulate in registers with no fragment transposes. A
+// warp skips the chunks its keys cannot see (the causal triangle) and those past Tq. The query
+// loop starts at the first query that sees the block's first key, as in the SIMT kernel.
+// Registers: the dK and dV accumulators are D floats per thread (128 at D = 128). Holding K
+// and V fragments in registers as well (another D/2) left ptxas spilling at D = 128, so they
+// are read from shared memory per chunk (one ldmatrix.x4 each per 16 dims: about 1 in 5 of the
+// kernel's ldmatrix at D = 64, 1 in 3 at D = 128), which costs the shared memory that limits
+// the query tile to BRQ = 16 rows at D = 128. BRQ = 64, QC = 32 (D = 64); BRQ = QC = 16
+// (D = 128).
+//
+// dQ (flash_attn_bwd_dq_mma_bf16_dD): the forward's shape. A block owns 64 queries, each warp
+// 16, with Q and dO in registers as A fragments; per key tile of BC keys (K, V in shared memory)
+//   S = Q·Kᵀ and dP = dO·Vᵀ         K, V stored [key][d]: B operands through ldmatrix;
+//   P, dS as above, lse and δ per row (two rows per thread, held in registers);
+//   dQ += dS·K                      dS reused as the A fragment, K ([key][d] = [k][n]) through
+//                                  ldmatrix.trans.
+// A warp skips the mma work of tiles past its last row's diagonal and of rows past Tq (it still
+// loads its share of every tile and meets every barrier). BC = 64 (D = 64) or 32 (D = 128).
+//
+// Requirements: the mma forward's (the host checks every operand: q, k, v, o, dO, dq, dk, dv
+// 16-byte aligned, batch/head/time strides multiples of 8 elements).
+// Launch: blockDim.x = 128 for both;
+//   flash_attn_bwd_dkdv_mma_bf16_dD: gridDim = (ceil(Tk / 64), B·H)
+//   flash_attn_bwd_dq_mma_bf16_dD:   gridDim = (ceil(Tq / 64), B·H)
+// Static shared memory (bf16 rows of D + 8):
+//   dK/dV: K and V 64 rows each, Q and dO tiles BRQ rows each, lse and δ BRQ floats each,
+//          the queries' dropout keys BRQ × 8 bytes: 37 KB (D = 64) / 42.8 KB (D = 128);
+//   dQ:    K and V tiles BC rows each (together they stage Q, then dO, first):
+//          18 KB (D = 64) / 17 KB (D = 128).
+// Entry points:
+//   flash_attn_bwd_dkdv_mma_bf16_d{64,128}(AttnParams p, q, k, v, do, lse, delta, dk, dv)
+//   flash_attn_bwd_dq_mma_bf16_d{64,128}(AttnParams p, q, k, v, do, lse, delta, dq)
+
+template <int D>
+struct FabCfg {
+    static constexpr int SLD = D + 8;              // shared row stride (bf16 elements)
+    static constexpr int BRQ = D == 128 ? 16 : 64; // dK/dV: queries per shared tile
+    static constexpr int QC = D == 128 ? 16 : 32;  // dK/dV: queries per register chunk
+    static constexpr int BC = D == 128 ? 32 : 64;  // dQ: keys per tile
+};
+
+template <int D, bool DROP>
+__device__ __forceinline__ void fa_dkdv_mma_body(const AttnParams& p, const bf16* __restrict__ q,
+                                                 const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                                 const bf16* __restrict__ dout,
+                                                 const float* __restrict__ lse,
+                                                 const float* __restrict__ delta, bf16* __restrict__ dk,
+                                                 bf16* __restrict__ dv) {
+    constexpr int SLD = FabCfg<D>::SLD, BRQ = FabCfg<D>::BRQ, QC = FabCfg<D>::QC;
+    constexpr int KD = D / 16;  // k-steps over the head dim (Sᵀ, dPᵀ)
+    constexpr int ND = D / 8;   // n8 tiles of dK and dV per warp
+    constexpr int NQ = QC / 8;  // n8 tiles of a score chunk
+    constexpr int KQ = QC / 16; // k-steps over a chunk's queries (dV, dK)
+    __shared__ __align__(16) bf16 Ks[FAM_BR * SLD];  // the block's K and V rows, for the
+    __shared__ __align__(16) bf16 Vs[FAM_BR * SLD];  // whole kernel
+    __shared__ __align__(16) bf16 Qs[BRQ * SLD];
+    __shared__ __align__(16) bf16 Gs[BRQ * SLD];     // dO
+    __shared__ __align__(16) float Ls[BRQ];          // lse in log2 units
+    __shared__ __align__(16) float Ds[BRQ];          // δ
+    __shared__ FaDropRow Zs[BRQ];                    // the queries' dropout keys
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    const int j0 = blockIdx.x * FAM_BR;  // the block's first key
+    const int jw = j0 + warp * 16;       // the warp's first key
+    const int shift = p.Tk - p.Tq;
+
+    // The block's K and V rows stay in shared memory; each warp reads its 16 as A fragments.
+    const int frag_off = (warp * 16 + (lane & 15)) * SLD + (lane >> 4) * 8;
+    fam_load_rows<D, FAM_BR>(Ks, k + b * p.k_sb + h * p.k_sh, p.k_st, j0, p.Tk);
+    fam_load_rows<D, FAM_BR>(Vs, v + b * p.v_sb + h * p.v_sh, p.v_st, j0, p.Tk);
+
+    float dka[ND][4], dva[ND][4];
+#pragma unroll
+    for (int j = 0; j < ND; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[j][e] = dva[j][e] = 0.0f;
+
+    // This thread's two keys (rows g and g + 8 of the warp's 16).
+    const int key_lo = jw + g, key_hi = key_lo + 8;
+    const float sl2 = p.scale * LOG2E;  // scores in log2 units
+    const bf16* qb = q + b * p.q_sb + h * p.q_sh;
+    const bf16* gb = dout + b * p.do_sb + h * p.do_sh;
+    const float* lb = lse + (i64)bh * p.Tq;
+    const float* db = delta + (i64)bh * p.Tq;
+
+    // The first query that sees key j0 sits at position j0: query index j0 - shift.
+    for (int i0 = max(0, j0 - shift); i0 < p.Tq; i0 += BRQ) {
+        __syncthreads();  // the previous tile is no longer read
+        fam_load_rows<D, BRQ>(Qs, qb, p.q_st, i0, p.Tq);
+        fam_load_rows<D, BRQ>(Gs, gb, p.do_st, i0, p.Tq);
+        for (int e = threadIdx.x; e < BRQ; e += FAM_THREADS) {
+            const bool in = i0 + e < p.Tq;
+            Ls[e] = in ? lb[i0 + e] * LOG2E : 0.0f;
+            Ds[e] = in ? db[i0 + e] : 0.0f;
+            if (DROP) Zs[e] = fa_drop_row(p, bh, i0 + e);
+        }
+        __syncthreads();  // also publishes K and V, on the first tile
+
+#pragma unroll 1
+        for (int c0 = 0; c0 < BRQ; c0 += QC) {
+            // Warp-uniform: a warp whose keys all lie past Tk, a chunk wholly past Tq, or one
+            // whose last query cannot see the warp's first key, adds nothing.
+            if (jw >= p.Tk || i0 + c0 >= p.Tq || i0 + c0 + QC - 1 + shift < jw) continue;
+
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warp's 16 keys and the chunk's QC queries.
+            float s[NQ][4], dp[NQ][4];
+#pragma unroll
+            for (int j = 0; j < NQ; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                u32 kf[4], vf[4];
+                ldmatrix_x4<false>(kf, Ks + frag_off + kk * 16);
+                ldmatrix_x4<false>(vf, Vs + frag_off + kk * 16);
+#pragma unroll
+                for (int j = 0; j < NQ; j += 2) {
+                    const int off = (c0 + j * 8 + r8 + (mat >> 1) * 8) * SLD + kk * 16 + (mat & 1) * 8;
+                    u32 r[4];
+                    ldmatrix_x4<false>(r, Qs + off);
+                    mma_bf16_16816(s[j], kf, r[0], r[1]);
+                    mma_bf16_16816(s[j + 1], kf, r[2], r[3]);
+                    ldmatrix_x4<false>(r, Gs + off);
+                    mma_bf16_16816(dp[j], vf, r[0], r[1]);
+                    mma_bf16_16816(dp[j + 1], vf, r[2], r[3]);
+                }
+            }
+
+            // Pᵀ and dSᵀ in f32 (masked: query past Tq, or key after the query's position),
+            // packed as bf16 A fragments: queries 16kk..16kk+15 of the chunk are score tiles
+            // 2kk (a0, a1) and 2kk + 1 (a2, a3).
+            u32 pf[KQ][4], sf[KQ][4];
+#pragma unroll
+            for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int j = 2 * kk + half;
+                    const int c = c0 + j * 8 + 2 * t;  // the tile column of elements 0 and 2
+                    float pv[4], dsv[4];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int col = c + (e & 1), qi = i0 + col;
+                        const int key = e < 2 ? key_lo : key_hi;
+                        const bool seen = qi < p.Tq && key <= qi + shift;
+                        pv[e] = seen ? exp2f(fmaf(s[j][e], sl2, -Ls[col])) : 0.0f;
+                        // Dropout: dPᵀ takes Z, dV takes Pᵀ ∘ Z (the header's formulas).
+                        if (DROP) {
+                            const float z = fa_drop_factor(p, Zs[col], key);
+                            dsv[e] = pv[e] * (z * dp[j][e] - Ds[col]);
+                            pv[e] *= z;
+                        } else {
+                            dsv[e] = pv[e] * (dp[j][e] - Ds[col]);
+                        }
+                    }
+                    pf[kk][2 * half] = pack_bf16x2(pv[0], pv[1]);
+                    pf[kk][2 * half + 1] = pack_bf16x2(pv[2], pv[3]);
+                    sf[kk][2 * half] = pack_bf16x2(dsv[0], dsv[1]);
+                    sf[kk][2 * half + 1] = pack_bf16x2(dsv[2], dsv[3]);
+                }
+            }
+
+            // dV += Pᵀ·dO and dK += dSᵀ·Q over the chunk's queries.
+#pragma unroll
+            for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+                for (int j = 0; j < ND; j += 2) {
+                    const int off = (c0 + kk * 16 + r8 + (mat & 1) * 8) * SLD + j * 8 + (mat >> 1) * 8;
+                    u32 r[4];
+                    ldmatrix_x4<true>(r, Gs + off);
+                    mma_bf16_16816(dva[j], pf[kk], r[0], r[1]);
+                    mma_bf16_16816(dva[j + 1], pf[kk], r[2], r[3]);
+                    ldmatrix_x4<true>(r, Qs + off);
+                    mma_bf16_16816(dka[j], sf[kk], r[0], r[1]);
+                    mma_bf16_16816(dka[j + 1], sf[kk], r[2], r[3]);
+                }
+            }
+        }
+    }
+
+    bf16* dkb = dk + b * p.k_sb + h * p.k_sh;
+    bf16* dvb = dv + b * p.v_sb + h * p.v_sh;
+#pragma unroll
+    for (int j = 0; j < ND; ++j) {
+        const int d = j * 8 + 2 * t;
+        if (key_lo < p.Tk) {
+            *reinterpret_cast<u32*>(dkb + (i64)key_lo * p.k_st + d) =
+                pack_bf16x2(dka[j][0] * p.scale, dka[j][1] * p.scale);
+            *reinterpret_cast<u32*>(dvb + (i64)key_lo * p.v_st + d) = pack_bf16x2(dva[j][0], dva[j][1]);
+        }
+        if (key_hi < p.Tk) {
+            *reinterpret_cast<u32*>(dkb + (i64)key_hi * p.k_st + d) =
+                pack_bf16x2(dka[j][2] * p.scale, dka[j][3] * p.scale);
+            *reinterpret_cast<u32*>(dvb + (i64)key_hi * p.v_st + d) = pack_bf16x2(dva[j][2], dva[j][3]);
+        }
+    }
+}
+
+template <int D, bool DROP>
+__device__ __forceinline__ void fa_dq_mma_body(const AttnParams& p, const bf16* __restrict__ q,
+                                               const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                               const bf16* __restrict__ dout,
+                                               const float* __restrict__ lse,
+                                               const float* __restrict__ delta, bf16* __restrict__ dq) {
+    constexpr int SLD = FabCfg<D>::SLD, BC = FabCfg<D>::BC;
+    constexpr int KD = D / 16;  // k-steps over the head dim (S, dP)
+    constexpr int NS = BC / 8;  // n8 tiles of scores per warp
+    constexpr int KS = BC / 16; // k-steps over keys (dQ)
+    constexpr int ND = D / 8;   // n8 tiles of dQ per warp
+    static_assert(2 * BC >= FAM_BR, "the K and V tiles stage the 64 Q and dO rows");
+    __shared__ __align__(16) bf16 KVs[2 * BC * SLD];
+    bf16* Ks = KVs;
+    bf16* Vs = KVs + BC * SLD;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    const int i0 = blockIdx.x * FAM_BR;
+    const int shift = p.Tk - p.Tq;
+
+    // Q, then dO, staged through the K/V buffers, into A fragments.
+    const int frag_off = (warp * 16 + (lane & 15)) * SLD + (lane >> 4) * 8;
+    u32 qf[KD][4], gf[KD][4];
+    fam_load_rows<D, FAM_BR>(KVs, q + b * p.q_sb + h * p.q_sh, p.q_st, i0, p.Tq);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) ldmatrix_x4<false>(qf[kk], KVs + frag_off + kk * 16);
+    __syncthreads();
+    fam_load_rows<D, FAM_BR>(KVs, dout + b * p.do_sb + h * p.do_sh, p.do_st, i0, p.Tq);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) ldmatrix_x4<false>(gf[kk], KVs + frag_off + kk * 16);
+
+    // This thread's two rows (g and g + 8 of the warp's 16), their lse (log2 units) and δ.
+    const int row_lo = i0 + warp * 16 + g, row_hi = row_lo + 8;
+    const float* lb = lse + (i64)bh * p.Tq;
+    const float* db = delta + (i64)bh * p.Tq;
+    const float l_lo = row_lo < p.Tq ? lb[row_lo] * LOG2E : 0.0f;
+    const float l_hi = row_hi < p.Tq ? lb[row_hi] * LOG2E : 0.0f;
+    const float d_lo = row_lo < p.Tq ? db[row_lo] : 0.0f;
+    const float d_hi = row_hi < p.Tq ? db[row_hi] : 0.0f;
+    const float sl2 = p.scale * LOG2E;
+    FaDropRow dr_lo = {0u, 0u}, dr_hi = {0u, 0u};
+    if (DROP) dr_lo = fa_drop_row(p, bh, row_lo), dr_hi = fa_drop_row(p, bh, row_hi);
+    float acc[ND][4];
+#pragma unroll
+    for (int j = 0; j < ND; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+
+    const bf16* kb = k + b * p.k_sb + h * p.k_sh;
+    const bf16* vb = v + b * p.v_sb + h * p.v_sh;
+    // Warp-uniform: whether the warp has rows before Tq, and the last key its last row sees.
+    const bool warp_live = i0 + warp * 16 < p.Tq;
+    const int warp_last_key = i0 + warp * 16 + 15 + shift;
+    const int last_key = min(i0 + FAM_BR, p.Tq) - 1 + shift;
+    for (int j0 = 0; j0 <= last_key; j0 += BC) {
+        __syncthreads();  // the previous tile (at first: the Q, dO staging) is no longer read
+        fam_load_rows<D, BC>(Ks, kb, p.k_st, j0, p.Tk);
+        fam_load_rows<D, BC>(Vs, vb, p.v_st, j0, p.Tk);
+        __syncthreads();
+        if (!warp_live || j0 > warp_last_key) continue;
+
+        // Dropout: which of this thread's 4·NS elements survive, one bit each (j·4 + e),
+        // hashed before the products so that the hashing does not compete with S and dP for
+        // registers.
+        static_assert(4 * NS <= 32, "one bit per element of the thread's score fragments");
+        u32 keep = 0;
+        if (DROP) {
+#pragma unroll
+            for (int j = 0; j < NS; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = j0 + j * 8 + 2 * t + (e & 1);
+                    keep |= (u32)fa_drop_keeps(p, e < 2 ? dr_lo : dr_hi, key) << (j * 4 + e);
+                }
+        }
+
+        // S = Q·Kᵀ and dP = dO·Vᵀ for the warp's 16 rows and the tile's BC keys.
+        float s[NS][4], dp[NS][4];
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+            for (int j = 0; j < NS; j += 2) {
+                const int off = (j * 8 + r8 + (mat >> 1) * 8) * SLD + kk * 16 + (mat & 1) * 8;
+                u32 r[4];
+                ldmatrix_x4<false>(r, Ks + off);
+                mma_bf16_16816(s[j], qf[kk], r[0], r[1]);
+                mma_bf16_16816(s[j + 1], qf[kk], r[2], r[3]);
+                ldmatrix_x4<false>(r, Vs + off);
+                mma_bf16_16816(dp[j], gf[kk], r[0], r[1]);
+                mma_bf16_16816(dp[j + 1], gf[kk], r[2], r[3]);
+            }
+        }
+
+        // dS = P ∘ (dP - δ) in f32 (masked: row past Tq, or key after the row's position),
+        // packed as bf16 A fragments as in the forward.
+        u32 sf[KS][4];
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int j = 2 * kk + half;
+                float dsv[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = j0 + j * 8 + 2 * t + (e & 1);
+                    const bool lo = e < 2;
+                    const int row = lo ? row_lo : row_hi;
+                    const bool seen = row < p.Tq && key <= row + shift;
+                    const float pe = seen ? exp2f(fmaf(s[j][e], sl2, -(lo ? l_lo : l_hi))) : 0.0f;
+                    const float z = !DROP ? 1.0f : (keep >> (j * 4 + e)) & 1u ? p.drop_scale : 0.0f;
+                    dsv[e] = pe * (z * dp[j][e] - (lo ? d_lo : d_hi));
+                }
+                sf[kk][2 * half] = pack_bf16x2(dsv[0], dsv[1]);
+                sf[kk][2 * half + 1] = pack_bf16x2(dsv[2], dsv[3]);
+            }
+        }
+
+        // dQ += dS·K.
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int j = 0; j < ND; j += 2) {
+                u32 r[4];
+                ldmatrix_x4<true>(r, Ks + (kk * 16 + r8 + (mat & 1) * 8) * SLD + j * 8 + (mat >> 1) * 8);
+                mma_bf16_16816(acc[j], sf[kk], r[0], r[1]);
+                mma_bf16_16816(acc[j + 1], sf[kk], r[2], r[3]);
+            }
+        }
+    }
+
+    bf16* qdb = dq + b * p.q_sb + h * p.q_sh;
+#pragma unroll
+    for (int j = 0; j < ND; ++j) {
+        const int d = j * 8 + 2 * t;
+        if (row_lo < p.Tq)
+            *reinterpret_cast<u32*>(qdb + (i64)row_lo * p.q_st + d) =
+                pack_bf16x2(acc[j][0] * p.scale, acc[j][1] * p.scale);
+        if (row_hi < p.Tq)
+            *reinterpret_cast<u32*>(qdb + (i64)row_hi * p.q_st + d) =
+                pack_bf16x2(acc[j][2] * p.scale, acc[j][3] * p.scale);
+    }
+}
+
+// One instance per entry point (each has its own static shared memory): the dropout-free
+// kernels carry no hashing code, so dropout costs them no registers; the _drop_ ones drop.
+#define FAB_MMA_KERNELS(D, DROP, tag)                                                              \
+    extern "C" __global__ void __launch_bounds__(FAM_THREADS) flash_attn_bwd_dkdv_mma##tag##_d##D( \
+        AttnParams p, const bf16* __restrict__ q, const bf16* __restrict__ k,                      \
+        const bf16* __restrict__ v, const bf16* __restrict__ dout, const float* __restrict__ lse,  \
+        const float* __restrict__ delta, bf16* __restrict__ dk, bf16* __restrict__ dv) {           \
+        fa_dkdv_mma_body<D, DROP>(p, q, k, v, dout, lse, delta, dk, dv);                           \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FAM_THREADS) flash_attn_bwd_dq_mma##tag##_d##D(   \
+        AttnParams p, const bf16* __restrict__ q, const bf16* __restrict__ k,                      \
+        const bf16* __restrict__ v, const bf16* __restrict__ dout, const float* __restrict__ lse,  \
+        const float* __restrict__ delta, bf16* __restrict__ dq) {                                  \
+        fa_dq_mma_body<D, DROP>(p, q, k, v, dout, lse, delta, dq);                                 \
+    }
+
+FAB_MMA_KERNELS(64, false, _bf16)
+FAB_MMA_KERNELS(128, false, _bf16)
+FAB_MMA_KERNELS(64, true, _drop_bf16)
+FAB_MMA_KERNELS(128, true, _drop_bf16)

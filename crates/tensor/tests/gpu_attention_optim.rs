@@ -261,6 +261,107 @@ fn cuda_mma_forward_matches_the_simt_forward() {
     }
 }
 
+/// `x` (host, bf16-rounded values) on the GPU as bf16 twice: a fresh aligned copy, and a view
+/// starting one element (2 bytes) into a buffer, which no tensor-core kernel may take (the
+/// host then picks the SIMT kernels). Same values, so the two runs differ only in kernels.
+fn aligned_and_misaligned(x: &Tensor) -> (Tensor, Tensor) {
+    let n = x.numel();
+    let aligned = x.to_dtype(DType::BF16).unwrap().to_device(GPU).unwrap();
+    let mut vals = vec![0.0f32];
+    vals.extend(x.to_f64_vec().iter().map(|&v| v as f32));
+    let misaligned = Tensor::from_vec(vals, &[n + 1])
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_device(GPU)
+        .unwrap()
+        .narrow(0, 1, n)
+        .unwrap()
+        .reshape_to(x.shape())
+        .unwrap();
+    (aligned, misaligned)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_attention_mma_backward_matches_the_simt_backward() {
+    // bf16 with D 64 or 128 and aligned operands: the tensor-core dK/dV and dQ kernels. The
+    // same forward (bitwise the same output and lse) run backward twice: from an aligned output
+    // gradient (tensor-core backward), and from the same values 2 bytes into a buffer (dO fails
+    // the alignment rule, so the SIMT backward). Both are held to the CPU and to each other,
+    // and must differ in some bits (the tensor-core kernels round P and dS to bf16), which
+    // shows that two different backward kernels ran. Tq < Tk, ragged tiles (T not a multiple
+    // of 16, 32 or 64), several batch elements and heads, heads split out of [B, T, H, D].
+    let mut rng = Rng::new(seed("mma_backward"));
+    for (d, b, h, tq, tk) in [
+        (64usize, 2usize, 3usize, 100usize, 165usize),
+        (128, 2, 2, 77, 77),
+        (64, 1, 2, 1, 130),
+        (128, 3, 1, 45, 200),
+    ] {
+        let what = format!("D{d} B{b} H{h} Tq{tq} Tk{tk}");
+        let (qc, qg) = operand(&mut rng, [b, h, tq, d], Lay::HeadsSplit, DType::BF16);
+        let (kc, kg) = operand(&mut rng, [b, h, tk, d], Lay::Contiguous, DType::BF16);
+        let (vc, vg) = operand(&mut rng, [b, h, tk, d], Lay::HeadsSplit, DType::BF16);
+        let gc = rand(&mut rng, &[b, h, tq, d], -1.0, 1.0, DType::BF16).to_dtype(DType::F32);
+        let gc = gc.unwrap();
+        let (g_mma, g_simt) = aligned_and_misaligned(&gc);
+        let (oc, want) = attention_grads(&qc, &kc, &vc, &gc);
+        let (o1, mma) = attention_grads(&qg, &kg, &vg, &g_mma);
+        let (o2, simt) = attention_grads(&qg, &kg, &vg, &g_simt);
+        assert_eq!(bits(&o1), bits(&o2), "{what}: the forward is the same");
+        check(&format!("{what}: out"), &o1, &oc, 1e-2);
+        let mut differ = false;
+        for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            check(
+                &format!("{what}: mma {name} vs cpu"),
+                &mma[i],
+                &want[i],
+                2e-2,
+            );
+            check(
+                &format!("{what}: simt {name} vs cpu"),
+                &simt[i],
+                &want[i],
+                2e-2,
+            );
+            check(
+                &format!("{what}: mma {name} vs simt"),
+                &mma[i],
+                &simt[i],
+                2e-2,
+            );
+            differ |= bits(&mma[i]) != bits(&simt[i]);
+        }
+        assert!(
+            differ,
+            "{what}: the same gradient bits from both backward kernels"
+        );
+    }
+    // The packed op: Q, K, V read out of [B, T, 3·H·D], d(qkv) written into one buffer through
+    // the same strides (time stride 3·H·D, offsets H·D and 2·H·D: all aligned).
+    for (b, t, h, dh) in [(2usize, 150usize, 2usize, 64usize), (1, 70, 3, 128)] {
+        let what = format!("packed B{b} T{t} H{h} Dh{dh}");
+        let c = h * dh;
+        let (xc, xg) = pair(
+            &rand(&mut rng, &[b, t, 3 * c], -1.5, 1.5, DType::F32),
+            DType::BF16,
+        );
+        let gc = rand(&mut rng, &[b, t, c], -1.0, 1.0, DType::BF16).to_dtype(DType::F32);
+        let gc = gc.unwrap();
+        let (g_mma, g_simt) = aligned_and_misaligned(&gc);
+        let (oc, want) = self_attention_grads(&xc, h, &gc);
+        let (o1, mma) = self_attention_grads(&xg, h, &g_mma);
+        let (o2, simt) = self_attention_grads(&xg, h, &g_simt);
+        assert_eq!(bits(&o1), bits(&o2), "{what}: the forward is the same");
+        check(&format!("{what}: out"), &o1, &oc, 1e-2);
+        check(&format!("{what}: mma d(qkv) vs cpu"), &mma, &want, 2e-2);
+        check(&format!("{what}: simt d(qkv) vs cpu"), &simt, &want, 2e-2);
+        check(&format!("{what}: mma vs simt"), &mma, &simt, 2e-2);
+        assert_ne!(bits(&mma), bits(&simt), "{what}: the same bits twice");
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn cuda_attention_head_dims_without_a_kernel() {

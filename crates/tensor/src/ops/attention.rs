@@ -400,9 +400,11 @@ impl Tensor {
 /// Kernels: the forward is `flash_attn_fwd_mma_bf16_d{64,128}` (tensor cores) for bf16 operands
 /// that meet its alignment rules (16-byte aligned, every batch, head and time stride a multiple
 /// of 8 elements), otherwise the SIMT `flash_attn_fwd_{f32,bf16}_d{32,64,128}`. The forward
-/// saves the per-row logsumexp (f32); the backward is `flash_attn_bwd_delta_T`, then
-/// `flash_attn_bwd_dkdv_T_dD` and `flash_attn_bwd_dq_T_dD`, which recompute the probabilities
-/// from it. No atomics anywhere: the same inputs give bitwise-identical results.
+/// saves the per-row logsumexp (f32); the backward is `flash_attn_bwd_delta_T`, then the dK/dV
+/// and dQ kernels, which recompute the probabilities from it: the tensor-core
+/// `flash_attn_bwd_{dkdv,dq}_mma_bf16_d{64,128}` when q, k, v, o, dO and the three gradient
+/// buffers all meet the same rules, else the SIMT `flash_attn_bwd_{dkdv,dq}_T_dD`. No atomics
+/// anywhere: the same inputs give bitwise-identical results.
 ///
 /// Layouts: the kernels address q, k, v, o and dO through (batch, head, time) element strides
 /// with the head dim contiguous, so views cost nothing: the leading dims of `causal_attention`'s
@@ -433,7 +435,8 @@ mod cuda {
     const HEAD_DIMS: [usize; 3] = [32, 64, 128];
     /// gridDim.y holds batch × heads, at most 65535 per launch; larger batches go in chunks.
     const MAX_GRID_Y: usize = 65535;
-    /// The tensor-core forward: 64 query rows per block of 128 threads (4 warps).
+    /// The tensor-core kernels: 64 rows per block of 128 threads (4 warps); queries, or keys
+    /// for dK/dV.
     const MMA_ROWS: usize = 64;
     const MMA_THREADS: u32 = 128;
     /// The delta kernel: one warp per row, 8 warps per block.
@@ -586,8 +589,8 @@ mod cuda {
             (b0 * self.h * self.tq * 4) as u64
         }
 
-        /// Whether the tensor-core forward applies: bf16, D of 64 or 128, every operand
-        /// 16-byte aligned with strides that keep each row 16-byte aligned (its header's rules).
+        /// Whether the tensor-core kernels apply: bf16, D of 64 or 128, every operand 16-byte
+        /// aligned with strides that keep each row 16-byte aligned (their header's rules).
         fn mma_applies(&self, ops: &[&Operand]) -> bool {
             self.dtype == DType::BF16
                 && matches!(self.d, 64 | 128)
@@ -663,6 +666,10 @@ mod cuda {
     ///   flash_attn_bwd_delta_T(AttnParams p, int D, const T* o, const T* do, float* delta)
     ///   flash_attn_bwd_dkdv_T_dD(p, q, k, v, do, lse, delta, T* dk, T* dv)
     ///   flash_attn_bwd_dq_T_dD(p, q, k, v, do, lse, delta, T* dq)
+    /// with the tensor-core `flash_attn_bwd_{dkdv,dq}_mma_bf16_dD` (same arguments) in place
+    /// of the last two when every operand and gradient meets the mma rules
+    /// ([`Problem::mma_applies`]); `flash_attn_bwd_{dkdv,dq}_mma_drop_bf16_dD` with dropout
+    /// (instances with the hashing compiled in, so that the dropout-free ones carry none).
     fn backward_plan(
         pr: &Problem,
         [q, k, v, o, dout]: [&Operand; 5],
@@ -672,13 +679,24 @@ mod cuda {
         pr.check()?;
         let tn = tname(pr.op, pr.dtype)?;
         let esz = pr.esz();
-        let (rows, threads) = (simt_rows(pr.d), simt_threads(pr.d));
         // The gradients share their operands' strides (the header's rule).
         let grads = |base: u64, of: &Operand| Operand {
             ptr: base,
             st: of.st,
         };
         let (gq, gk, gv) = (grads(dq, q), grads(dk, k), grads(dv, v));
+        // (kernel name stem, rows per block, threads) of the dK/dV and dQ kernels.
+        let (stem, rows, threads) = if pr.mma_applies(&[q, k, v, o, dout, &gq, &gk, &gv]) {
+            let dropping = pr.drop.is_some_and(|d| d.is_active());
+            let stem = if dropping {
+                "mma_drop_bf16"
+            } else {
+                "mma_bf16"
+            };
+            (stem, MMA_ROWS, MMA_THREADS)
+        } else {
+            (tn, simt_rows(pr.d), simt_threads(pr.d))
+        };
         let mut plan = Vec::new();
         for (b0, nb) in pr.chunks() {
             let p = pr.params(b0, nb, [q, k, v, o, dout]);
@@ -695,7 +713,7 @@ mod cuda {
                 ptrs: vec![po, pg, pd],
             });
             plan.push(Launch {
-                entry: format!("flash_attn_bwd_dkdv_{tn}_d{}", pr.d),
+                entry: format!("flash_attn_bwd_dkdv_{stem}_d{}", pr.d),
                 grid: grid(pr.tk.div_ceil(rows), bh),
                 threads,
                 p,
@@ -703,7 +721,7 @@ mod cuda {
                 ptrs: vec![pq, pk, pv, pg, pl, pd, gk.at(b0, esz), gv.at(b0, esz)],
             });
             plan.push(Launch {
-                entry: format!("flash_attn_bwd_dq_{tn}_d{}", pr.d),
+                entry: format!("flash_attn_bwd_dq_{stem}_d{}", pr.d),
                 grid: grid(pr.tq.div_ceil(rows), bh),
                 threads,
                 p,
@@ -749,7 +767,7 @@ mod cuda {
             // value, the delta kernel's int head dim, then device pointers); the buffers meet
             // the kernels' needs by this function's contract; the launch shape is the one the
             // kernel file's header prescribes for the entry point (mma: 128 threads and
-            // ceil(Tq/64) blocks; SIMT: R·D/16 threads, ceil(T/R) blocks; delta: 256 threads,
+            // ceil(T/64) blocks; SIMT: R·D/16 threads, ceil(T/R) blocks; delta: 256 threads,
             // 8 rows per block), gridDim.y = nb·H ≤ 65535 (Problem::check, chunks).
             unsafe { launch(op, &l.entry, b, cfg)? };
         }
@@ -1281,6 +1299,75 @@ mod cuda {
                 ..pr
             }
             .mma_applies(&[&ok]));
+
+            // The backward takes the tensor-core dK/dV and dQ kernels only when all eight
+            // operands (q, k, v, o, dO and the three gradient buffers) meet the rules; one
+            // 2-byte-misaligned pointer anywhere gives the SIMT pair.
+            let pr = Problem {
+                tq: 100,
+                tk: 150,
+                ..pr
+            };
+            let bwd_entries = |pr: &Problem, bad: Option<usize>| -> Vec<String> {
+                let at =
+                    |i: usize| 256 * (i as u64 + 1) * 1024 + if bad == Some(i) { 2 } else { 0 };
+                let op = |i| Operand { ptr: at(i), ..ok };
+                let plan = backward_plan(
+                    pr,
+                    [&op(0), &op(1), &op(2), &op(3), &op(4)],
+                    [1 << 40, 2 << 40],
+                    [at(5), at(6), at(7)],
+                )
+                .unwrap();
+                let shapes: Vec<_> = plan.iter().map(|l| (l.grid.0, l.threads)).collect();
+                let mma = plan[1].entry.contains("_mma_");
+                let rows = if mma { MMA_ROWS } else { simt_rows(64) };
+                let threads = if mma { MMA_THREADS } else { simt_threads(64) };
+                assert_eq!(
+                    shapes[1..],
+                    [
+                        (150usize.div_ceil(rows) as u32, threads),
+                        (100usize.div_ceil(rows) as u32, threads)
+                    ]
+                );
+                plan.into_iter().map(|l| l.entry).collect()
+            };
+            assert_eq!(
+                bwd_entries(&pr, None),
+                [
+                    "flash_attn_bwd_delta_bf16",
+                    "flash_attn_bwd_dkdv_mma_bf16_d64",
+                    "flash_attn_bwd_dq_mma_bf16_d64"
+                ]
+            );
+            // With dropout: the instances that hash (a p = 0 dropout is no dropout).
+            let drop = |p| Problem {
+                drop: AttentionDropout::new(p, 1).ok(),
+                ..pr
+            };
+            assert_eq!(
+                bwd_entries(&drop(0.1), None)[1..],
+                [
+                    "flash_attn_bwd_dkdv_mma_drop_bf16_d64",
+                    "flash_attn_bwd_dq_mma_drop_bf16_d64"
+                ]
+            );
+            assert_eq!(bwd_entries(&drop(0.0), None), bwd_entries(&pr, None));
+            assert_eq!(
+                bwd_entries(&drop(0.1), Some(3))[1..],
+                ["flash_attn_bwd_dkdv_bf16_d64", "flash_attn_bwd_dq_bf16_d64"]
+            );
+            for bad in 0..8 {
+                assert_eq!(
+                    bwd_entries(&pr, Some(bad)),
+                    [
+                        "flash_attn_bwd_delta_bf16",
+                        "flash_attn_bwd_dkdv_bf16_d64",
+                        "flash_attn_bwd_dq_bf16_d64"
+                    ],
+                    "operand {bad} misaligned"
+                );
+            }
         }
 
         // ---- host replay of launch plans -------------------------------------------------
@@ -1289,18 +1376,117 @@ mod cuda {
         // checked: entry points, launch shapes, argument order, strides, pointer offsets of
         // packed operands and batch chunks, lse/delta offsets and gradient buffers. `replay`
         // executes a plan against kernels/flash_attention.cu's header contract (its formulas
-        // and addressing, naively, in f64) on a host arena standing in for device memory
-        // (f32 elements, pointer = 4 · index), and the tests compare the results with the CPU
-        // attention.
+        // and addressing, naively, in f64) on a host arena standing in for device memory,
+        // and the tests compare the results with the CPU attention.
 
-        /// f32 element index of byte address `ptr` plus (b, h, t) strides.
-        fn at(ptr: u64, st: [i64; 3], b: usize, h: usize, t: usize) -> usize {
-            (ptr / 4) as usize + (b as i64 * st[0] + h as i64 * st[1] + t as i64 * st[2]) as usize
+        /// One allocation of the arena: `len` elements of `esz` bytes from byte address
+        /// `start`, held as f32 values from `base` in the arena's value vector.
+        struct Alloc {
+            start: u64,
+            esz: u64,
+            base: usize,
+            len: usize,
+        }
+
+        /// A host arena standing in for device memory: byte addresses, allocations appended
+        /// at 256-byte boundaries (as the device allocator's), each of one element size (2 for
+        /// bf16 operands, 4 for f32 ones and for lse and delta, which are f32 for every
+        /// dtype). Values are kept as f32 whatever the element size: the replay checks
+        /// addressing and the formulas, not bf16 rounding.
+        struct Arena {
+            vals: Vec<f32>,
+            allocs: Vec<Alloc>,
+            end: u64,
+        }
+
+        impl Arena {
+            fn new() -> Arena {
+                Arena {
+                    vals: Vec::new(),
+                    allocs: Vec::new(),
+                    // Not 0: a null pointer (an unused argument) is in no allocation.
+                    end: 256,
+                }
+            }
+
+            fn alloc(&mut self, vals: impl Iterator<Item = f32>, esz: u64) -> u64 {
+                let (start, base) = (self.end, self.vals.len());
+                self.vals.extend(vals);
+                let len = self.vals.len() - base;
+                self.end = (start + len as u64 * esz).next_multiple_of(256);
+                self.allocs.push(Alloc {
+                    start,
+                    esz,
+                    base,
+                    len,
+                });
+                start
+            }
+
+            /// Appends `t`'s whole storage (f32, host) as elements of `esz` bytes and returns
+            /// the allocation's address.
+            fn put(&mut self, t: &Tensor, esz: u64) -> u64 {
+                let s = t.storage().as_slice::<f32>().expect("f32 host storage");
+                self.alloc(s.iter().copied(), esz)
+            }
+
+            /// A fresh allocation of `n` elements, poisoned: an element nothing writes shows
+            /// up as NaN.
+            fn zeros(&mut self, n: usize, esz: u64) -> u64 {
+                self.alloc(std::iter::repeat_n(f32::NAN, n), esz)
+            }
+
+            /// The value index of element `e` (in elements) from address `ptr`; panics when
+            /// `ptr` is not an element boundary of an allocation or `e` leaves it.
+            fn index(&self, ptr: u64, e: i64) -> usize {
+                let a = self
+                    .allocs
+                    .iter()
+                    .find(|a| (a.start..a.start + a.len as u64 * a.esz).contains(&ptr))
+                    .unwrap_or_else(|| panic!("address {ptr} is in no allocation"));
+                assert_eq!(
+                    (ptr - a.start) % a.esz,
+                    0,
+                    "address {ptr} splits an element"
+                );
+                let i = ((ptr - a.start) / a.esz) as i64 + e;
+                assert!(
+                    (0..a.len as i64).contains(&i),
+                    "element {e} from address {ptr} leaves its allocation"
+                );
+                a.base + i as usize
+            }
+
+            /// The d elements of row (b, h, t) of an operand at `ptr` with element strides
+            /// `st`, bounds-checked against `ptr`'s allocation.
+            fn row(
+                &self,
+                ptr: u64,
+                st: [i64; 3],
+                (b, h, t): (usize, usize, usize),
+                d: usize,
+            ) -> usize {
+                let e = b as i64 * st[0] + h as i64 * st[1] + t as i64 * st[2];
+                let i = self.index(ptr, e);
+                if d > 0 {
+                    self.index(ptr, e + d as i64 - 1);
+                }
+                i
+            }
+
+            /// The tensor of `shape` and element `strides` at address `at`, contiguous.
+            fn read(&self, shape: &[usize], strides: &[usize], at: u64) -> Tensor {
+                let l = Layout::from_parts(shape.to_vec(), strides.to_vec(), self.index(at, 0));
+                Tensor::from_storage(Arc::new(Storage::F32(self.vals.clone())), l)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            }
         }
 
         /// `drop` is the dropout the plan was made with: its launches must carry it (threshold,
         /// seed, scale), and the replay applies it with each launch's head offset bh0.
-        fn replay(plan: &[Launch], mem: &mut [f32], d: usize, drop: Option<AttentionDropout>) {
+        fn replay(plan: &[Launch], mem: &mut Arena, d: usize, drop: Option<AttentionDropout>) {
             for l in plan {
                 let p = &l.p;
                 assert_eq!(
@@ -1310,29 +1496,39 @@ mod cuda {
                 let (b, h, tq, tk) = (p.b as usize, p.h as usize, p.tq as usize, p.tk as usize);
                 let shift = tk - tq;
                 let scale = p.scale as f64;
-                let rd = |mem: &[f32], ptr: u64, st: [i64; 3], bi, hi, t| -> Vec<f64> {
-                    let i = at(ptr, st, bi, hi, t);
-                    mem[i..i + d].iter().map(|&x| x as f64).collect()
+                let rd = |mem: &Arena, ptr: u64, st: [i64; 3], bi, hi, t| -> Vec<f64> {
+                    let i = mem.row(ptr, st, (bi, hi, t), d);
+                    mem.vals[i..i + d].iter().map(|&x| x as f64).collect()
                 };
                 let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
-                let row = |bi: usize, hi: usize| (bi * h + hi) * tq;
+                // Element (bi, hi, i) of a [B·H, Tq] f32 buffer (lse, delta).
+                let rowvec = |mem: &Arena, ptr: u64, bi: usize, hi: usize, i: usize| {
+                    mem.index(ptr, ((bi * h + hi) * tq + i) as i64)
+                };
                 // Element (i, j)'s dropout factor in head (bi, hi) of this launch.
                 let z = |bi: usize, hi: usize, i: usize, j: usize| {
                     let head = p.bh0 as usize + bi * h + hi;
                     drop.map_or(1.0, |x| x.factor(head, i, j) as f64)
                 };
                 let simt = (simt_rows(d), simt_threads(d));
+                let mma = l.entry.contains("_mma_");
+                if mma {
+                    // The tensor-core kernels exist for bf16 and D = 64, 128 only.
+                    // Backward instances with dropout compiled in are named _mma_drop_.
+                    let stem = if drop.is_some() && l.entry.starts_with("flash_attn_bwd_") {
+                        "_mma_drop_bf16"
+                    } else {
+                        "_mma_bf16"
+                    };
+                    assert!(l.entry.ends_with(&format!("{stem}_d{d}")), "{}", l.entry);
+                    assert!(matches!(d, 64 | 128), "{}", l.entry);
+                }
                 assert_eq!(
                     l.grid.1 as usize,
                     if l.entry.contains("delta") { 1 } else { b * h }
                 );
                 if l.entry.starts_with("flash_attn_fwd_") {
-                    let (rows, threads) = if l.entry.contains("mma") {
-                        assert_eq!(l.entry, format!("flash_attn_fwd_mma_bf16_d{d}"));
-                        (MMA_ROWS, MMA_THREADS)
-                    } else {
-                        simt
-                    };
+                    let (rows, threads) = if mma { (MMA_ROWS, MMA_THREADS) } else { simt };
                     assert_eq!((l.grid.0 as usize, l.threads), (tq.div_ceil(rows), threads));
                     let [q, k, v, o, lse] = l.ptrs[..] else {
                         panic!("{l:?}")
@@ -1353,11 +1549,12 @@ mod cuda {
                                 acc[c] += (sj - m).exp() / l_sum * z(bi, hi, i, j) * vj[c];
                             }
                         }
-                        let oi = at(o, p.o, bi, hi, i);
-                        for c in 0..d {
-                            mem[oi + c] = acc[c] as f32;
+                        let oi = mem.row(o, p.o, (bi, hi, i), d);
+                        for (dst, x) in mem.vals[oi..oi + d].iter_mut().zip(&acc) {
+                            *dst = *x as f32;
                         }
-                        mem[(lse / 4) as usize + row(bi, hi) + i] = (m + l_sum.ln()) as f32;
+                        let li = rowvec(mem, lse, bi, hi, i);
+                        mem.vals[li] = (m + l_sum.ln()) as f32;
                     }
                 } else if l.entry.starts_with("flash_attn_bwd_delta_") {
                     assert_eq!(l.head_dim, Some(d as i32));
@@ -1372,7 +1569,8 @@ mod cuda {
                         .flat_map(|x| (0..h).flat_map(move |y| (0..tq).map(move |z| (x, y, z))))
                     {
                         let s = dot(&rd(mem, o, p.o, bi, hi, i), &rd(mem, g, p.dout, bi, hi, i));
-                        mem[(delta / 4) as usize + row(bi, hi) + i] = s as f32;
+                        let di = rowvec(mem, delta, bi, hi, i);
+                        mem.vals[di] = s as f32;
                     }
                 } else {
                     let dkdv = l.entry.starts_with("flash_attn_bwd_dkdv_");
@@ -1383,21 +1581,22 @@ mod cuda {
                     );
                     assert!(l.entry.ends_with(&format!("_d{d}")), "{}", l.entry);
                     let t_own = if dkdv { tk } else { tq };
+                    let (rows, threads) = if mma { (MMA_ROWS, MMA_THREADS) } else { simt };
                     assert_eq!(
                         (l.grid.0 as usize, l.threads),
-                        (t_own.div_ceil(simt.0), simt.1)
+                        (t_own.div_ceil(rows), threads)
                     );
                     let (q, k, v, g, lse, delta) = (
                         l.ptrs[0], l.ptrs[1], l.ptrs[2], l.ptrs[3], l.ptrs[4], l.ptrs[5],
                     );
                     // P_ij and dS_ij of one (b, h) from lse and delta, as the kernels do.
-                    let p_ds = |mem: &[f32], bi, hi, i: usize, j: usize| -> (f64, f64) {
+                    let p_ds = |mem: &Arena, bi, hi, i: usize, j: usize| -> (f64, f64) {
                         if j > i + shift {
                             return (0.0, 0.0);
                         }
                         let qi = rd(mem, q, p.q, bi, hi, i);
-                        let li = mem[(lse / 4) as usize + row(bi, hi) + i] as f64;
-                        let di = mem[(delta / 4) as usize + row(bi, hi) + i] as f64;
+                        let li = mem.vals[rowvec(mem, lse, bi, hi, i)] as f64;
+                        let di = mem.vals[rowvec(mem, delta, bi, hi, i)] as f64;
                         let pij = (scale * dot(&qi, &rd(mem, k, p.k, bi, hi, j)) - li).exp();
                         let dp = dot(&rd(mem, g, p.dout, bi, hi, i), &rd(mem, v, p.v, bi, hi, j));
                         // dV takes P ⊙ Z, dS = P ⊙ (Z ⊙ dP − δ).
@@ -1418,12 +1617,12 @@ mod cuda {
                                     }
                                 }
                                 let (ik, iv) = (
-                                    at(l.ptrs[6], p.k, bi, hi, own),
-                                    at(l.ptrs[7], p.v, bi, hi, own),
+                                    mem.row(l.ptrs[6], p.k, (bi, hi, own), d),
+                                    mem.row(l.ptrs[7], p.v, (bi, hi, own), d),
                                 );
                                 for c in 0..d {
-                                    mem[ik + c] = dk[c] as f32;
-                                    mem[iv + c] = dv[c] as f32;
+                                    mem.vals[ik + c] = dk[c] as f32;
+                                    mem.vals[iv + c] = dv[c] as f32;
                                 }
                             } else {
                                 let mut dq = vec![0.0; d];
@@ -1434,43 +1633,14 @@ mod cuda {
                                         dq[c] += scale * ds * kj[c];
                                     }
                                 }
-                                let iq = at(l.ptrs[6], p.q, bi, hi, own);
-                                for c in 0..d {
-                                    mem[iq + c] = dq[c] as f32;
+                                let iq = mem.row(l.ptrs[6], p.q, (bi, hi, own), d);
+                                for (dst, x) in mem.vals[iq..iq + d].iter_mut().zip(&dq) {
+                                    *dst = *x as f32;
                                 }
                             }
                         }
                     }
                 }
-            }
-        }
-
-        /// A host arena standing in for device memory: regions appended in order.
-        struct Arena(Vec<f32>);
-
-        impl Arena {
-            /// Appends `t`'s whole storage (f32, host) and returns the region's base index.
-            fn put(&mut self, t: &Tensor) -> usize {
-                let base = self.0.len();
-                let s = t.storage().as_slice::<f32>().expect("f32 host storage");
-                self.0.extend_from_slice(s);
-                base
-            }
-
-            fn zeros(&mut self, n: usize) -> usize {
-                let base = self.0.len();
-                // Poison, not zeros: an element nothing writes shows up as NaN.
-                self.0.extend(std::iter::repeat_n(f32::NAN, n));
-                base
-            }
-
-            /// The tensor of `shape` and `strides` at element `base + offset`, contiguous.
-            fn read(&self, shape: &[usize], strides: &[usize], at: usize) -> Tensor {
-                let l = Layout::from_parts(shape.to_vec(), strides.to_vec(), at);
-                Tensor::from_storage(Arc::new(Storage::F32(self.0.clone())), l)
-                    .unwrap()
-                    .contiguous()
-                    .unwrap()
             }
         }
 
@@ -1508,21 +1678,24 @@ mod cuda {
         }
 
         /// Plans the forward and backward of causal_attention for host views q, k, v (layouts
-        /// that group without copies), replays them and compares with the CPU.
+        /// that group without copies) as operands of `dtype` (f32 values standing in for
+        /// bf16 ones: the plans and addresses are bf16's), replays them and compares with the
+        /// CPU. Returns the entry points of both plans, in order.
         fn replay_attention(
             q: &Tensor,
             k: &Tensor,
             v: &Tensor,
             seed: u64,
+            dtype: DType,
             drop: Option<AttentionDropout>,
-        ) {
+        ) -> Vec<String> {
             let r = q.rank();
             let lead = q.shape()[..r - 2].to_vec();
             let (tq, tk, d) = (q.shape()[r - 2], k.shape()[r - 2], q.shape()[r - 1]);
             let groups = HeadGroups::of(&lead, &[q.clone(), k.clone(), v.clone()]).unwrap();
             let pr = Problem {
                 op: "replay",
-                dtype: DType::F32,
+                dtype,
                 b: groups.b,
                 h: groups.h,
                 tq,
@@ -1531,21 +1704,25 @@ mod cuda {
                 scale: 1.0 / (d as f32).sqrt(),
                 drop,
             };
+            let esz = pr.esz();
             let g = Tensor::randn(q.shape(), 0.0, 1.0, seed);
-            let mut mem = Arena(Vec::new());
-            let operand = |t: &Tensor, base: usize| Operand {
-                ptr: 4 * (base + t.layout().offset()) as u64,
+            let mut mem = Arena::new();
+            let operand = |t: &Tensor, base: u64| Operand {
+                ptr: base + esz * t.layout().offset() as u64,
                 st: groups.strides(t).unwrap(),
             };
-            let ins: Vec<Operand> = [q, k, v].iter().map(|t| operand(t, mem.put(t))).collect();
+            let ins: Vec<Operand> = [q, k, v]
+                .iter()
+                .map(|t| operand(t, mem.put(t, esz)))
+                .collect();
             let out_shape = q.shape().to_vec();
             let n_out = q.numel();
-            let o_base = mem.zeros(n_out);
+            let o_base = mem.zeros(n_out, esz);
             let oo = operand(&Tensor::zeros(&out_shape), o_base);
-            let lse = mem.zeros(pr.b * pr.h * tq);
-            let plan = forward_plan(&pr, [&ins[0], &ins[1], &ins[2], &oo], 4 * lse as u64).unwrap();
-            replay(&plan, &mut mem.0, d, drop);
-            let g_base = mem.put(&g);
+            let lse = mem.zeros(pr.b * pr.h * tq, 4);
+            let fwd = forward_plan(&pr, [&ins[0], &ins[1], &ins[2], &oo], lse).unwrap();
+            replay(&fwd, &mut mem, d, drop);
+            let g_base = mem.put(&g, esz);
             let go = operand(&g, g_base);
             // The backward's operands and gradient buffers, as with_grad_buffer picks them.
             let mut bwd_ins = Vec::new();
@@ -1556,20 +1733,20 @@ mod cuda {
                 } else {
                     t.contiguous().unwrap()
                 };
-                let op = operand(&t, mem.put(&t));
-                let gbase = mem.zeros(t.numel());
+                let op = operand(&t, mem.put(&t, esz));
+                let gbase = mem.zeros(t.numel(), esz);
                 grads.push((gbase, t.shape().to_vec(), t.layout().strides().to_vec()));
                 bwd_ins.push(op);
             }
-            let delta = mem.zeros(pr.b * pr.h * tq);
-            let plan = backward_plan(
+            let delta = mem.zeros(pr.b * pr.h * tq, 4);
+            let bwd = backward_plan(
                 &pr,
                 [&bwd_ins[0], &bwd_ins[1], &bwd_ins[2], &oo, &go],
-                [4 * lse as u64, 4 * delta as u64],
-                [0, 1, 2].map(|i| 4 * grads[i].0 as u64),
+                [lse, delta],
+                [0, 1, 2].map(|i| grads[i].0),
             )
             .unwrap();
-            replay(&plan, &mut mem.0, d, drop);
+            replay(&bwd, &mut mem, d, drop);
 
             let (want_o, want_g) = cpu_attention(q, k, v, &g, drop);
             let got_o = mem.read(
@@ -1584,6 +1761,7 @@ mod cuda {
                 let e = max_abs_diff(&got, &want_g[i]);
                 assert!(e < 1e-3, "gradient {i} {shape:?}: {e}");
             }
+            fwd.iter().chain(&bwd).map(|l| l.entry.clone()).collect()
         }
 
         #[test]
@@ -1598,14 +1776,59 @@ mod cuda {
             let k = x(&[b, h, tk + 9, d], 2).narrow(2, 4, tk).unwrap();
             let v = x(&[b, tk, h, d], 3).permute(&[0, 2, 1, 3]).unwrap();
             let drop = AttentionDropout::new(0.3, 99).ok();
-            replay_attention(&q, &k, &v, 4, None);
-            replay_attention(&q, &k, &v, 4, drop);
+            replay_attention(&q, &k, &v, 4, DType::F32, None);
+            replay_attention(&q, &k, &v, 4, DType::F32, drop);
             // Three leading dims that merge into one batch dim; no leading dims at all.
             let y = |t, seed| x(&[2, 2, 2, t, d], seed);
-            replay_attention(&y(20, 5), &y(33, 6), &y(33, 7), 8, None);
-            replay_attention(&y(20, 5), &y(33, 6), &y(33, 7), 8, drop);
+            replay_attention(&y(20, 5), &y(33, 6), &y(33, 7), 8, DType::F32, None);
+            replay_attention(&y(20, 5), &y(33, 6), &y(33, 7), 8, DType::F32, drop);
             let z = |seed| x(&[17, 64], seed);
-            replay_attention(&z(9), &z(10), &z(11), 12, drop);
+            replay_attention(&z(9), &z(10), &z(11), 12, DType::F32, drop);
+        }
+
+        #[test]
+        fn replayed_mma_plans_match_the_cpu() {
+            // bf16 plans (2-byte elements) with D = 64 and 128: aligned operands take the
+            // tensor-core forward and backward, Tq < Tk and ragged tiles included.
+            let x = |shape: &[usize], seed| Tensor::randn(shape, 0.0, 1.0, seed);
+            let mma = |d, bwd: &str| {
+                [
+                    format!("flash_attn_fwd_mma_bf16_d{d}"),
+                    "flash_attn_bwd_delta_bf16".to_string(),
+                    format!("flash_attn_bwd_dkdv_{bwd}_d{d}"),
+                    format!("flash_attn_bwd_dq_{bwd}_d{d}"),
+                ]
+            };
+            for (d, tq, tk) in [(64usize, 37usize, 70usize), (128, 20, 20)] {
+                // Heads split out of [B, T, H, D] (time stride H·D) and narrowed keys (copied
+                // for the backward).
+                let q = x(&[2, tq, 3, d], 1).permute(&[0, 2, 1, 3]).unwrap();
+                let k = x(&[2, 3, tk + 9, d], 2).narrow(2, 4, tk).unwrap();
+                let v = x(&[2, tk, 3, d], 3).permute(&[0, 2, 1, 3]).unwrap();
+                let plain = replay_attention(&q, &k, &v, 4, DType::BF16, None);
+                assert_eq!(plain, mma(d, "mma_bf16"));
+                let drop = AttentionDropout::new(0.2, d as u64).ok();
+                let dropping = replay_attention(&q, &k, &v, 4, DType::BF16, drop);
+                assert_eq!(dropping, mma(d, "mma_drop_bf16"));
+            }
+            // Keys starting one element into their buffer (2 bytes: not 16-byte aligned), a
+            // dense view that the backward reads as it stands: SIMT kernels both ways.
+            let d = 64;
+            let q = x(&[1, 2, 30, d], 5);
+            let kbuf = x(&[2 * 30 * d + 1], 6);
+            let k = kbuf
+                .narrow(0, 1, 2 * 30 * d)
+                .unwrap()
+                .reshape_to(&[1, 2, 30, d])
+                .unwrap();
+            let v = x(&[1, 2, 30, d], 7);
+            let simt = [
+                format!("flash_attn_fwd_bf16_d{d}"),
+                "flash_attn_bwd_delta_bf16".to_string(),
+                format!("flash_attn_bwd_dkdv_bf16_d{d}"),
+                format!("flash_attn_bwd_dq_bf16_d{d}"),
+            ];
+            assert_eq!(replay_attention(&q, &k, &v, 8, DType::BF16, None), simt);
         }
 
         #[test]
@@ -1617,23 +1840,27 @@ mod cuda {
             // With dropout: each chunk's launches carry their first head index (bh0), so the
             // dropped elements are those of the whole problem's head numbering.
             let drop = AttentionDropout::new(0.5, 7).ok();
-            replay_attention(&x(1, 1), &x(tk, 2), &x(tk, 3), 4, drop);
+            replay_attention(&x(1, 1), &x(tk, 2), &x(tk, 3), 4, DType::F32, drop);
         }
 
         #[test]
         fn replayed_packed_plans_match_the_cpu() {
             let half = AttentionDropout::new(0.5, 3).ok();
-            for (b, t, h, dh, drop) in [
-                (2usize, 45usize, 3usize, 32usize, None),
-                (1, 20, 2, 64, None),
-                (2, 33, 2, 32, half),
+            for (b, t, h, dh, dtype, drop) in [
+                (2usize, 45usize, 3usize, 32usize, DType::F32, None),
+                (1, 20, 2, 64, DType::F32, None),
+                (2, 33, 2, 32, DType::F32, half),
+                // bf16 with D = 64: the tensor-core kernels, Q, K, V and d(qkv) thirds of
+                // one packed buffer each (offsets C and 2C, time stride 3C, 2-byte elements).
+                (2, 45, 3, 64, DType::BF16, None),
+                (2, 45, 3, 64, DType::BF16, half),
             ] {
                 let c = h * dh;
                 let qkv = Tensor::randn(&[b, t, 3 * c], 0.0, 1.0, 21);
                 let g = Tensor::randn(&[b, t, c], 0.0, 1.0, 22);
                 let pr = Problem {
                     op: "replay",
-                    dtype: DType::F32,
+                    dtype,
                     b,
                     h,
                     tq: t,
@@ -1642,33 +1869,31 @@ mod cuda {
                     scale: 1.0 / (dh as f32).sqrt(),
                     drop,
                 };
-                let mut mem = Arena(Vec::new());
-                let x = mem.put(&qkv);
-                let [q, k, v] = pr.packed_qkv(4 * x as u64);
+                let esz = pr.esz();
+                let mut mem = Arena::new();
+                let x = mem.put(&qkv, esz);
+                let [q, k, v] = pr.packed_qkv(x);
                 let merged = pr.merged_heads_strides();
-                let o_base = mem.zeros(b * t * c);
+                let o_base = mem.zeros(b * t * c, esz);
                 let o = Operand {
-                    ptr: 4 * o_base as u64,
+                    ptr: o_base,
                     st: merged,
                 };
-                let lse = mem.zeros(b * h * t);
-                let plan = forward_plan(&pr, [&q, &k, &v, &o], 4 * lse as u64).unwrap();
-                replay(&plan, &mut mem.0, dh, drop);
+                let lse = mem.zeros(b * h * t, 4);
+                let fwd = forward_plan(&pr, [&q, &k, &v, &o], lse).unwrap();
+                replay(&fwd, &mut mem, dh, drop);
                 let dout = Operand {
-                    ptr: 4 * mem.put(&g) as u64,
+                    ptr: mem.put(&g, esz),
                     st: merged,
                 };
-                let delta = mem.zeros(b * h * t);
-                let dqkv = mem.zeros(b * t * 3 * c);
-                let [dq, dk, dv] = pr.packed_qkv(4 * dqkv as u64).map(|o| o.ptr);
-                let plan = backward_plan(
-                    &pr,
-                    [&q, &k, &v, &o, &dout],
-                    [4 * lse as u64, 4 * delta as u64],
-                    [dq, dk, dv],
-                )
-                .unwrap();
-                replay(&plan, &mut mem.0, dh, drop);
+                let delta = mem.zeros(b * h * t, 4);
+                let dqkv = mem.zeros(b * t * 3 * c, esz);
+                let [dq, dk, dv] = pr.packed_qkv(dqkv).map(|o| o.ptr);
+                let bwd = backward_plan(&pr, [&q, &k, &v, &o, &dout], [lse, delta], [dq, dk, dv])
+                    .unwrap();
+                replay(&bwd, &mut mem, dh, drop);
+                let mma = fwd.iter().chain(&bwd).filter(|l| l.entry.contains("_mma_"));
+                assert_eq!(mma.count(), if dtype == DType::BF16 { 3 } else { 0 });
 
                 let p = crate::Parameter::new(qkv.clone());
                 let want = Tensor::causal_self_attention_dropout(&p.tensor(), h, drop).unwrap();
@@ -1677,7 +1902,7 @@ mod cuda {
                 assert!(max_abs_diff(&got, &want) < 1e-4);
                 let got = mem.read(&[b, t, 3 * c], &[3 * t * c, 3 * c, 1], dqkv);
                 let e = max_abs_diff(&got, &p.grad().unwrap());
-                assert!(e < 1e-3, "d(qkv) B{b} T{t} H{h} Dh{dh}: {e}");
+                assert!(e < 1e-3, "d(qkv) {dtype} B{b} T{t} H{h} Dh{dh}: {e}");
             }
         }
     }
