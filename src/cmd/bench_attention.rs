@@ -8,12 +8,16 @@
 //! times that (five products: dV, dP, dS·K, dSᵀ·Q and the recomputed scores), so forward +
 //! backward counts 3.5 × the forward. Work the kernels actually do beyond that (recomputation
 //! of the softmax, the diagonal blocks' masked half) is not counted.
+//!
+//! `--dropout P` runs `Tensor::causal_attention_dropout` (dropout on the probabilities, fused
+//! into the same kernels: the hashing is extra work on top of the same FLOP count), so the
+//! cost of training-mode attention shows against the plain run.
 
 use super::bench::{fill, median_seconds_per_rep};
 use super::common::{device_name, open_device, parse_device, with_threads};
 use anyhow::{bail, Context};
 use clap::Args;
-use rlhf_tensor::{no_grad, DType, Device, Parameter, Tensor};
+use rlhf_tensor::{no_grad, AttentionDropout, DType, Device, Parameter, Tensor};
 use serde_json::json;
 
 #[derive(Args)]
@@ -40,6 +44,9 @@ pub struct AttentionArgs {
     /// Timed runs of each pass; the median is reported.
     #[arg(long, default_value_t = 7)]
     pub runs: usize,
+    /// Dropout probability on the attention probabilities (fused; 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
     #[arg(long)]
     pub json: bool,
 }
@@ -60,6 +67,10 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
     if b == 0 || h == 0 || t == 0 || d == 0 || args.runs == 0 {
         bail!("bench attention: --batch, --heads, --seq, --head-dim and --runs must be at least 1");
     }
+    let drop = Some(
+        AttentionDropout::new(args.dropout, 0x5eed)
+            .with_context(|| format!("bench attention: --dropout {}", args.dropout))?,
+    );
     let device = args.device;
     let dtype = match args
         .dtype
@@ -104,7 +115,7 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let forward = |x: &Inputs| -> anyhow::Result<()> {
-            no_grad(|| Tensor::causal_attention(&x.q, &x.k, &x.v))?;
+            no_grad(|| Tensor::causal_attention_dropout(&x.q, &x.k, &x.v, drop))?;
             Ok(())
         };
         let forward_backward = |x: &Inputs| -> anyhow::Result<()> {
@@ -113,7 +124,8 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
                 Parameter::new(x.k.clone()),
                 Parameter::new(x.v.clone()),
             );
-            let out = Tensor::causal_attention(&q.tensor(), &k.tensor(), &v.tensor())?;
+            let out =
+                Tensor::causal_attention_dropout(&q.tensor(), &k.tensor(), &v.tensor(), drop)?;
             out.backward_with(x.dout.clone())?;
             if q.grad().is_none() || k.grad().is_none() || v.grad().is_none() {
                 bail!("bench attention: the backward produced no gradient");
@@ -151,14 +163,16 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
                     "{}",
                     json!({"op": "attention", "pass": pass, "causal": true, "batch": b,
                            "heads": h, "seq": t, "head_dim": d, "dtype": dtype.to_string(),
+                           "dropout": args.dropout,
                            "device": device.to_string(), "card": card, "threads": threads,
                            "ms": secs * 1e3, "tflops": tflops})
                 );
             } else {
                 println!(
-                    "attention {pass} causal B={b} H={h} T={t} D={d} {dtype} on {device} \
+                    "attention {pass} causal B={b} H={h} T={t} D={d} {dtype} dropout {} on {device} \
                      ({card}{}): {:.3} ms, {tflops:.2} TFLOP/s (2·B·H·T²·D flops forward, \
                      3.5× that forward + backward; median of {})",
+                    args.dropout,
                     threads
                         .map(|n| format!(", {n} threads"))
                         .unwrap_or_default(),
