@@ -163,7 +163,8 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
                     "{}",
                     json!({"op": "attention", "pass": pass, "causal": true, "batch": b,
                            "heads": h, "seq": t, "head_dim": d, "dtype": dtype.to_string(),
-                           "dropout": args.dropout,
+                           // As written (0.1, not the f32's 0.10000000149…).
+                           "dropout": args.dropout.to_string().parse::<f64>().unwrap_or(f64::NAN),
                            "device": device.to_string(), "card": card, "threads": threads,
                            "ms": secs * 1e3, "tflops": tflops})
                 );
