@@ -255,10 +255,11 @@ __device__ __forceinline__ void dropout_body(i64 n, const Strided& lx, const T* 
         z ^= z >> 31;
         const i64 i = 2 * k;
         const float a = load_f32(x + offset_of(lx, i));
-        store_f32(out + i, (u32)z >= threshold ? a * scale : 0.0f);
+        // Times 0 when dropped, not 0: NaN and inf stay NaN, as on the CPU.
+        store_f32(out + i, a * ((u32)z >= threshold ? scale : 0.0f));
         if (i + 1 < n) {
             const float b = load_f32(x + offset_of(lx, i + 1));
-            store_f32(out + i + 1, (u32)(z >> 32) >= threshold ? b * scale : 0.0f);
+            store_f32(out + i + 1, b * ((u32)(z >> 32) >= threshold ? scale : 0.0f));
         }
     }
 }

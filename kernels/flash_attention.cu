@@ -178,7 +178,7 @@ __device__ __forceinline__ void fa_fwd_body(const AttnParams& p, const T* __rest
     }
     float m = neg_inf(), l = 0.0f;
     const bool dropping = p.drop_threshold != 0;
-    const FaDropRow dr = fa_drop_row(p, bh, i);
+    const FaDropRow dr = dropping ? fa_drop_row(p, bh, i) : FaDropRow{0u, 0u};
 
     // Keys up to the last position any row of this block can see.
     const int last_key = min(i0 + R, p.Tq) - 1 + shift;
@@ -301,7 +301,8 @@ __device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16*
     const float sl2 = p.scale * LOG2E;  // scores in log2 units
     float m_lo = neg_inf(), m_hi = neg_inf(), l_lo = 0.0f, l_hi = 0.0f;
     const bool dropping = p.drop_threshold != 0;
-    const FaDropRow dr_lo = fa_drop_row(p, bh, row_lo), dr_hi = fa_drop_row(p, bh, row_hi);
+    FaDropRow dr_lo = {0u, 0u}, dr_hi = {0u, 0u};
+    if (dropping) dr_lo = fa_drop_row(p, bh, row_lo), dr_hi = fa_drop_row(p, bh, row_hi);
     float acc[ND][4];
 #pragma unroll
     for (int j = 0; j < ND; ++j)
@@ -566,7 +567,7 @@ __device__ __forceinline__ void fa_dq_body(const AttnParams& p, const T* __restr
     const float li = active ? lse[(i64)bh * p.Tq + i] : 0.0f;
     const float di = active ? delta[(i64)bh * p.Tq + i] : 0.0f;
     const bool dropping = p.drop_threshold != 0;
-    const FaDropRow dr = fa_drop_row(p, bh, i);
+    const FaDropRow dr = dropping ? fa_drop_row(p, bh, i) : FaDropRow{0u, 0u};
 
     const int last_key = min(i0 + R, p.Tq) - 1 + shift;
     for (int j0 = 0; j0 <= last_key; j0 += R) {

@@ -230,10 +230,10 @@ fn gpt_training_steps_on_cuda_match_the_cpu() {
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn gpt_training_steps_with_dropout_on_cuda_match_the_cpu() {
     // GPT-2's default dropout (0.1 on embeddings, attention probabilities and residual
-    // branches). Embedding and residual masks are drawn on the host from the trainer's seeds;
-    // attention dropout runs inside the fused attention kernels, from a hash of the seed and
-    // each element's (head, query, key) that the CPU kernel evaluates too. So both devices
-    // drop the same elements and the tolerances are those of the dropout-free test.
+    // branches). Every mask is a hash of the trainer's seed and each element's index
+    // (row-major for embedding and residual dropout, (head, query, key) inside the fused
+    // attention kernels) that the CPU evaluates too. So both devices drop the same elements and
+    // the tolerances are those of the dropout-free test.
     let s = seed("gpt_training_steps_with_dropout");
     let mut c = config();
     (c.embd_pdrop, c.attn_pdrop, c.resid_pdrop) = (0.1, 0.1, 0.1);

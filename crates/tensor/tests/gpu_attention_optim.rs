@@ -769,14 +769,46 @@ fn attention_dropout_grads(
     (out, ps.map(|p| p.grad().expect("a gradient")))
 }
 
+/// The largest elementwise difference relative to the largest magnitude of `want` under `tol`:
+/// unlike the norm in `check`, one wrong element among many cannot hide in it.
+fn check_elements(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    let host = |t: &Tensor| t.to_device(Device::Cpu).unwrap().to_f64_vec();
+    let (g, w) = (host(got), host(want));
+    assert_eq!(g.len(), w.len(), "{what}: lengths");
+    let scale = w.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+    let (i, e) = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| {
+            if a.is_nan() {
+                f64::INFINITY
+            } else {
+                (a - b).abs() / scale
+            }
+        })
+        .enumerate()
+        .fold(
+            (0, 0.0),
+            |best, (i, e)| if e > best.1 { (i, e) } else { best },
+        );
+    assert!(
+        e < tol,
+        "{what}: element {i} is {} against {} ({e:e} of the largest |value|, tolerance {tol:e})",
+        g[i],
+        w[i]
+    );
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn cuda_attention_dropout_matches_the_cpu() {
-    // The dropped elements are a hash of (seed, head, query, key), evaluated by every kernel:
-    // the GPU must drop exactly the CPU's elements (a single differing element among a few
-    // hundred changes the output far beyond the tolerance at p = 0.5), forward and backward.
-    // Contiguous bf16 operands with D 64/128 take the tensor-core kernels; the time-strided
-    // views (stride D + 1) the SIMT ones; f32 always the SIMT ones.
+    // The dropped elements are a hash of (seed, head, query row, key), evaluated by every
+    // kernel: the GPU must drop exactly the CPU's elements, forward and backward, which an
+    // elementwise comparison shows (a wrongly dropped or kept element moves its output row by
+    // about P_ij·|v_j|, beyond the bf16 tolerance). Contiguous bf16 operands with D 64/128
+    // take the tensor-core kernels, the time-strided views (stride D + 1) the SIMT ones, f32
+    // always the SIMT ones; some cases have fewer queries than keys (the hash takes the
+    // query's row, not its position).
     let mut rng = Rng::new(seed("attention_dropout"));
     let mut trial = 0;
     for dtype in [DType::F32, DType::BF16] {
@@ -785,33 +817,39 @@ fn cuda_attention_dropout_matches_the_cpu() {
                 trial += 1;
                 let (b, h) = (1 + rng.below(2) as usize, 1 + rng.below(3) as usize);
                 let t = 1 + rng.below(150) as usize;
+                let tq = if trial % 3 == 0 {
+                    1 + rng.below(t as u64) as usize
+                } else {
+                    t
+                };
                 let p = [0.1f32, 0.5][trial % 2];
                 let drop = AttentionDropout::new(p, rng.next_u64()).ok();
                 let mut cpu = Vec::new();
                 let mut gpu = Vec::new();
-                for _ in 0..3 {
-                    let x = rand(&mut rng, &[b, h, t, d + 1], -1.5, 1.5, DType::F32);
+                for rows in [tq, t, t] {
+                    let x = rand(&mut rng, &[b, h, rows, d + 1], -1.5, 1.5, DType::F32);
                     let (c, g) = pair(&x, dtype);
                     cpu.push(c.narrow(3, 0, d).unwrap().contiguous().unwrap());
                     let g = g.narrow(3, 0, d).unwrap();
                     gpu.push(if strided { g } else { g.contiguous().unwrap() });
                 }
-                let (gc, gg) = pair(&rand(&mut rng, &[b, h, t, d], -1.0, 1.0, DType::F32), dtype);
-                let what = format!("{dtype} B{b} H{h} T{t} D{d} p{p} strided {strided}");
+                let (gc, gg) = pair(
+                    &rand(&mut rng, &[b, h, tq, d], -1.0, 1.0, DType::F32),
+                    dtype,
+                );
+                let what = format!("{dtype} B{b} H{h} Tq{tq} Tk{t} D{d} p{p} strided {strided}");
                 let (oc, dc) = attention_dropout_grads([&cpu[0], &cpu[1], &cpu[2]], drop, &gc);
                 let (og, dg) = attention_dropout_grads([&gpu[0], &gpu[1], &gpu[2]], drop, &gg);
                 assert_eq!(og.device(), GPU);
                 check(&format!("{what}: out"), &og, &oc, tol(dtype, 1e-4));
+                check_elements(&format!("{what}: out"), &og, &oc, 2.0 * tol(dtype, 1e-4));
                 for (name, (got, want)) in ["dq", "dk", "dv"].iter().zip(dg.iter().zip(&dc)) {
-                    check(
-                        &format!("{what}: {name}"),
-                        got,
-                        want,
-                        2.0 * tol(dtype, 1e-4),
-                    );
+                    let what = format!("{what}: {name}");
+                    check(&what, got, want, 2.0 * tol(dtype, 1e-4));
+                    check_elements(&what, got, want, 2.0 * tol(dtype, 1e-4));
                 }
                 // Dropout was applied: without it the output is another one.
-                if t > 40 {
+                if tq > 40 {
                     let plain = Tensor::causal_attention(&gpu[0], &gpu[1], &gpu[2]).unwrap();
                     assert!(
                         rel_err(

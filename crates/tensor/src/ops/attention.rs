@@ -161,7 +161,7 @@ impl Tensor {
     }
 
     /// [`Tensor::causal_attention_dropout`] composed from primitives: the softmax times an
-    /// explicit [.., Tq, Tk] tensor of dropout factors (0 or 1/(1-p)), then the product with v.
+    /// explicit [.., Tq, Tk] keep mask (0 or 1), times 1/(1-p), then the product with v.
     pub fn causal_attention_reference_dropout(
         q: &Tensor,
         k: &Tensor,
@@ -183,19 +183,21 @@ impl Tensor {
         let Some(drop) = drop.filter(AttentionDropout::is_active) else {
             return probs.matmul(v);
         };
-        let mut factors = Vec::with_capacity(s.bh * s.tq * s.tk);
+        let mut keep = Vec::with_capacity(s.bh * s.tq * s.tk);
         for bh in 0..s.bh {
             for i in 0..s.tq {
                 let row = drop.row(bh, i);
-                factors.extend((0..s.tk).map(|j| row.factor(j)));
+                keep.extend((0..s.tk).map(|j| if row.keeps(j) { 1.0 } else { 0.0 }));
             }
         }
         let mut shape = lead;
         shape.extend([s.tq, s.tk]);
-        let factors = Tensor::f32_owned(factors, &shape)
+        // 0/1 is exact in every dtype; the scale is applied by mul_scalar in f32 (1/(1-p)
+        // itself is not a bf16 value), so a bf16 reference is not biased by its rounding.
+        let keep = Tensor::f32_owned(keep, &shape)
             .to_dtype(probs.dtype())?
             .to_device(probs.device())?;
-        probs.mul(&factors)?.matmul(v)
+        probs.mul(&keep)?.mul_scalar(drop.scale())?.matmul(v)
     }
 }
 

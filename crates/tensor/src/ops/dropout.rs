@@ -31,7 +31,8 @@ impl Mask {
     fn new(p: f32, seed: u64) -> Mask {
         Mask {
             seed,
-            // Exact: p is an f32 in [0, 1), so p · 2³² ≤ 2³² − 256.
+            // p · 2³² is exact in f64 and at most 2³² − 256 (p < 1 as an f32); its fraction
+            // (p below 2⁻⁸) is truncated.
             threshold: (f64::from(p) * 4_294_967_296.0) as u32,
             scale: 1.0 / (1.0 - p),
         }
@@ -49,10 +50,12 @@ impl Mask {
         (z as u32, (z >> 32) as u32)
     }
 
+    /// A dropped element is multiplied by 0, not replaced by it: NaN and ±inf stay NaN,
+    /// as they would through `x * mask` (and as in the attention kernels).
     #[inline]
     fn apply(&self, bits: u32, x: f32) -> f32 {
-        if bits >= self.threshold {
-            x * self.scale
+        x * if bits >= self.threshold {
+            self.scale
         } else {
             0.0
         }
@@ -137,7 +140,16 @@ fn dropout_cuda(x: &Tensor, m: &Mask) -> Result<Tensor> {
     // SAFETY: dropout_T(i64 n, Strided lx, const T* x, T* out, u64 seed, u32 threshold,
     // float scale); x is read through its own layout (inside its storage), out holds n
     // elements of T.
-    unsafe { launch(OP, &entry, b, crate::cuda::storage::elementwise_config(n))? };
+    // One thread per element pair (the kernel's grid-stride loop covers any grid).
+    let pairs = n.div_ceil(2);
+    unsafe {
+        launch(
+            OP,
+            &entry,
+            b,
+            crate::cuda::storage::elementwise_config(pairs),
+        )?
+    };
     Ok(out)
 }
 
@@ -156,6 +168,14 @@ mod tests {
         assert!((mean - 1.0).abs() < 0.05, "{mean}");
         assert!(x.dropout(1.0, 0).is_err());
         assert!(x.dropout(-0.1, 0).is_err());
+        // Dropped elements are multiplied by zero: a NaN stays NaN wherever it is.
+        let nan = Tensor::from_vec(vec![f32::NAN; 64], &[64]).unwrap();
+        assert!(nan
+            .dropout(0.5, 1)
+            .unwrap()
+            .to_f64_vec()
+            .iter()
+            .all(|x| x.is_nan()));
     }
 
     /// The hash is SplitMix64's stream: outputs pinned from the published generator
