@@ -178,7 +178,9 @@ __device__ __forceinline__ void fa_fwd_body(const AttnParams& p, const T* __rest
     }
     float m = neg_inf(), l = 0.0f;
     const bool dropping = p.drop_threshold != 0;
-    const FaDropRow dr = dropping ? fa_drop_row(p, bh, i) : FaDropRow{0u, 0u};
+    // Computed either way (once per thread): making it conditional made ptxas spill the
+    // D = 32 instance on sm_90.
+    const FaDropRow dr = fa_drop_row(p, bh, i);
 
     // Keys up to the last position any row of this block can see.
     const int last_key = min(i0 + R, p.Tq) - 1 + shift;
