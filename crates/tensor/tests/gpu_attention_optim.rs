@@ -816,7 +816,9 @@ fn cuda_attention_dropout_matches_the_cpu() {
             for strided in [false, true] {
                 trial += 1;
                 let (b, h) = (1 + rng.below(2) as usize, 1 + rng.below(3) as usize);
-                let t = 1 + rng.below(150) as usize;
+                // At least two keys: with one, dS = P·(Z·dP − δ) is exactly zero (δ = Z·dP),
+                // and dq, dk are rounding noise that no relative tolerance can judge.
+                let t = 2 + rng.below(149) as usize;
                 let tq = if trial % 3 == 0 {
                     1 + rng.below(t as u64) as usize
                 } else {
