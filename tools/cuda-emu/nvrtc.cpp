@@ -221,28 +221,32 @@ nvrtcResult nvrtcCompileProgram(nvrtcProgram prog, int n, const char* const* opt
     return compile(*prog, opts);
 }
 
-nvrtcResult nvrtcGetPTXSize(nvrtcProgram prog, size_t* size) {
+// The size (with its NUL) and the copy of a program's text (its PTX stand-in or its log),
+// as NVRTC's Get*Size / Get* pairs hand them out.
+static nvrtcResult text_size(nvrtcProgram prog, std::string Program::*text, size_t* size) {
     if (!prog || !size) return NVRTC_ERROR_INVALID_INPUT;
-    *size = prog->ptx.size() + 1;
+    *size = (prog->*text).size() + 1;
     return NVRTC_SUCCESS;
 }
 
-nvrtcResult nvrtcGetPTX(nvrtcProgram prog, char* ptx) {
-    if (!prog || !ptx) return NVRTC_ERROR_INVALID_INPUT;
-    memcpy(ptx, prog->ptx.c_str(), prog->ptx.size() + 1);
+static nvrtcResult copy_text(nvrtcProgram prog, std::string Program::*text, char* out) {
+    if (!prog || !out) return NVRTC_ERROR_INVALID_INPUT;
+    memcpy(out, (prog->*text).c_str(), (prog->*text).size() + 1);
     return NVRTC_SUCCESS;
 }
+
+nvrtcResult nvrtcGetPTXSize(nvrtcProgram prog, size_t* size) {
+    return text_size(prog, &Program::ptx, size);
+}
+
+nvrtcResult nvrtcGetPTX(nvrtcProgram prog, char* ptx) { return copy_text(prog, &Program::ptx, ptx); }
 
 nvrtcResult nvrtcGetProgramLogSize(nvrtcProgram prog, size_t* size) {
-    if (!prog || !size) return NVRTC_ERROR_INVALID_INPUT;
-    *size = prog->log.size() + 1;
-    return NVRTC_SUCCESS;
+    return text_size(prog, &Program::log, size);
 }
 
 nvrtcResult nvrtcGetProgramLog(nvrtcProgram prog, char* log) {
-    if (!prog || !log) return NVRTC_ERROR_INVALID_INPUT;
-    memcpy(log, prog->log.c_str(), prog->log.size() + 1);
-    return NVRTC_SUCCESS;
+    return copy_text(prog, &Program::log, log);
 }
 
 nvrtcResult nvrtcDestroyProgram(nvrtcProgram* prog) {

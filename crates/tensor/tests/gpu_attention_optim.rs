@@ -65,18 +65,31 @@ fn operand(rng: &mut Rng, s: [usize; 4], lay: Lay, dtype: DType) -> (Tensor, Ten
     }
 }
 
-/// causal_attention's output and the gradients of q, k, v for output gradient `g`.
-fn attention_grads(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> (Tensor, [Tensor; 3]) {
+/// causal_attention_dropout's output (`drop`: None for plain attention) and the gradients of
+/// q, k, v for output gradient `g`.
+fn attention_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    drop: Option<AttentionDropout>,
+) -> (Tensor, [Tensor; 3]) {
     let ps = [q, k, v].map(|x| Parameter::new(x.clone()));
-    let out = Tensor::causal_attention(&ps[0].tensor(), &ps[1].tensor(), &ps[2].tensor()).unwrap();
+    let [q, k, v] = [0, 1, 2].map(|i| ps[i].tensor());
+    let out = Tensor::causal_attention_dropout(&q, &k, &v, drop).unwrap();
     out.backward_with(g.clone()).unwrap();
     (out, ps.map(|p| p.grad().expect("a gradient")))
 }
 
-/// causal_self_attention's output and d(qkv).
-fn self_attention_grads(qkv: &Tensor, n_head: usize, g: &Tensor) -> (Tensor, Tensor) {
+/// causal_self_attention_dropout's output (`drop`: None for plain attention) and d(qkv).
+fn self_attention_grads(
+    qkv: &Tensor,
+    n_head: usize,
+    g: &Tensor,
+    drop: Option<AttentionDropout>,
+) -> (Tensor, Tensor) {
     let p = Parameter::new(qkv.clone());
-    let out = Tensor::causal_self_attention(&p.tensor(), n_head).unwrap();
+    let out = Tensor::causal_self_attention_dropout(&p.tensor(), n_head, drop).unwrap();
     out.backward_with(g.clone()).unwrap();
     (out, p.grad().expect("a gradient"))
 }
@@ -86,8 +99,8 @@ fn check_attention(what: &str, cpu: [&Tensor; 3], gpu: [&Tensor; 3], rng: &mut R
     let dtype = gpu[0].dtype();
     let oshape = cpu[0].shape().to_vec();
     let (gc, gg) = pair(&rand(rng, &oshape, -1.0, 1.0, DType::F32), dtype);
-    let (oc, dc) = attention_grads(cpu[0], cpu[1], cpu[2], &gc);
-    let (og, dg) = attention_grads(gpu[0], gpu[1], gpu[2], &gg);
+    let (oc, dc) = attention_grads(cpu[0], cpu[1], cpu[2], &gc, None);
+    let (og, dg) = attention_grads(gpu[0], gpu[1], gpu[2], &gg, None);
     assert_eq!(og.device(), GPU);
     assert_eq!(og.dtype(), dtype);
     check(&format!("{what}: out"), &og, &oc, tol(dtype, 1e-4));
@@ -213,8 +226,8 @@ fn cuda_packed_self_attention_matches_the_cpu() {
         );
         let (gc, gg) = pair(&rand(&mut rng, &[b, t, c], -1.0, 1.0, DType::F32), dtype);
         let what = format!("{dtype} B{b} T{t} H{h} Dh{dh}");
-        let (oc, dc) = self_attention_grads(&xc, h, &gc);
-        let (og, dg) = self_attention_grads(&xg, h, &gg);
+        let (oc, dc) = self_attention_grads(&xc, h, &gc, None);
+        let (og, dg) = self_attention_grads(&xg, h, &gg, None);
         assert_eq!((og.device(), dg.device()), (GPU, GPU));
         assert_eq!(dg.shape(), &[b, t, 3 * c]);
         check(&format!("{what}: out"), &og, &oc, tol(dtype, 1e-4));
@@ -319,9 +332,9 @@ fn cuda_attention_mma_backward_matches_the_simt_backward() {
         let gc = rand(&mut rng, &[b, h, tq, d], -1.0, 1.0, DType::BF16).to_dtype(DType::F32);
         let gc = gc.unwrap();
         let (g_mma, g_simt) = aligned_and_misaligned(&gc);
-        let (oc, want) = attention_grads(&qc, &kc, &vc, &gc);
-        let (o1, mma) = attention_grads(&qg, &kg, &vg, &g_mma);
-        let (o2, simt) = attention_grads(&qg, &kg, &vg, &g_simt);
+        let (oc, want) = attention_grads(&qc, &kc, &vc, &gc, None);
+        let (o1, mma) = attention_grads(&qg, &kg, &vg, &g_mma, None);
+        let (o2, simt) = attention_grads(&qg, &kg, &vg, &g_simt, None);
         assert_eq!(bits(&o1), bits(&o2), "{what}: the forward is the same");
         check(&format!("{what}: out"), &o1, &oc, 1e-2);
         let mut differ = false;
@@ -363,9 +376,9 @@ fn cuda_attention_mma_backward_matches_the_simt_backward() {
         let gc = rand(&mut rng, &[b, t, c], -1.0, 1.0, DType::BF16).to_dtype(DType::F32);
         let gc = gc.unwrap();
         let (g_mma, g_simt) = aligned_and_misaligned(&gc);
-        let (oc, want) = self_attention_grads(&xc, h, &gc);
-        let (o1, mma) = self_attention_grads(&xg, h, &g_mma);
-        let (o2, simt) = self_attention_grads(&xg, h, &g_simt);
+        let (oc, want) = self_attention_grads(&xc, h, &gc, None);
+        let (o1, mma) = self_attention_grads(&xg, h, &g_mma, None);
+        let (o2, simt) = self_attention_grads(&xg, h, &g_simt, None);
         assert_eq!(bits(&o1), bits(&o2), "{what}: the forward is the same");
         check(&format!("{what}: out"), &o1, &oc, 1e-2);
         check(&format!("{what}: mma d(qkv) vs cpu"), &mma, &want, 2e-2);
@@ -399,8 +412,8 @@ fn cuda_attention_head_dims_without_a_kernel() {
             &rand(&mut rng, &[b, t, h * d], -1.0, 1.0, DType::F32),
             dtype,
         );
-        let (oc, dc) = self_attention_grads(&xc, h, &gc);
-        let (og, dg) = self_attention_grads(&xg, h, &gg);
+        let (oc, dc) = self_attention_grads(&xc, h, &gc, None);
+        let (og, dg) = self_attention_grads(&xg, h, &gg, None);
         check(
             &format!("packed {dtype} Dh{d}: out"),
             &og,
@@ -440,8 +453,8 @@ fn cuda_attention_is_deterministic_and_handles_empty_inputs() {
             &rand(&mut rng, &[2, 3, 150, 64], -1.0, 1.0, DType::F32),
             dtype,
         );
-        let (o1, d1) = attention_grads(&q, &k, &v, &g);
-        let (o2, d2) = attention_grads(&q, &k, &v, &g);
+        let (o1, d1) = attention_grads(&q, &k, &v, &g, None);
+        let (o2, d2) = attention_grads(&q, &k, &v, &g, None);
         assert_eq!(bits(&o1), bits(&o2), "{dtype}: forward");
         for (a, b) in d1.iter().zip(&d2) {
             assert_eq!(bits(a), bits(b), "{dtype}: backward");
@@ -453,7 +466,7 @@ fn cuda_attention_is_deterministic_and_handles_empty_inputs() {
         .to_device(GPU)
         .unwrap();
     let q = k.narrow(2, 0, 0).unwrap();
-    let (o, d) = attention_grads(&q, &k, &k, &q);
+    let (o, d) = attention_grads(&q, &k, &k, &q, None);
     assert_eq!((o.shape(), o.device()), (&[1usize, 2, 0, 32][..], GPU));
     assert_eq!(
         (d[1].shape(), d[1].device()),
@@ -769,19 +782,6 @@ fn cuda_adamw_errors_for_mixed_devices() {
 
 // ---- attention dropout --------------------------------------------------------------------------
 
-/// causal_attention_dropout's output and the gradients of q, k, v for output gradient `g`.
-fn attention_dropout_grads(
-    xs: [&Tensor; 3],
-    drop: Option<AttentionDropout>,
-    g: &Tensor,
-) -> (Tensor, [Tensor; 3]) {
-    let ps = xs.map(|x| Parameter::new(x.clone()));
-    let [q, k, v] = [0, 1, 2].map(|i| ps[i].tensor());
-    let out = Tensor::causal_attention_dropout(&q, &k, &v, drop).unwrap();
-    out.backward_with(g.clone()).unwrap();
-    (out, ps.map(|p| p.grad().expect("a gradient")))
-}
-
 /// The largest elementwise difference relative to the largest magnitude of `want` under `tol`:
 /// unlike the norm in `check`, one wrong element among many cannot hide in it.
 fn check_elements(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
@@ -853,8 +853,8 @@ fn cuda_attention_dropout_matches_the_cpu() {
                     dtype,
                 );
                 let what = format!("{dtype} B{b} H{h} Tq{tq} Tk{t} D{d} p{p} strided {strided}");
-                let (oc, dc) = attention_dropout_grads([&cpu[0], &cpu[1], &cpu[2]], drop, &gc);
-                let (og, dg) = attention_dropout_grads([&gpu[0], &gpu[1], &gpu[2]], drop, &gg);
+                let (oc, dc) = attention_grads(&cpu[0], &cpu[1], &cpu[2], &gc, drop);
+                let (og, dg) = attention_grads(&gpu[0], &gpu[1], &gpu[2], &gg, drop);
                 assert_eq!(og.device(), GPU);
                 check(&format!("{what}: out"), &og, &oc, tol(dtype, 1e-4));
                 check_elements(&format!("{what}: out"), &og, &oc, 2.0 * tol(dtype, 1e-4));
@@ -891,13 +891,8 @@ fn cuda_attention_dropout_matches_the_cpu() {
             dtype,
         );
         let (gc, gg) = pair(&rand(&mut rng, &[b, t, c], -1.0, 1.0, DType::F32), dtype);
-        let run = |x: &Tensor, g: &Tensor| {
-            let p = Parameter::new(x.clone());
-            let out = Tensor::causal_self_attention_dropout(&p.tensor(), h, drop).unwrap();
-            out.backward_with(g.clone()).unwrap();
-            (out, p.grad().expect("a gradient"))
-        };
-        let ((oc, dc), (og, dg)) = (run(&xc, &gc), run(&xg, &gg));
+        let (oc, dc) = self_attention_grads(&xc, h, &gc, drop);
+        let (og, dg) = self_attention_grads(&xg, h, &gg, drop);
         let what = format!("packed {dtype} B{b} T{t} H{h} Dh{dh}");
         check(&format!("{what}: out"), &og, &oc, tol(dtype, 1e-4));
         check(&format!("{what}: d(qkv)"), &dg, &dc, 2.0 * tol(dtype, 1e-4));

@@ -77,7 +77,6 @@ impl Tensor {
         drop: Option<AttentionDropout>,
     ) -> Result<Tensor> {
         let (_, shape) = attention_shape(q, k, v)?;
-        let drop = drop.filter(AttentionDropout::is_active);
         #[cfg(feature = "cuda")]
         if let Some(dev) = super::cuda_inputs("causal_attention", &[q, k, v])? {
             return cuda::causal_attention(&dev, q, k, v, shape.d, drop);
@@ -333,7 +332,6 @@ impl Tensor {
         n_head: usize,
         drop: Option<AttentionDropout>,
     ) -> Result<Tensor> {
-        let drop = drop.filter(AttentionDropout::is_active);
         let bad = || {
             Error::invalid(
                 "causal_self_attention",
@@ -543,10 +541,16 @@ mod cuda {
             (0..b).step_by(per).map(move |b0| (b0, per.min(b - b0)))
         }
 
+        /// The dropout the kernels apply: `drop` when it can drop anything (a p = 0 dropout
+        /// launches the dropout-free kernels with a zero threshold).
+        fn dropout(&self) -> Option<AttentionDropout> {
+            self.drop.filter(AttentionDropout::is_active)
+        }
+
         /// The parameters of the launch for batch elements b0..b0 + nb.
         fn params(&self, b0: usize, nb: usize, ops: [&Operand; 5]) -> AttnParams {
             let [q, k, v, o, dout] = ops;
-            let drop = self.drop.filter(AttentionDropout::is_active);
+            let drop = self.dropout();
             AttnParams {
                 b: nb as i32,
                 h: self.h as i32,
@@ -689,8 +693,7 @@ mod cuda {
         let (gq, gk, gv) = (grads(dq, q), grads(dk, k), grads(dv, v));
         // (kernel name stem, rows per block, threads) of the dK/dV and dQ kernels.
         let (stem, rows, threads) = if pr.mma_applies(&[q, k, v, o, dout, &gq, &gk, &gv]) {
-            let dropping = pr.drop.is_some_and(|d| d.is_active());
-            let stem = if dropping {
+            let stem = if pr.dropout().is_some() {
                 "mma_drop_bf16"
             } else {
                 "mma_bf16"

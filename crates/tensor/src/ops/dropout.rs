@@ -31,9 +31,7 @@ impl Mask {
     fn new(p: f32, seed: u64) -> Mask {
         Mask {
             seed,
-            // p · 2³² is exact in f64 and at most 2³² − 256 (p < 1 as an f32); its fraction
-            // (p below 2⁻⁸) is truncated.
-            threshold: (f64::from(p) * 4_294_967_296.0) as u32,
+            threshold: crate::cpu::attention::drop_threshold(p),
             scale: 1.0 / (1.0 - p),
         }
     }

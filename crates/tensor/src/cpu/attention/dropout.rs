@@ -47,13 +47,10 @@ impl AttentionDropout {
                 format!("p = {p} is not in [0, 1)"),
             ));
         }
-        // Exact in f64 (p has 24 significant bits), truncated to an integer below 2⁻⁸; the
-        // largest f32 below 1 is 1 − 2⁻²⁴, so the product is at most 2³² − 256: a u32.
-        let threshold = (f64::from(p) * 4_294_967_296.0) as u32;
         Ok(AttentionDropout {
             p,
             seed,
-            threshold,
+            threshold: drop_threshold(p),
             scale: 1.0 / (1.0 - p),
         })
     }
@@ -133,6 +130,14 @@ impl DropRow {
             0.0
         }
     }
+}
+
+/// The 32-bit hash threshold below which an element drops with probability `p` ∈ [0, 1):
+/// ⌊p · 2³²⌋. Shared with the element dropout (ops/dropout.rs).
+pub(crate) fn drop_threshold(p: f32) -> u32 {
+    // Exact in f64 (p has 24 significant bits), truncated to an integer below 2⁻⁸; the
+    // largest f32 below 1 is 1 − 2⁻²⁴, so the product is at most 2³² − 256: a u32.
+    (f64::from(p) * 4_294_967_296.0) as u32
 }
 
 /// The SplitMix64 finaliser.

@@ -23,6 +23,7 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use dropout::drop_threshold;
 pub use dropout::{AttentionDropout, DropRow};
 
 use super::Isa;
