@@ -61,8 +61,8 @@ struct Where {
     unsigned thread[3];
 };
 
-typedef int (*LaunchFn)(void (*)(void**), const char*, const unsigned*, const unsigned*, void**, Where*,
-                        char*, size_t);
+typedef int (*LaunchFn)(void (*)(void**), const char*, const unsigned*, const unsigned*, unsigned, void**,
+                        Where*, char*, size_t);
 
 struct Module {
     void* handle;
@@ -100,6 +100,14 @@ int arch_code() {
     const char* a = getenv("RLHF_CUDA_EMU_ARCH");
     int v = a && *a ? atoi(a) : 90;
     return v >= 10 ? v : 90;
+}
+
+// The most dynamic shared memory a block may opt in to (cuFuncSetAttribute
+// MAX_DYNAMIC_SHARED_SIZE_BYTES), and the shared memory of one multiprocessor: 227 KB and
+// 228 KB on sm_90 (H100), 163 KB and 164 KB on sm_80 (A100), 99 KB and 100 KB on sm_86/89.
+int max_optin_smem() {
+    const int a = arch_code();
+    return (a >= 90 ? 227 : (a == 80 || a == 87) ? 163 : 99) * 1024;
 }
 
 size_t mem_limit() {
@@ -226,8 +234,8 @@ CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice d) {
         case 38: *v = 50 * 1024 * 1024; break;     // L2 bytes
         case 75: *v = arch_code() / 10; break;     // compute capability major
         case 76: *v = arch_code() % 10; break;     // compute capability minor
-        case 81: *v = 228 * 1024; break;           // shared memory per multiprocessor
-        case 97: *v = 227 * 1024; break;           // opt-in shared memory per block
+        case 81: *v = max_optin_smem() + 1024; break;  // shared memory per multiprocessor
+        case 97: *v = max_optin_smem(); break;     // opt-in shared memory per block
         case 115: *v = 0; break;                   // memory pools: no, cuMemAlloc it is
         default: *v = 0; break;
     }
@@ -444,12 +452,25 @@ CUresult cuModuleLoadData(CUmodule* out, const void* image) {
     }
     const char* path = text + strlen(head);
     std::string so(path, strcspn(path, "\n"));
+    // "//target 90a": PTX for compute_90 loads on 9.0 and newer; for the architecture-specific
+    // compute_90a only on 9.0 itself.
+    if (const char* t = strstr(text, "\n//target ")) {
+        t += strlen("\n//target ");
+        const std::string target(t, strcspn(t, "\n"));
+        const int want = atoi(target.c_str());
+        const bool specific = !target.empty() && target.back() == 'a';
+        if (want > 0 && (want > arch_code() || (specific && want != arch_code()))) {
+            fprintf(stderr, "cuda-emu: module built for compute_%s does not run on this sm_%d device\n",
+                    target.c_str(), arch_code());
+            return CUDA_ERROR_INVALID_PTX;
+        }
+    }
     void* h = dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!h) {
         fprintf(stderr, "cuda-emu: cannot load module %s: %s\n", so.c_str(), dlerror());
         return CUDA_ERROR_INVALID_IMAGE;
     }
-    auto launch = (LaunchFn)dlsym(h, "__emu_launch");
+    auto launch = (LaunchFn)dlsym(h, "__emu_launch_v2");
     if (!launch) {
         dlclose(h);
         return CUDA_ERROR_INVALID_IMAGE;
@@ -477,7 +498,11 @@ CUresult cuModuleGetFunction(CUfunction* out, CUmodule m, const char* name) {
 CUresult cuFuncSetAttribute(CUfunction f, int attr, int value) {
     if (!f) return CUDA_ERROR_INVALID_HANDLE;
     if (attr == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        if (value < 0 || value > 227 * 1024) return CUDA_ERROR_INVALID_VALUE;
+        if (value < 0 || value > max_optin_smem()) {
+            fprintf(stderr, "cuda-emu: %s: MAX_DYNAMIC_SHARED_SIZE_BYTES %d is above this device's %d\n",
+                    f->name.c_str(), value, max_optin_smem());
+            return CUDA_ERROR_INVALID_VALUE;
+        }
         f->max_dynamic_smem = value;
     }
     return CUDA_SUCCESS;
@@ -507,16 +532,13 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
                 smem, f->max_dynamic_smem);
         return CUDA_ERROR_INVALID_VALUE;
     }
-    if (smem != 0) {
-        // The kernels use static shared memory only; emu.h has no dynamic shared memory.
-        return CUDA_ERROR_NOT_SUPPORTED;
-    }
     static const bool trace = getenv("RLHF_CUDA_EMU_TRACE") && *getenv("RLHF_CUDA_EMU_TRACE") == '1';
     const double t0 = trace ? now() : 0;
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
     char err[512] = {0};
     in_launch = true;
-    const int rc = f->module->launch(f->entry, f->name.c_str(), grid, block, params, &where_now, err, sizeof err);
+    const int rc =
+        f->module->launch(f->entry, f->name.c_str(), grid, block, smem, params, &where_now, err, sizeof err);
     in_launch = false;
     if (trace)
         fprintf(stderr, "cuda-emu: launch %s grid (%u,%u,%u) block (%u,%u,%u): %.3f ms\n", f->name.c_str(), gx, gy,

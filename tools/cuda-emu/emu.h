@@ -128,6 +128,32 @@ struct Thread {
     struct Copy { void* dst; unsigned char bytes[16]; };
     std::vector<Copy> open_group;
     std::vector<std::vector<Copy>> groups;
+    // wgmma.mma_async (see "wgmma" below): ops issued but not yet committed, committed groups
+    // not yet waited, and the accumulators those ops will write.
+    struct WgOp { float* d; int nn, ta, tb; uint64_t da, db; };
+    struct WgAcc {
+        float* d;
+        int nn;
+        int pending;        // ops in flight that accumulate into d
+        float snap[128];    // d as the thread must leave it until they land (NN/2 <= 128)
+    };
+    std::vector<WgOp> wg_open;
+    std::vector<std::vector<WgOp>> wg_groups;
+    std::vector<WgAcc> wg_accs;
+    bool wg_fenced;        // has executed wgmma.fence (needed before its first mma_async)
+    unsigned wg_cursor;    // wgmma instructions executed (index into its warpgroup's log)
+};
+
+// One wgmma instruction as the first thread of a warpgroup to reach it executed it: every
+// thread of the warpgroup must execute the same sequence (.aligned), with the same operands.
+struct WgLog {
+    enum Kind { Fence, Mma, Commit, Wait } kind;
+    int nn, ta, tb;
+    uint64_t da, db;
+    int n;  // wait_group N
+    bool operator==(const WgLog& o) const {
+        return kind == o.kind && nn == o.nn && ta == o.ta && tb == o.tb && da == o.da && db == o.db && n == o.n;
+    }
 };
 
 constexpr int kSlotBytes = 64;
@@ -154,6 +180,8 @@ struct Block {
     // Bit w: warp w has ready lanes. The lowest such warp runs first (see next_context).
     uint32_t ready_warps = 0;
     bool failed = false;  // a thread broke CUDA's rules (see fail)
+    std::vector<std::vector<WgLog>> wg_log;  // per warpgroup: its wgmma instructions so far
+    int proxy_fences = 0;  // fence.proxy.async.shared::cta executed in this block so far
 };
 
 inline Thread* cur = nullptr;
@@ -165,6 +193,17 @@ inline Where* where = nullptr;
 inline void (*entry_fn)(void**) = nullptr;
 inline void** entry_params = nullptr;
 inline const char* failure = nullptr;
+
+// Dynamic shared memory of the running launch: `dyn_smem_bytes` bytes at `dyn_smem` (null when
+// the launch asked for none), refilled with 0xff at the start of every block. Its .shared
+// window address (what cvta.to.shared gives, see smem_u32) starts at kDynSmemWindow, not 0: on
+// sm_90 the first kilobyte of the window is reserved, and a kernel must not assume either.
+// The host address is 1024-byte aligned, so host and window addresses agree modulo 1024 (what
+// the swizzle patterns and any alignment a kernel does depend on).
+constexpr uint32_t kDynSmemWindow = 1024;
+constexpr uint32_t kMaxDynSmem = 227 * 1024;  // an H100's opt-in limit per block
+inline unsigned char* dyn_smem = nullptr;
+inline uint32_t dyn_smem_bytes = 0;
 
 [[noreturn]] inline void fatal(const char* what) {
     std::fprintf(stderr, "cuda-emu: %s in kernel %s, block (%u,%u,%u), thread (%u,%u,%u)\n", what,
@@ -312,6 +351,10 @@ inline void thread_main() {
     if (b.at_barrier > 0) fail("divergent __syncthreads: a thread returned while others wait at one");
     if (b.warps[cur->linear >> 5].arrived > 0)
         fail("divergent warp collective: a lane returned while others of its warp wait at one");
+    // The accumulator registers of an op still in flight belong to a frame that is gone: on a
+    // GPU the results are lost (or land in registers reused since).
+    if (!cur->wg_open.empty()) fail("thread returned with wgmma.mma_async ops never committed (wgmma.commit_group)");
+    if (!cur->wg_groups.empty()) fail("thread returned with wgmma groups never waited for (wgmma.wait_group)");
     cur->state = State::Done;
     --b.live;
     --b.warps[cur->linear >> 5].live;
@@ -376,10 +419,20 @@ inline bool run_block(Block& b) {
     for (auto& w : b.warps) w.size = w.live = 0, w.arrived = 0, w.ready_head = w.ready_len = 0;
     b.ready_warps = 0;
     b.failed = false;
+    b.wg_log.assign((n + 127) / 128, {});
+    b.proxy_fences = 0;
+    // Every block starts with its dynamic shared memory unwritten: NaN (0xff bytes), so a read
+    // before the block's own write shows, whatever an earlier block left there.
+    if (dyn_smem) std::memset(dyn_smem, 0xff, dyn_smem_bytes);
     for (int i = 0; i < n; ++i) {
         Thread& t = b.threads[i];
         t.open_group.clear();
         t.groups.clear();
+        t.wg_open.clear();
+        t.wg_groups.clear();
+        t.wg_accs.clear();
+        t.wg_fenced = false;
+        t.wg_cursor = 0;
         t.exchanges = 0;
         ++b.warps[i >> 5].live;
         ++b.warps[i >> 5].size;
@@ -395,7 +448,25 @@ inline bool run_block(Block& b) {
             fatal("fiber stack overflow (a thread used more than 64 KB of stack)");
         }
     if (b.failed) return false;
-    if (b.live == 0) return true;
+    if (b.live == 0) {
+        // .aligned: every thread of a warpgroup executes the same wgmma instructions. One that
+        // skipped some (or all) of what its warpgroup executed is reported here, once the
+        // whole block has run.
+        for (int i = 0; i < n; ++i) {
+            const auto& log = b.wg_log[i / 128];
+            if (b.threads[i].wg_cursor != log.size()) {
+                static char msg[300];
+                std::snprintf(msg, sizeof msg,
+                              "wgmma instructions not executed by the whole warpgroup: thread (%u,%u,%u) "
+                              "executed %u of the %zu that warpgroup %d executed",
+                              b.threads[i].tid.x, b.threads[i].tid.y, b.threads[i].tid.z, b.threads[i].wg_cursor,
+                              log.size(), i / 128);
+                failure = msg;
+                return false;
+            }
+        }
+        return true;
+    }
     int at_barrier = 0, at_warp = 0;
     for (auto& t : b.threads) {
         at_barrier += t.state == State::AtBarrier;
@@ -609,6 +680,247 @@ inline void mma_bf16_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     }
 }
 
+// ---- dynamic shared memory and the Hopper wgmma (sm_90a) models --------------------------
+//
+// Written from the PTX ISA, sections "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
+// Instructions" (wgmma.fence, wgmma.mma_async, commit_group, wait_group) and "Register
+// Fragments and Shared Memory Matrix Layouts" (canonical layouts, matrix descriptor).
+
+typedef unsigned long long u64;
+
+// `unsigned char* name` for the launch's dynamic shared memory (the GPU version is
+// `extern __shared__ __align__(16) unsigned char name[]`). A reference to the emulator's
+// pointer, so it follows the launch even where declared once at file scope.
+#define RLHF_DYNAMIC_SMEM(name) unsigned char* const& name = rlhf_emu::dyn_smem
+
+namespace rlhf_emu {
+
+// fail() with a formatted message.
+template <typename... A>
+[[noreturn]] inline void failf(const char* fmt, A... a) {
+    static char msg[400];
+    std::snprintf(msg, sizeof msg, fmt, a...);
+    fail(msg);
+}
+
+// One wgmma instruction of the current thread, checked against what its warpgroup executed.
+inline void wg_log(const WgLog& e, const char* what) {
+    const int n = (int)block->threads.size(), wg = cur->linear / 128;
+    if ((wg + 1) * 128 > n)
+        failf("%s in a partial warpgroup: a warpgroup is 128 consecutive threads, the block has %d", what, n);
+    auto& log = block->wg_log[wg];
+    if (cur->wg_cursor < log.size()) {
+        const WgLog& first = log[cur->wg_cursor];
+        if (!(first == e))
+            failf("wgmma instructions diverge within warpgroup %d: instruction #%u is %s (n%d trans %d,%d, "
+                  "descriptors 0x%llx, 0x%llx, wait %d) here but kind %d (n%d trans %d,%d, descriptors 0x%llx, "
+                  "0x%llx, wait %d) in a thread that got there first (the descriptors must be the same across "
+                  "the warpgroup)",
+                  wg, cur->wg_cursor, what, e.nn, e.ta, e.tb, (unsigned long long)e.da, (unsigned long long)e.db,
+                  e.n, (int)first.kind, first.nn, first.ta, first.tb, (unsigned long long)first.da,
+                  (unsigned long long)first.db, first.n);
+    } else {
+        log.push_back(e);
+    }
+    ++cur->wg_cursor;
+}
+
+// A decoded matrix descriptor (PTX ISA "Matrix Descriptor Format"): byte addresses and offsets
+// in the .shared window, and the swizzle width in 16-byte units (1: no swizzle).
+struct Desc {
+    uint32_t start, lbo, sbo;
+    int chunks;
+};
+
+inline Desc decode_desc(u64 d, const char* which) {
+    // Bits 13-0 start address, 29-16 leading byte offset, 45-32 stride byte offset, each
+    // (x & 0x3ffff) >> 4; 51-49 base offset; 63-62 swizzle mode. The rest is reserved.
+    const u64 reserved = (3ull << 14) | (3ull << 30) | (7ull << 46) | (0x3ffull << 52);
+    if (d & reserved)
+        failf("wgmma: matrix descriptor %s = 0x%llx has reserved bits set (0x%llx)", which, d, d & reserved);
+    const unsigned base_offset = (unsigned)(d >> 49) & 7;
+    if (base_offset != 0)
+        failf("wgmma: matrix descriptor %s = 0x%llx has base offset %u; the emulator models only base offset 0 "
+              "(swizzle patterns starting at the mode's 1024/512/256-byte boundary of the window address)",
+              which, d, base_offset);
+    Desc r;
+    r.start = (uint32_t)(d & 0x3fff) << 4;
+    r.lbo = (uint32_t)((d >> 16) & 0x3fff) << 4;
+    r.sbo = (uint32_t)((d >> 32) & 0x3fff) << 4;
+    static const int chunks[4] = {1, 8, 4, 2};  // none, 128B, 64B, 32B
+    r.chunks = chunks[d >> 62];
+    return r;
+}
+
+// The .shared window address of bf16 element (mn, k) of a 64x16 (A: mn = row) or 16xN (B: mn =
+// column) operand, from the canonical layouts of the PTX ISA, in 16-byte units T = 8 elements
+// and swizzle width S = `chunks` 16-byte units:
+//   K-major,  no swizzle: ((8,m),(T,2k)) : ((1T,SBO),(1,LBO))
+//   K-major,  swizzled:   ((8,m),(T,2k)) : ((S*T,SBO),(1,T))          (LBO unused)
+//   MN-major, no swizzle: ((T,1,m),(8,k)) : ((1,T,SBO),(1T,LBO))
+//   MN-major, swizzled:   ((T,S,m),(8,k)) : ((1,T,LBO),(S*T,SBO))
+// then Swizzle<log2 S, 4, 3> on the byte address: bits [4, 4+log2 S) ^= bits [7, 7+log2 S),
+// i.e. the 16-byte chunk within a swizzle row is XORed with the row's index within its
+// 1024/512/256-byte pattern. The XOR uses the address itself (base offset 0): a kernel that
+// advances the start address within a pattern (K-major, the next k16 slice of a 128-byte row)
+// gets the same chunk permutation as the rows it reads.
+inline uint32_t operand_addr(const Desc& d, bool mn_major, int mn, int k) {
+    uint32_t off;
+    const uint32_t S = (uint32_t)d.chunks;
+    if (!mn_major) {
+        const uint32_t row = (uint32_t)mn, c = (uint32_t)k / 8, e = (uint32_t)k % 8;
+        if (S == 1)
+            off = (row % 8) * 16 + (row / 8) * d.sbo + c * d.lbo + e * 2;
+        else
+            off = (row % 8) * (16 * S) + (row / 8) * d.sbo + c * 16 + e * 2;
+    } else {
+        const uint32_t e = (uint32_t)mn % 8, c = (uint32_t)mn / 8, kr = (uint32_t)k % 8, kg = (uint32_t)k / 8;
+        if (S == 1)
+            off = e * 2 + c * d.sbo + kr * 16 + kg * d.lbo;
+        else
+            off = e * 2 + (c % S) * 16 + (c / S) * d.lbo + kr * (16 * S) + kg * d.sbo;
+    }
+    uint32_t a = d.start + off;
+    if (S > 1) a ^= ((a >> 7) & (S - 1)) << 4;
+    return a;
+}
+
+inline float load_operand(const Desc& d, bool mn_major, int mn, int k, const Thread::WgOp& op, char which) {
+    const uint32_t a = operand_addr(d, mn_major, mn, k);
+    if (a < kDynSmemWindow || a + 2 > kDynSmemWindow + dyn_smem_bytes)
+        failf("wgmma m64n%dk16: %c element (%s %d, k %d) at shared address 0x%x is outside the launch's dynamic "
+              "shared memory [0x%x, 0x%x) (descriptors a 0x%llx, b 0x%llx)",
+              op.nn, which, which == 'A' ? "row" : "col", mn, k, a, kDynSmemWindow, kDynSmemWindow + dyn_smem_bytes,
+              op.da, op.db);
+    bf16 h;
+    std::memcpy(&h, dyn_smem + (a - kDynSmemWindow), 2);
+    return __uint_as_float((u32)h << 16);
+}
+
+inline Thread::WgAcc* find_acc(float* d) {
+    for (auto& a : cur->wg_accs)
+        if (a.d == d) return &a;
+    return nullptr;
+}
+
+// Runs one mma_async now: reads A and B from shared memory as they are at this moment (the
+// wait that covers the op), and adds A·B into this thread's accumulator fragment: in warp w of
+// the warpgroup, lane l (g = l/4, t = l%4) holds, for each 8-column chunk j,
+//   d[4j+0] = (row 16w+g, col 8j+2t), d[4j+1] = (16w+g, 8j+2t+1),
+//   d[4j+2] = (16w+g+8, 8j+2t),       d[4j+3] = (16w+g+8, 8j+2t+1).
+// Products of bf16 are exact in f32; the sum runs in k order.
+inline void run_wgmma(const Thread::WgOp& op) {
+    Thread::WgAcc* acc = find_acc(op.d);
+    if (std::memcmp(acc->snap, op.d, sizeof(float) * (size_t)(op.nn / 2)) != 0)
+        failf("wgmma m64n%dk16: the accumulator registers were written while the op was in flight (between "
+              "wgmma.mma_async and the wgmma.wait_group that covers it)",
+              op.nn);
+    const Desc da = decode_desc(op.da, "a"), db = decode_desc(op.db, "b");
+    const int l = cur->linear & 31, w = (cur->linear & 127) >> 5, g = l >> 2, t = l & 3;
+    float a[2][16];
+    for (int r = 0; r < 2; ++r)
+        for (int k = 0; k < 16; ++k) a[r][k] = load_operand(da, op.ta != 0, 16 * w + g + 8 * r, k, op, 'A');
+    for (int j = 0; j < op.nn / 8; ++j)
+        for (int c = 0; c < 2; ++c) {
+            float b[16];
+            for (int k = 0; k < 16; ++k) b[k] = load_operand(db, op.tb != 0, 8 * j + 2 * t + c, k, op, 'B');
+            for (int r = 0; r < 2; ++r) {
+                float s = op.d[4 * j + 2 * r + c];
+                for (int k = 0; k < 16; ++k) s += a[r][k] * b[k];
+                op.d[4 * j + 2 * r + c] = s;
+            }
+        }
+    if (--acc->pending > 0) {
+        std::memcpy(acc->snap, op.d, sizeof(float) * (size_t)(op.nn / 2));
+    } else {
+        *acc = cur->wg_accs.back();
+        cur->wg_accs.pop_back();
+    }
+}
+
+inline void wgmma_issue(float* d, int nn, int ta, int tb, u64 da, u64 db) {
+    char what[64];
+    std::snprintf(what, sizeof what, "wgmma.mma_async m64n%dk16", nn);
+    wg_log(WgLog{WgLog::Mma, nn, ta, tb, da, db, 0}, what);
+    if (!cur->wg_fenced) fail("wgmma.mma_async before this thread's first wgmma.fence (PTX: a wgmma.fence must come first)");
+    if (block->proxy_fences == 0)
+        fail("wgmma.mma_async reads shared memory, but no thread of the block has executed fence.proxy.async "
+             "(the generic-proxy writes that filled it are not ordered before the async proxy's reads)");
+    (void)decode_desc(da, "a");  // reject bad descriptors at the issue
+    (void)decode_desc(db, "b");
+    Thread::WgAcc* acc = find_acc(d);
+    if (!acc) {
+        cur->wg_accs.push_back({});
+        acc = &cur->wg_accs.back();
+        acc->d = d, acc->nn = nn, acc->pending = 0;
+        std::memcpy(acc->snap, d, sizeof(float) * (size_t)(nn / 2));
+    } else if (acc->nn != nn) {
+        failf("wgmma: accumulator used by an m64n%dk16 and an m64n%dk16 op in flight at once", acc->nn, nn);
+    }
+    ++acc->pending;
+    cur->wg_open.push_back(Thread::WgOp{d, nn, ta, tb, da, db});
+}
+
+}  // namespace rlhf_emu
+
+// cvta.to.shared: the .shared window address of a generic pointer into shared memory. Only the
+// dynamic shared memory is mapped into the emulated window; a static __shared__ array is not.
+inline u32 smem_u32(const void* p) {
+    using namespace rlhf_emu;
+    const uintptr_t a = (uintptr_t)p, b = (uintptr_t)dyn_smem;
+    if (!dyn_smem || a < b || a > b + dyn_smem_bytes)
+        failf("smem_u32: %p is not in the launch's dynamic shared memory (%u bytes at %p); the emulator maps only "
+              "dynamic shared memory (RLHF_DYNAMIC_SMEM) into the .shared window, not static __shared__ arrays",
+              p, dyn_smem_bytes, (void*)dyn_smem);
+    return kDynSmemWindow + (u32)(a - b);
+}
+
+// fence.proxy.async.shared::cta: orders this thread's generic-proxy shared-memory writes before
+// later async-proxy (wgmma) reads. Counted only: the emulator cannot see which writes a fence
+// covers, so it checks only that the block executed one before its first wgmma.
+inline void fence_proxy_async_smem() { ++rlhf_emu::block->proxy_fences; }
+
+// wgmma.fence.sync.aligned
+inline void wgmma_fence() {
+    rlhf_emu::wg_log(rlhf_emu::WgLog{rlhf_emu::WgLog::Fence, 0, 0, 0, 0, 0, 0}, "wgmma.fence");
+    rlhf_emu::cur->wg_fenced = true;
+}
+
+// wgmma.commit_group.sync.aligned: the ops issued since the last commit become one group (an
+// empty one if none were).
+inline void wgmma_commit() {
+    using namespace rlhf_emu;
+    wg_log(WgLog{WgLog::Commit, 0, 0, 0, 0, 0, 0}, "wgmma.commit_group");
+    cur->wg_groups.push_back(std::move(cur->wg_open));
+    cur->wg_open.clear();
+}
+
+// wgmma.wait_group.sync.aligned N: every committed group but the newest N completes. This is
+// where the emulator runs them, so a kernel that refills their shared memory or reads their
+// accumulators before this wait gets the wrong numbers, as it may on a GPU.
+template <int N>
+inline void wgmma_wait() {
+    static_assert(N >= 0 && N <= 7, "wgmma.wait_group N: N in 0..7");
+    using namespace rlhf_emu;
+    wg_log(WgLog{WgLog::Wait, 0, 0, 0, 0, 0, N}, "wgmma.wait_group");
+    auto& g = cur->wg_groups;
+    while ((int)g.size() > N) {
+        const std::vector<Thread::WgOp> ops = std::move(g.front());
+        g.erase(g.begin());
+        for (const auto& op : ops) run_wgmma(op);
+    }
+}
+
+// wgmma.mma_async.sync.aligned.m64n{NN}k16.f32.bf16.bf16 {d}, da, db, 1, 1, 1, TA, TB:
+// D += A·B, A (64x16) and B (16xNN) bf16 in shared memory through the matrix descriptors
+// (TA: 0 A K-major, 1 M-major; TB: 0 B K-major, 1 N-major). Issued here, run at the wait.
+template <int NN, int TA, int TB>
+inline void wgmma_m64k16_bf16(float (&d)[NN / 2], u64 da, u64 db) {
+    static_assert(NN % 8 == 0 && NN >= 8 && NN <= 256, "wgmma m64nNk16: N a multiple of 8 in 8..256");
+    static_assert((TA == 0 || TA == 1) && (TB == 0 || TB == 1), "wgmma: imm-trans-a/b are 0 or 1");
+    rlhf_emu::wgmma_issue(d, NN, TA, TB, da, db);
+}
+
 // ---- launching: the entry point the driver calls -------------------------------------------
 
 template <typename... A, size_t... I>
@@ -624,13 +936,42 @@ inline void rlhf_emu_invoke(void (*f)(A...), void** p) {
 #define RLHF_EMU_REGISTER(name) \
     extern "C" __attribute__((visibility("default"))) void __emu_entry_##name(void** p) { rlhf_emu_invoke(&name, p); }
 
-// Runs a whole grid. Returns 0, or -1 with a message in `err` (a deadlock).
-extern "C" __attribute__((visibility("default"))) int __emu_launch(
-    void (*entry)(void**), const char* name, const unsigned grid[3], const unsigned blk[3],
+namespace rlhf_emu {
+// Places `bytes` of dynamic shared memory for a launch: the buffer ends at a page boundary
+// followed by an inaccessible page (reading or writing past its end, rounded up to 1024 bytes,
+// faults), and starts 1024-byte aligned. One region per module, made once.
+inline bool place_dyn_smem(uint32_t bytes) {
+    static char* region = nullptr;
+    const size_t page = 4096, data = (kMaxDynSmem + page - 1) / page * page;
+    if (!region) {
+        void* m = mmap(nullptr, data + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return false;
+        region = (char*)m;
+        mprotect(region + data, page, PROT_NONE);
+    }
+    dyn_smem_bytes = bytes;
+    dyn_smem = bytes ? (unsigned char*)region + data - (bytes + 1023) / 1024 * 1024 : nullptr;
+    return true;
+}
+}  // namespace rlhf_emu
+
+// Runs a whole grid with `smem` bytes of dynamic shared memory. Returns 0, or -1 with a message
+// in `err` (a deadlock, a broken rule). (Named _v2 since it took `smem`: a driver never calls a
+// module built for the other signature.)
+extern "C" __attribute__((visibility("default"))) int __emu_launch_v2(
+    void (*entry)(void**), const char* name, const unsigned grid[3], const unsigned blk[3], unsigned smem,
     void** params, rlhf_emu::Where* where, char* err, size_t err_len) {
     using namespace rlhf_emu;
     static std::mutex launch_lock;  // one block of this module at a time (see the top)
     std::lock_guard<std::mutex> hold(launch_lock);
+    if (smem > kMaxDynSmem) {
+        std::snprintf(err, err_len, "%u bytes of dynamic shared memory (the limit is %u)", smem, kMaxDynSmem);
+        return -1;
+    }
+    if (!place_dyn_smem(smem)) {
+        std::snprintf(err, err_len, "out of memory for %u bytes of dynamic shared memory", smem);
+        return -1;
+    }
     const int n = (int)(blk[0] * blk[1] * blk[2]);
     Block b;
     b.threads.resize(n);
@@ -672,5 +1013,7 @@ extern "C" __attribute__((visibility("default"))) int __emu_launch(
     block = nullptr;
     cur = nullptr;
     rlhf_emu::where = nullptr;
+    dyn_smem = nullptr;
+    dyn_smem_bytes = 0;
     return rc;
 }

@@ -105,6 +105,25 @@ std::vector<std::string> kernel_names(const std::string& preprocessed) {
     return names;
 }
 
+// The virtual architecture the options ask for (`--gpu-architecture=compute_90a`, `-arch sm_80`
+// ...), without its prefix: "90a", "80", or "" when none is given.
+std::string target_arch(const std::vector<std::string>& options) {
+    std::string v;
+    for (size_t i = 0; i < options.size(); ++i) {
+        const std::string& o = options[i];
+        for (const char* flag : {"--gpu-architecture", "-arch"}) {
+            const std::string f = flag;
+            if (o == f && i + 1 < options.size())
+                v = options[i + 1];
+            else if (o.compare(0, f.size() + 1, f + "=") == 0)
+                v = o.substr(f.size() + 1);
+        }
+    }
+    for (const char* prefix : {"compute_", "sm_"})
+        if (v.compare(0, strlen(prefix), prefix) == 0) return v.substr(strlen(prefix));
+    return v;
+}
+
 nvrtcResult compile(Program& p, const std::vector<std::string>& options) {
     const std::string dir = here();
     const std::string emu_h = dir + "/emu.h";
@@ -146,7 +165,14 @@ nvrtcResult compile(Program& p, const std::vector<std::string>& options) {
             p.log = "cuda-emu: cannot write " + src;
             return NVRTC_ERROR_COMPILATION;
         }
-        const std::string flags = " -std=c++17 -x c++ -DRLHF_CUDA_EMU -include " + shell_quote(emu_h) + " ";
+        // An architecture-specific target (compute_90a) defines __CUDA_ARCH_FEAT_SM90_ALL, as
+        // NVRTC does: kernels guard their sm_90a-only code (wgmma) with it.
+        std::string feature;
+        const std::string arch = target_arch(options);
+        if (!arch.empty() && arch.back() == 'a')
+            feature = "-D__CUDA_ARCH_FEAT_SM" + arch.substr(0, arch.size() - 1) + "_ALL ";
+        const std::string flags =
+            " -std=c++17 -x c++ -DRLHF_CUDA_EMU " + feature + "-include " + shell_quote(emu_h) + " ";
         std::string pre;
         if (run(cxx + flags + "-DRLHF_EMU_SCAN -E -P " + shell_quote(src), pre) != 0) {
             p.log = pre;
@@ -171,7 +197,9 @@ nvrtcResult compile(Program& p, const std::vector<std::string>& options) {
         rename(tmp.c_str(), so.c_str());
         p.log = out;
     }
-    std::string ptx = "// rlhf-cuda-emu module\n//so " + so + "\n";
+    // The target travels with the module: the driver refuses to load one built for an
+    // architecture the device is not (compute_90a on an sm_80 device), as a GPU's would.
+    std::string ptx = "// rlhf-cuda-emu module\n//so " + so + "\n//target " + target_arch(options) + "\n";
     for (auto& n : names) ptx += ".visible .entry " + n + "()\n";
     p.ptx = ptx;
     return NVRTC_SUCCESS;
