@@ -15,7 +15,11 @@
 //   - warp shuffles, and C++ models of the PTX in kernels/common.cuh (cvt to bf16, ldmatrix,
 //     mma.sync m16n8k16, cp.async), written from the PTX ISA's fragment layouts. A cp.async
 //     poisons its destination when issued and lands at the cp.async.wait_group that covers
-//     it, so reading too early and overwriting too early both show up as NaN.
+//     it, so reading too early and overwriting too early both show up as NaN;
+//   - dynamic shared memory (NaN at the start of every block) mapped into an emulated .shared
+//     window, and Hopper's wgmma.mma_async m64nNk16 bf16 with its matrix descriptors,
+//     canonical shared-memory layouts and swizzles, run at the wgmma.wait_group that covers it
+//     (README.md, "Dynamic shared memory and wgmma").
 //
 // Blocks of one launch run one after another on the launching host thread, and launches of one
 // module take its lock, so one block of a module runs at a time: __shared__ variables are plain
