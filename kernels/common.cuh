@@ -18,6 +18,7 @@
 
 typedef unsigned short bf16;  // bfloat16 storage: the upper 16 bits of an IEEE f32
 typedef unsigned int u32;
+typedef unsigned long long u64;
 typedef long long i64;
 
 #define RLHF_MAX_DIMS 8
@@ -160,5 +161,87 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const u32 (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// ---- Hopper warpgroup MMA (wgmma, sm_90a only) ----------------------------------------------
+//
+// Compiled only for the architecture-specific target (NVRTC --gpu-architecture=compute_90a
+// defines __CUDA_ARCH_FEAT_SM90_ALL), which the engine picks on compute capability 9.0.
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// The .shared state-space address (what matrix descriptors hold) of a pointer into shared memory.
+__device__ __forceinline__ u32 smem_u32(const void* p) { return smem_addr(p); }
+
+// Dynamic shared memory of the launch (sized by the launch, beyond the 48 KB of static memory).
+#define RLHF_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+
+// Orders this thread's earlier generic-proxy writes to shared memory (st.shared, cp.async)
+// before later async-proxy reads of it (wgmma operands).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Orders the warpgroup's register accesses before the wgmma.mma_async that follow.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Waits until at most N committed wgmma groups are still pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// D[64, NN] += A[64, 16] · B[16, NN], bf16 operands in shared memory given by matrix
+// descriptors, f32 accumulators in registers (scale-d = 1: always accumulate). TA = 1: A is
+// M-major (imm-trans-a), else K-major; TB = 1: B is N-major, else K-major. Accumulator layout:
+// warp w of the warpgroup holds rows 16w..16w+15; with g = lane / 4, t = lane % 4, n8 chunk j
+// is d[4j..4j+3] = (g, 8j+2t), (g, 8j+2t+1), (g+8, 8j+2t), (g+8, 8j+2t+1).
+#define RLHF_F8(i)                                                                             \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+        "+f"(d[i + 6]), "+f"(d[i + 7])
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 da, u64 db) {
+    asm volatile(
+        "{ .reg .pred p; setp.ne.b32 p, %68, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, %66, %67; }\n"
+        : RLHF_F8(0), RLHF_F8(8), RLHF_F8(16), RLHF_F8(24),
+          RLHF_F8(32), RLHF_F8(40), RLHF_F8(48), RLHF_F8(56)
+        : "l"(da), "l"(db), "n"(TA), "n"(TB), "r"(1));
+}
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 da, u64 db) {
+    asm volatile(
+        "{ .reg .pred p; setp.ne.b32 p, %132, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, %130, %131; }\n"
+        : RLHF_F8(0), RLHF_F8(8), RLHF_F8(16), RLHF_F8(24),
+          RLHF_F8(32), RLHF_F8(40), RLHF_F8(48), RLHF_F8(56),
+          RLHF_F8(64), RLHF_F8(72), RLHF_F8(80), RLHF_F8(88),
+          RLHF_F8(96), RLHF_F8(104), RLHF_F8(112), RLHF_F8(120)
+        : "l"(da), "l"(db), "n"(TA), "n"(TB), "r"(1));
+}
+#undef RLHF_F8
+
+template <int NN, int TA, int TB>
+__device__ __forceinline__ void wgmma_m64k16_bf16(float (&d)[NN / 2], u64 da, u64 db) {
+    static_assert(NN == 128 || NN == 256, "wgmma_m64k16_bf16: instantiated for N = 128 and 256");
+    if constexpr (NN == 128)
+        wgmma_m64n128k16<TA, TB>(d, da, db);
+    else
+        wgmma_m64n256k16<TA, TB>(d, da, db);
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 #endif  // RLHF_CUDA_EMU

@@ -1,4 +1,6 @@
 // gemm.cu: batched matrix multiplication C = alpha · A·B + beta · C.
+//   - gemm_wgmma_*: Hopper (sm_90a only) warpgroup MMA, operands read by the tensor cores from
+//     128-byte-swizzled shared memory, four cp.async stages; described at its section below.
 //   - gemm_bf16_*: tensor cores. bf16 A and B, f32 accumulation, mma.sync.m16n8k16 through
 //     inline PTX, operands staged in shared memory with cp.async (double-buffered: the next
 //     K tile loads while the current one is multiplied) and read with ldmatrix.
@@ -38,6 +40,7 @@
 //   holds row l/4, columns 2(l%4)..+1 of matrix i (with .trans: rows 2(l%4)..+1, column l/4).
 //
 // Entry points:
+//   gemm_wgmma_{nn,nt,tn,tt}_bf16(GemmParams p, a, b, c)        sm_90a only; C is bf16
 //   gemm_bf16_{nn,nt,tn,tt}_{f32,bf16}(GemmParams p, a, b, c)   C is f32 or bf16
 //   gemm_simt_f32(SimtParams p, a, b, c)            f32 → f32
 //   gemm_simt_bf16(SimtParams p, a, b, c)           bf16 → bf16
@@ -211,6 +214,195 @@ GEMM_BF16_OUTS(n, n, false, false)
 GEMM_BF16_OUTS(n, t, false, true)
 GEMM_BF16_OUTS(t, n, true, false)
 GEMM_BF16_OUTS(t, t, true, true)
+
+// ---- Hopper kernel: wgmma (sm_90a) -----------------------------------------------------------
+//
+// gemm_wgmma_{nn,nt,tn,tt}_bf16: the same GemmParams, layouts and operand requirements as
+// gemm_bf16_*, compiled only for sm_90a (see common.cuh). Block tile 128 × 256 × 64 with two
+// warpgroups (256 threads), each computing a 64 × 256 half with wgmma.mma_async.m64n256k16
+// (128 f32 accumulators per thread). Both operands are read by the tensor cores straight from
+// shared memory, through matrix descriptors, in the 128-byte-swizzle layout; the transposed
+// storage orders use wgmma's transpose bits (A 't' is M-major, B 'n' is N-major), so the four
+// letter pairs are one kernel body.
+//
+// Shared memory (dynamic, 4 stages × 48 KB + 1 KB to align the base to 1024 bytes, which the
+// 128-byte swizzle pattern repeats on): per stage the A tile (16 KB) then the B tile (32 KB).
+// A tile stored ROWS × COLS with COLS contiguous in global memory is kept as COLS / 64
+// panels of ROWS rows of 128 bytes (64 elements); 16-byte chunk c of row r sits at chunk
+// c ^ (r % 8) of its row. In descriptor terms (PTX ISA "Shared Memory Matrix Layout"):
+//   K-major operand (rows = M or N, 64 k per row): SBO = 1024 (8 rows), LBO unused; the
+//     k16 step of the MMA loop moves the start address by 32 bytes.
+//   MN-major operand (rows = k, cols = M or N): LBO = panel size (64 rows × 128 bytes =
+//     8 KB, the step between 64-element column panels), SBO = 1024 (8 k rows); the k16 step
+//     moves the start address by 16 rows = 2 KB.
+//   Warpgroup w's 64 rows of A start 8 KB into the A tile in both layouts (rows 64w.. of a
+//   K-major tile, panel w of an M-major one).
+//
+// Pipeline: tiles are copied with cp.async two ahead; the MMAs of a tile stay in flight while
+// the next iteration waits for its copies (wgmma_wait<1>), so at any time one stage is being
+// multiplied, one may still be read by the previous tile's MMAs and two are being filled.
+//
+// Launch: blockDim.x = 256, gridDim = (ceil(N / 256), ceil(M / 128), batch ≤ 65535), dynamic
+// shared memory WG_SMEM_BYTES (the host raises the function's limit to it first).
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+#define WG_BM 128
+#define WG_BN 256
+#define WG_BK 64
+#define WG_STAGES 4
+#define WG_THREADS 256
+#define WG_A_BYTES (WG_BM * WG_BK * 2)
+#define WG_STAGE_BYTES (WG_A_BYTES + WG_BN * WG_BK * 2)
+#define WG_SMEM_BYTES (WG_STAGES * WG_STAGE_BYTES + 1024)
+
+// Copies a ROWS × COLS tile whose columns are contiguous in global memory (row stride `ld`)
+// into the swizzled panels described above, at `s` (1024-byte aligned). Full 8-element chunks
+// go through cp.async; chunks crossing the matrix edge are stored element by element with
+// zeros outside.
+template <int ROWS, int COLS>
+__device__ __forceinline__ void load_tile_sw128(const bf16* __restrict__ g, i64 ld, int row0, int row_lim,
+                                                int col0, int col_lim, unsigned char* s, int tid) {
+    constexpr int CPR = COLS / 8;  // 16-byte chunks per row
+    static_assert((ROWS * CPR) % WG_THREADS == 0, "whole chunks per thread");
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / WG_THREADS; ++i) {
+        const int ch = tid + i * WG_THREADS;
+        const int r = ch / CPR, c = ch % CPR;
+        unsigned char* dst = s + (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+        const int gr = row0 + r, gc = col0 + c * 8;
+        if (gr < row_lim && gc + 8 <= col_lim) {
+            cp_async16(dst, g + (i64)gr * ld + gc);
+        } else {
+            bf16* d = reinterpret_cast<bf16*>(dst);
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                d[e] = (gr < row_lim && gc + e < col_lim) ? g[(i64)gr * ld + gc + e] : (bf16)0;
+        }
+    }
+}
+
+// A wgmma matrix descriptor: start address, leading and stride byte offsets, 128-byte swizzle.
+__device__ __forceinline__ u64 wg_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((u64)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void store_pair(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+__device__ __forceinline__ void store_pair(bf16* p, float a, float b) {
+    *reinterpret_cast<u32*>(p) = pack_bf16x2(a, b);
+}
+
+// A_T: A stored [K, M] ('t', M-major); B_T: B stored [N, K] ('t', K-major).
+template <bool A_T, bool B_T, typename TC>
+__device__ __forceinline__ void gemm_wgmma_body(const GemmParams& p, const bf16* __restrict__ a,
+                                                const bf16* __restrict__ b, TC* __restrict__ c) {
+    RLHF_DYNAMIC_SMEM(smem_raw);
+    const u32 raw = smem_u32(smem_raw);
+    const u32 pad = (1024u - (raw & 1023u)) & 1023u;
+    unsigned char* smem = smem_raw + pad;
+    const u32 sbase = raw + pad;
+
+    const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, warp = (tid >> 5) & 3;
+    const int m0 = blockIdx.y * WG_BM, n0 = blockIdx.x * WG_BN;
+    a += (i64)blockIdx.z * p.stride_a;
+    b += (i64)blockIdx.z * p.stride_b;
+    c += (i64)blockIdx.z * p.stride_c;
+
+    auto load_stage = [&](int stage, int k0) {
+        unsigned char* sa = smem + stage * WG_STAGE_BYTES;
+        unsigned char* sb = sa + WG_A_BYTES;
+        if (A_T)
+            load_tile_sw128<WG_BK, WG_BM>(a, p.lda, k0, p.K, m0, p.M, sa, tid);
+        else
+            load_tile_sw128<WG_BM, WG_BK>(a, p.lda, m0, p.M, k0, p.K, sa, tid);
+        if (B_T)
+            load_tile_sw128<WG_BN, WG_BK>(b, p.ldb, n0, p.N, k0, p.K, sb, tid);
+        else
+            load_tile_sw128<WG_BK, WG_BN>(b, p.ldb, k0, p.K, n0, p.N, sb, tid);
+    };
+
+    // Descriptors of stage 0; a stage adds WG_STAGE_BYTES, a k16 step the major-ness's step.
+    constexpr u32 A_LBO = A_T ? WG_BK * 128 : 16, B_LBO = B_T ? 16 : WG_BK * 128;
+    constexpr u32 A_KSTEP = A_T ? 16 * 128 : 32, B_KSTEP = B_T ? 32 : 16 * 128;
+    const u64 desc_a0 = wg_desc(sbase + wg * 8192, A_LBO, 1024);
+    const u64 desc_b0 = wg_desc(sbase + WG_A_BYTES, B_LBO, 1024);
+
+    float acc[WG_BN / 2];
+#pragma unroll
+    for (int i = 0; i < WG_BN / 2; ++i) acc[i] = 0.0f;
+
+    const int k_tiles = (p.K + WG_BK - 1) / WG_BK;
+#pragma unroll
+    for (int s = 0; s < WG_STAGES - 2; ++s) {
+        if (s < k_tiles) load_stage(s, s * WG_BK);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<WG_STAGES - 3>();  // this thread's copies of tile kt have landed
+        fence_proxy_async_smem();        // ... and are visible to the tensor cores' reads
+        // Every thread's copies and edge stores of tile kt are in, and every warpgroup has
+        // retired the MMAs of tile kt - 2 (wgmma_wait<1> below), whose stage is refilled next.
+        __syncthreads();
+        const int nk = kt + WG_STAGES - 2;
+        if (nk < k_tiles) load_stage(nk % WG_STAGES, nk * WG_BK);
+        cp_async_commit();  // possibly empty: keeps the wait count above uniform
+
+        const u64 stage_off = (u64)(((kt % WG_STAGES) * WG_STAGE_BYTES) >> 4);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; ++kk)
+            wgmma_m64k16_bf16<WG_BN, A_T ? 1 : 0, B_T ? 0 : 1>(
+                acc, desc_a0 + stage_off + (u64)((kk * A_KSTEP) >> 4),
+                desc_b0 + stage_off + (u64)((kk * B_KSTEP) >> 4));
+        wgmma_commit();
+        wgmma_wait<1>();  // tile kt - 1's MMAs are done; tile kt's may still run
+    }
+    wgmma_wait<0>();
+
+    // Epilogue from the accumulator fragments, bounds-checked; pairs of neighbouring columns
+    // are stored together when C's rows and batch offsets keep them aligned.
+    const bool pairs = ((p.ldc | p.stride_c) & 1) == 0 && ((unsigned long long)c % (2 * sizeof(TC))) == 0;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = m0 + wg * 64 + warp * 16 + g + h * 8;
+        if (m >= p.M) continue;
+        TC* row = c + (i64)m * p.ldc;
+#pragma unroll
+        for (int j = 0; j < WG_BN / 8; ++j) {
+            const int n = n0 + j * 8 + 2 * t;
+            float v0 = p.alpha * acc[4 * j + 2 * h], v1 = p.alpha * acc[4 * j + 2 * h + 1];
+            if (pairs && n + 1 < p.N) {
+                if (p.beta != 0.0f) {
+                    v0 += p.beta * load_f32(row + n);
+                    v1 += p.beta * load_f32(row + n + 1);
+                }
+                store_pair(row + n, v0, v1);
+            } else {
+                if (n < p.N) store_f32(row + n, p.beta != 0.0f ? v0 + p.beta * load_f32(row + n) : v0);
+                if (n + 1 < p.N)
+                    store_f32(row + n + 1, p.beta != 0.0f ? v1 + p.beta * load_f32(row + n + 1) : v1);
+            }
+        }
+    }
+}
+
+// C in bf16 only: the engine's matmul writes its output in the operands' dtype.
+#define GEMM_WGMMA(ta, tb, A_T, B_T)                                                                 \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_##ta##tb##_bf16(          \
+        GemmParams p, const bf16* __restrict__ a, const bf16* __restrict__ b, bf16* __restrict__ c) { \
+        gemm_wgmma_body<A_T, B_T, bf16>(p, a, b, c);                                                  \
+    }
+
+GEMM_WGMMA(n, n, false, false)
+GEMM_WGMMA(n, t, false, true)
+GEMM_WGMMA(t, n, true, false)
+GEMM_WGMMA(t, t, true, true)
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // ---- SIMT kernel ----------------------------------------------------------------------------
 

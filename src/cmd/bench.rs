@@ -61,6 +61,10 @@ pub struct GemmArgs {
     /// Where to run: cpu, cuda (GPU 0) or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// GPU kernel family: auto (the fastest that takes the operands), wgmma (Hopper only),
+    /// mma (mma.sync tensor cores) or simt. GPU only.
+    #[arg(long, default_value = "auto")]
+    pub kernel: String,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -161,8 +165,12 @@ fn gemm(args: GemmArgs) -> anyhow::Result<()> {
     if m == 0 || n == 0 || k == 0 {
         bail!("bench gemm: m, n and k must be at least 1 (got {m}, {n}, {k})");
     }
+    let kernel: rlhf_tensor::cuda::GemmKernel = args.kernel.parse()?;
     if let Device::Cuda(_) = args.device {
-        return gemm_cuda(&args);
+        return rlhf_tensor::cuda::with_gemm_kernel(kernel, || gemm_cuda(&args));
+    }
+    if kernel != rlhf_tensor::cuda::GemmKernel::Auto {
+        bail!("bench gemm: --kernel {kernel} applies to --device cuda only");
     }
     if !args.dtype.eq_ignore_ascii_case("f32") {
         bail!(
@@ -270,13 +278,14 @@ fn gemm_cuda(args: &GemmArgs) -> anyhow::Result<()> {
     if args.common.json {
         let line = serde_json::json!({
             "op": "gemm", "m": m, "n": n, "k": k, "dtype": name, "device": device.to_string(),
-            "card": card, "seconds": secs, "gflops": gflops,
+            "card": card, "kernel": args.kernel, "seconds": secs, "gflops": gflops,
         });
         println!("{line}");
     } else {
         println!(
-            "gemm {name} m={m} n={n} k={k} on {device} ({card}): {:.3} ms per call, \
+            "gemm {name} m={m} n={n} k={k} on {device} ({card}), kernel {}: {:.3} ms per call, \
              {:.1} TFLOP/s (2·m·n·k flops, f32 accumulation, median of {} runs)",
+            args.kernel,
             secs * 1e3,
             gflops / 1e3,
             args.common.runs

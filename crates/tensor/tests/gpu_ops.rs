@@ -237,6 +237,93 @@ fn cuda_matmul_f32_and_bf16_forward_and_backward() {
     }
 }
 
+/// Every GEMM kernel family (wgmma where the card has it, mma.sync, SIMT) on all four storage
+/// orders of A and B, against the CPU product of the same bf16 values. Shapes are multiples of
+/// 8 (what the tensor-core kernels take) with partial block tiles in M, N and K, K long enough
+/// for several trips round the wgmma kernel's four-stage ring, batched and broadcast B. Held to
+/// the output's own rounding: a norm-wise error of 5e-3 and, per element, 2^-7 of the value
+/// plus 1e-3 of the RMS, so a wrong row, column or k block fails even where the norm hides it.
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_matmul_kernel_families_agree_with_the_cpu_on_every_layout() {
+    use rlhf_tensor::cuda::{with_gemm_kernel, GemmKernel};
+    let mut rng = Rng::new(seed("matmul_kernels"));
+    let has_wgmma = rlhf_tensor::cuda::device(0).unwrap().arch().has_wgmma();
+    let families: &[GemmKernel] = if has_wgmma {
+        &[GemmKernel::Wgmma, GemmKernel::Mma, GemmKernel::Simt]
+    } else {
+        eprintln!("no wgmma on this card: checking mma.sync and SIMT, and that wgmma is refused");
+        &[GemmKernel::Mma, GemmKernel::Simt]
+    };
+    let host = |t: &Tensor| {
+        t.to_device(Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    for trial in 0..3 {
+        let m = 8 * (1 + rng.below(24) as usize);
+        let n = 8 * (1 + rng.below(64) as usize);
+        let k = 8 * (1 + rng.below(56) as usize);
+        let batch = 1 + rng.below(2) as usize;
+        let broadcast_b = trial % 2 == 1;
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            // 't' operands are transposed views of contiguous [.., k, m] and [n, k] storage.
+            let a_store = if ta { [batch, k, m] } else { [batch, m, k] };
+            let b_store: Vec<usize> = match (broadcast_b, tb) {
+                (true, true) => vec![n, k],
+                (true, false) => vec![k, n],
+                (false, true) => vec![batch, n, k],
+                (false, false) => vec![batch, k, n],
+            };
+            let (ac, ag) = pair(
+                &rand(&mut rng, &a_store, -1.0, 1.0, DType::F32),
+                DType::BF16,
+            );
+            let (bc, bg) = pair(
+                &rand(&mut rng, &b_store, -1.0, 1.0, DType::F32),
+                DType::BF16,
+            );
+            let view = |x: &Tensor, t: bool| {
+                if t {
+                    x.transpose(-2, -1).unwrap()
+                } else {
+                    x.clone()
+                }
+            };
+            let want = view(&ac, ta).matmul(&view(&bc, tb)).unwrap();
+            let what = |f: GemmKernel| {
+                format!(
+                    "{f} {}{} batch {batch}{} m {m} n {n} k {k}",
+                    if ta { 't' } else { 'n' },
+                    if tb { 't' } else { 'n' },
+                    if broadcast_b { " (B broadcast)" } else { "" }
+                )
+            };
+            for &f in families {
+                let got = with_gemm_kernel(f, || view(&ag, ta).matmul(&view(&bg, tb))).unwrap();
+                check(&what(f), &got, &want, 5e-3);
+                let (g, w) = (host(&got).to_f64_vec(), want.to_f64_vec());
+                let rms = (w.iter().map(|v| v * v).sum::<f64>() / w.len() as f64).sqrt();
+                for (i, (x, y)) in g.iter().zip(&w).enumerate() {
+                    assert!(
+                        (x - y).abs() <= y.abs() / 128.0 + 1e-3 * rms,
+                        "{}: element {i} is {x}, the CPU says {y}",
+                        what(f)
+                    );
+                }
+            }
+            if !has_wgmma {
+                let e =
+                    with_gemm_kernel(GemmKernel::Wgmma, || view(&ag, ta).matmul(&view(&bg, tb)))
+                        .unwrap_err()
+                        .to_string();
+                assert!(e.contains("wgmma needs compute capability 9.0"), "{e}");
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn cuda_matmul_is_deterministic() {

@@ -45,6 +45,21 @@ impl Arch {
         Ok(arch)
     }
 
+    /// The target the engine compiles for on a device of compute capability `major.minor`: the
+    /// architecture-specific sm_90a on 9.0 (H100, H200), so that the wgmma kernels exist, else
+    /// the generic target. An error below 8.0.
+    pub fn native(major: u32, minor: u32) -> Result<Arch> {
+        let mut arch = Arch::new(major, minor)?;
+        arch.specific = (major, minor) == (9, 0);
+        Ok(arch)
+    }
+
+    /// Whether kernels compiled for this target have Hopper's warpgroup MMA (wgmma): sm_90a
+    /// only (Blackwell's architecture-specific targets drop it).
+    pub fn has_wgmma(self) -> bool {
+        self.specific && (self.major, self.minor) == (9, 0)
+    }
+
     /// Parses `sm_80`, `sm_90`, `sm_90a`, `compute_86` (the same architecture either way).
     pub fn parse(s: &str) -> Result<Arch> {
         let bad = || {
@@ -119,6 +134,13 @@ mod tests {
         let s = Arch::parse("sm_90a").unwrap();
         assert!(s.is_specific());
         assert_eq!(s.nvrtc_option(), "--gpu-architecture=compute_90a");
+        assert!(s.has_wgmma());
+        assert_eq!(Arch::native(9, 0).unwrap(), s);
+        assert!(!Arch::parse("sm_90").unwrap().has_wgmma());
+        assert!(!Arch::native(8, 0).unwrap().has_wgmma());
+        assert!(!Arch::native(8, 0).unwrap().is_specific());
+        assert!(!Arch::native(10, 0).unwrap().has_wgmma());
+        assert!(Arch::native(7, 5).is_err());
         assert_eq!(Arch::parse("sm_120").unwrap().capability(), (12, 0));
         let old = Arch::parse("sm_75").unwrap_err().to_string();
         assert!(old.contains("7.5 is too old"), "{old}");

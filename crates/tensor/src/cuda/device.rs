@@ -30,7 +30,10 @@ fn require_driver(op: &'static str) -> Result<()> {
     }
 }
 
-fn driver_err(op: &'static str, what: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
+pub(crate) fn driver_err(
+    op: &'static str,
+    what: impl std::fmt::Display,
+) -> impl FnOnce(DriverError) -> Error {
     let what = what.to_string();
     move |e| Error::cuda(op, format!("{what}: {e:?}"))
 }
@@ -93,7 +96,7 @@ impl CudaDevice {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(driver_err("cuda device", "compute capability"))?;
-        let arch = Arch::new(major.max(0) as u32, minor.max(0) as u32)
+        let arch = Arch::native(major.max(0) as u32, minor.max(0) as u32)
             .map_err(|e| Error::cuda("cuda device", format!("device {ordinal} ({name}): {e}")))?;
         let stream = ctx.default_stream();
         Ok(CudaDevice {
@@ -116,7 +119,8 @@ impl CudaDevice {
         &self.name
     }
 
-    /// The architecture kernels are compiled for: the device's own compute capability.
+    /// The architecture kernels are compiled for: the device's own compute capability, in its
+    /// architecture-specific form on 9.0 (sm_90a, see [`Arch::native`]).
     pub fn arch(&self) -> Arch {
         self.arch
     }

@@ -13,6 +13,7 @@
 pub mod arch;
 pub mod cache;
 pub mod device;
+pub mod gemm;
 pub mod kernels;
 pub mod nvrtc;
 pub mod params;
@@ -21,6 +22,7 @@ pub mod storage;
 pub use arch::Arch;
 pub use cache::{PtxCache, PtxKey};
 pub use device::{device_count, driver_available, CudaDevice};
+pub use gemm::{gemm_kernel, with_gemm_kernel, GemmKernel};
 pub use kernels::{KernelFile, KERNEL_FILES};
 pub use nvrtc::{compile_ptx, nvrtc_available, nvrtc_version, ptx_entry_points};
 pub use params::{AttnParams, GemmParams, SimtParams, Strided};

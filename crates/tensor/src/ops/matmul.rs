@@ -228,10 +228,11 @@ fn gemm_chunks(nb: usize, m: usize, tile_m: usize) -> Vec<GemmChunk> {
     out
 }
 
-/// kernels/gemm.cu: `gemm_bf16_{n,t}{n,t}_bf16` on the tensor cores for bf16 operands that
-/// meet its alignment rules (16-byte pointers, leading dims and batch strides multiples of 8),
-/// `gemm_simt_bf16` for other bf16 operands and `gemm_simt_f32` for f32. C is contiguous
-/// [batch, m, n]; beta = 0 (C is never read).
+/// kernels/gemm.cu: for bf16 operands that meet the tensor-core alignment rules (16-byte
+/// pointers, leading dims and batch strides multiples of 8) `gemm_wgmma_{n,t}{n,t}_bf16` on
+/// sm_90a devices, else `gemm_bf16_{n,t}{n,t}_bf16` (mma.sync); `gemm_simt_bf16` for other bf16
+/// operands and `gemm_simt_f32` for f32. [`crate::cuda::with_gemm_kernel`] pins a family. C is
+/// contiguous [batch, m, n]; beta = 0 (C is never read).
 #[cfg(feature = "cuda")]
 fn matmul_cuda(
     dev: &std::sync::Arc<crate::cuda::CudaDevice>,
@@ -241,9 +242,12 @@ fn matmul_cuda(
     (m, k, n): (usize, usize, usize),
     out_shape: &[usize],
 ) -> Result<Tensor> {
-    use crate::cuda::{GemmParams, SimtParams};
+    use crate::cuda::{GemmKernel, GemmParams, SimtParams};
+    use cudarc::driver::sys::CUfunction_attribute;
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     const OP: &str = "matmul";
+    // kernels/gemm.cu WG_SMEM_BYTES: four 48 KB stages and 1 KB to align the base.
+    const WGMMA_SMEM_BYTES: u32 = 4 * 48 * 1024 + 1024;
     super::same_dtype(OP, a, b)?;
     let tn = super::tname(OP, a.dtype())?;
     let out = super::cuda_empty(dev, a.dtype(), out_shape)?;
@@ -299,7 +303,29 @@ fn matmul_cuda(
             format!("m = {m}, n = {n}, k = {k}: the GEMM kernels take sizes below 2^31"),
         ));
     }
-    let tile_m = if tensor_cores { 128 } else { 64 };
+    let choice = crate::cuda::gemm_kernel();
+    let has_wgmma = dev.arch().has_wgmma();
+    if choice == GemmKernel::Wgmma && !has_wgmma {
+        return Err(Error::cuda(
+            OP,
+            format!(
+                "the wgmma GEMM was asked for, but kernels for device {} ({}) are compiled for \
+                 {}: wgmma needs compute capability 9.0 (sm_90a)",
+                dev.ordinal(),
+                dev.name(),
+                dev.arch()
+            ),
+        ));
+    }
+    // 'w': wgmma, 'm': mma.sync, 's': SIMT.
+    let family = match choice {
+        GemmKernel::Simt => 's',
+        _ if !tensor_cores => 's',
+        GemmKernel::Mma => 'm',
+        GemmKernel::Auto | GemmKernel::Wgmma if has_wgmma => 'w',
+        GemmKernel::Auto | GemmKernel::Wgmma => 'm',
+    };
+    let tile_m = if family == 's' { 64 } else { 128 };
     for GemmChunk { z0, z, m0, m: mc } in gemm_chunks(nb, m, tile_m) {
         // Rows m0.. of A and C: A[m, k] sits at m·rs + k·cs in either storage order.
         let (ca, cb, cc) = (
@@ -307,8 +333,13 @@ fn matmul_cuda(
             pb + (z0 * ob.batch) as u64 * esz,
             pc + (z0 * m * n + m0 * n) as u64 * esz,
         );
-        if let (true, Some((la, lda)), Some((lb, ldb))) = (tensor_cores, a_layout, b_layout) {
-            let entry = format!("gemm_bf16_{la}{lb}_bf16");
+        if let (true, Some((la, lda)), Some((lb, ldb))) = (family != 's', a_layout, b_layout) {
+            let wgmma = family == 'w';
+            let entry = if wgmma {
+                format!("gemm_wgmma_{la}{lb}_bf16")
+            } else {
+                format!("gemm_bf16_{la}{lb}_bf16")
+            };
             let p = GemmParams {
                 m: mc as i32,
                 n: n as i32,
@@ -322,15 +353,32 @@ fn matmul_cuda(
                 alpha: 1.0,
                 beta: 0.0,
             };
+            // wgmma: 128 × 256 block tiles in dynamic shared memory; mma.sync: 128 × 128, static.
+            let (tile_n, smem) = if wgmma {
+                (256, WGMMA_SMEM_BYTES)
+            } else {
+                (128, 0)
+            };
             let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(128) as u32, mc.div_ceil(128) as u32, z as u32),
+                grid_dim: (n.div_ceil(tile_n) as u32, mc.div_ceil(128) as u32, z as u32),
                 block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: smem,
             };
             let f = dev.function("gemm", &entry)?;
+            if smem > 0 {
+                // Dynamic shared memory beyond 48 KB must be opted into per function.
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(crate::cuda::device::driver_err(
+                    OP,
+                    format!("allowing {entry} {smem} bytes of dynamic shared memory"),
+                ))?;
+            }
             let mut l = dev.stream().launch_builder(&f);
             l.arg(&p).arg(&ca).arg(&cb).arg(&cc);
-            // SAFETY: gemm_bf16_*(GemmParams p, const bf16* a, const bf16* b, bf16* c); the
+            // SAFETY: gemm_{wgmma,bf16}_*(GemmParams p, const bf16* a, const bf16* b, bf16* c); the
             // strides describe views inside a's and b's storages (batch chunk z0.. and row chunk m0.. included),
             // c is a fresh [nb, m, n] buffer; alignment and multiple-of-8 rules checked above.
             unsafe { super::launch(OP, &entry, l, cfg)? };

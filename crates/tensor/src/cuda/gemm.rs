@@ -1,0 +1,127 @@
+//! Which GEMM kernel `matmul` launches on a GPU.
+//!
+//! kernels/gemm.cu has three families: `gemm_wgmma_*` (Hopper warpgroup MMA, compiled only for
+//! sm_90a), `gemm_bf16_*` (mma.sync tensor cores, sm_80 and newer) and `gemm_simt_*` (plain FMA,
+//! any strides and dtypes). By default matmul takes the fastest one that accepts the operands.
+//! Benchmarks and tests pin a family with [`with_gemm_kernel`] to measure or check each against
+//! the others on the same card; the choice is per thread (matmul launches from the calling
+//! thread), so tests running in parallel do not see each other's choice.
+
+use std::cell::Cell;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Error, Result};
+
+/// A GEMM kernel family (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// The fastest family that accepts the operands: wgmma on sm_90a devices, else mma.sync,
+    /// for bf16 operands that meet the tensor-core alignment rules; SIMT otherwise.
+    #[default]
+    Auto,
+    /// As `Auto`, but an error on a device without wgmma (anything but compute capability 9.0),
+    /// so a benchmark or test that asks for it never silently measures another kernel.
+    Wgmma,
+    /// Never wgmma: mma.sync for operands it accepts, else SIMT.
+    Mma,
+    /// Always the SIMT kernels.
+    Simt,
+}
+
+impl GemmKernel {
+    pub const ALL: [GemmKernel; 4] = [
+        GemmKernel::Auto,
+        GemmKernel::Wgmma,
+        GemmKernel::Mma,
+        GemmKernel::Simt,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmKernel::Auto => "auto",
+            GemmKernel::Wgmma => "wgmma",
+            GemmKernel::Mma => "mma",
+            GemmKernel::Simt => "simt",
+        }
+    }
+}
+
+impl fmt::Display for GemmKernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for GemmKernel {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<GemmKernel> {
+        GemmKernel::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                Error::cuda(
+                    "gemm kernel",
+                    format!("unknown GEMM kernel {s:?}: expected auto, wgmma, mma or simt"),
+                )
+            })
+    }
+}
+
+thread_local! {
+    static CHOICE: Cell<GemmKernel> = const { Cell::new(GemmKernel::Auto) };
+}
+
+/// The GEMM kernel family matmul uses on this thread.
+pub fn gemm_kernel() -> GemmKernel {
+    CHOICE.with(|c| c.get())
+}
+
+/// Runs `f` with matmul pinned to `kernel` on this thread, then restores the previous choice
+/// (also when `f` panics).
+pub fn with_gemm_kernel<R>(kernel: GemmKernel, f: impl FnOnce() -> R) -> R {
+    struct Restore(GemmKernel);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CHOICE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(CHOICE.with(|c| c.replace(kernel)));
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_errors() {
+        for k in GemmKernel::ALL {
+            assert_eq!(k.name().parse::<GemmKernel>().unwrap(), k);
+        }
+        let e = "cublas".parse::<GemmKernel>().unwrap_err().to_string();
+        assert!(e.contains("unknown GEMM kernel \"cublas\""), "{e}");
+    }
+
+    #[test]
+    fn the_choice_is_scoped_and_per_thread() {
+        assert_eq!(gemm_kernel(), GemmKernel::Auto);
+        with_gemm_kernel(GemmKernel::Simt, || {
+            assert_eq!(gemm_kernel(), GemmKernel::Simt);
+            with_gemm_kernel(GemmKernel::Mma, || {
+                assert_eq!(gemm_kernel(), GemmKernel::Mma)
+            });
+            assert_eq!(gemm_kernel(), GemmKernel::Simt);
+            // Another thread starts from the default.
+            std::thread::spawn(|| assert_eq!(gemm_kernel(), GemmKernel::Auto))
+                .join()
+                .unwrap();
+        });
+        assert_eq!(gemm_kernel(), GemmKernel::Auto);
+        let caught = std::panic::catch_unwind(|| {
+            with_gemm_kernel(GemmKernel::Simt, || panic!("inside"));
+        });
+        assert!(caught.is_err());
+        assert_eq!(gemm_kernel(), GemmKernel::Auto);
+    }
+}
