@@ -33,6 +33,8 @@
 #include <mutex>
 #include <string>
 
+#include "tensormap.h"
+
 namespace {
 
 typedef int CUresult;
@@ -535,7 +537,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     static const bool trace = getenv("RLHF_CUDA_EMU_TRACE") && *getenv("RLHF_CUDA_EMU_TRACE") == '1';
     const double t0 = trace ? now() : 0;
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
-    char err[512] = {0};
+    char err[1024] = {0};
     in_launch = true;
     const int rc =
         f->module->launch(f->entry, f->name.c_str(), grid, block, smem, params, &where_now, err, sizeof err);
@@ -547,6 +549,67 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         fprintf(stderr, "cuda-emu: %s\n", err);
         return CUDA_ERROR_LAUNCH_FAILED;
     }
+    return CUDA_SUCCESS;
+}
+
+// cuTensorMapEncodeTiled: validates the parameters as the CUDA driver API documents them and
+// stores them in the emulator's own format (tensormap.h) inside the 128 opaque bytes; the
+// device model (emu.h, tma_load_3d) decodes them. Anything outside the documented bounds is
+// CUDA_ERROR_INVALID_VALUE, with the reason on stderr; interleaved layouts, which the real
+// driver accepts but the emulator does not model, are CUDA_ERROR_NOT_SUPPORTED.
+CUresult cuTensorMapEncodeTiled(void* tensorMap, unsigned dataType, unsigned rank, void* globalAddress,
+                                const unsigned long long* globalDim, const unsigned long long* globalStrides,
+                                const unsigned* boxDim, const unsigned* elementStrides, unsigned interleave,
+                                unsigned swizzle, unsigned l2Promotion, unsigned oobFill) {
+    auto bad = [](const char* why, unsigned long long v) {
+        fprintf(stderr, "cuda-emu: cuTensorMapEncodeTiled: %s (%llu)\n", why, v);
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    namespace tm = rlhf_emu_tmap;
+    if (!tensorMap || !globalDim || !boxDim || !elementStrides || (rank > 1 && !globalStrides))
+        return bad("a null pointer argument", 0);
+    if ((uintptr_t)tensorMap % 64) return bad("tensorMap is not 64-byte aligned", (uintptr_t)tensorMap % 64);
+    const unsigned esize = tm::type_bytes(dataType);
+    if (esize == 0) return bad("tensorDataType is not a CUtensorMapDataType this emulator knows", dataType);
+    if (rank < 1 || rank > 5) return bad("tensorRank must be in 1..5", rank);
+    if (interleave > 2) return bad("interleave is not a CUtensorMapInterleave", interleave);
+    if (swizzle > 3) return bad("swizzle is not NONE, 32B, 64B or 128B (the sm_90 modes)", swizzle);
+    if (l2Promotion > 3) return bad("l2Promotion is not a CUtensorMapL2promotion", l2Promotion);
+    if (oobFill > 1) return bad("oobFill is not a CUtensorMapFloatOOBfill", oobFill);
+    if (interleave != 0) {
+        fprintf(stderr, "cuda-emu: cuTensorMapEncodeTiled: interleaved layouts are not modelled\n");
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    if ((uintptr_t)globalAddress % 16) return bad("globalAddress is not 16-byte aligned", (uintptr_t)globalAddress);
+    tm::Encoded e{};
+    e.magic = tm::kMagic;
+    e.global_address = (uint64_t)(uintptr_t)globalAddress;
+    for (unsigned i = 0; i < rank; ++i) {
+        if (globalDim[i] == 0 || globalDim[i] > (1ull << 32)) return bad("globalDim[i] must be in 1..2^32", globalDim[i]);
+        if (boxDim[i] == 0 || boxDim[i] > 256) return bad("boxDim[i] must be in 1..256", boxDim[i]);
+        if (elementStrides[i] == 0 || elementStrides[i] > 8) return bad("elementStrides[i] must be in 1..8", elementStrides[i]);
+        e.dim[i] = globalDim[i];
+        e.box[i] = boxDim[i];
+        e.elem_stride[i] = (uint8_t)elementStrides[i];
+    }
+    for (unsigned i = 0; i + 1 < rank; ++i) {
+        if (globalStrides[i] % 16) return bad("globalStrides[i] must be a multiple of 16 bytes", globalStrides[i]);
+        if (globalStrides[i] >= (1ull << 40)) return bad("globalStrides[i] must be below 2^40", globalStrides[i]);
+        e.stride[i] = globalStrides[i];
+    }
+    const unsigned long long inner = (unsigned long long)boxDim[0] * esize;
+    if (inner % 16) return bad("boxDim[0] * element size must be a multiple of 16 bytes", inner);
+    if (swizzle != 0 && inner > tm::swizzle_span(swizzle))
+        return bad("the inner box extent (boxDim[0] * element size) exceeds the swizzle span", inner);
+    e.data_type = (uint8_t)dataType;
+    e.rank = (uint8_t)rank;
+    e.interleave = (uint8_t)interleave;
+    e.swizzle = (uint8_t)swizzle;
+    e.l2_promotion = (uint8_t)l2Promotion;
+    e.oob_fill = (uint8_t)oobFill;
+    e.elem_bytes = (uint8_t)esize;
+    memset(tensorMap, 0, 128);
+    memcpy(tensorMap, &e, sizeof e);
     return CUDA_SUCCESS;
 }
 

@@ -43,6 +43,8 @@
 #include <utility>
 #include <vector>
 
+#include "tensormap.h"  // the CUtensorMap encoding shared with driver.cpp
+
 #define __device__
 #define __host__
 #define __forceinline__ inline
@@ -82,7 +84,7 @@ struct Where {
     unsigned thread[3];
 };
 
-enum class State { Runnable, AtBarrier, AtWarp, Done };
+enum class State { Runnable, AtBarrier, AtWarp, AtMbar, Done };
 
 // Fiber switching. On x86-64 a hand-written switch that saves only the callee-saved registers
 // (ucontext's swapcontext makes a sigprocmask system call on every switch, which made the
@@ -134,7 +136,9 @@ struct Thread {
     std::vector<std::vector<Copy>> groups;
     // wgmma.mma_async (see "wgmma" below): ops issued but not yet committed, committed groups
     // not yet waited, and the accumulators those ops will write.
-    struct WgOp { float* d; int nn, ta, tb; uint64_t da, db; };
+    // fenced: the block had executed fence.proxy.async when the op was issued (else it may
+    // read only shared memory that TMA copies wrote, see run_wgmma).
+    struct WgOp { float* d; int nn, ta, tb; uint64_t da, db; bool fenced; };
     struct WgAcc {
         float* d;
         int nn;
@@ -146,15 +150,19 @@ struct Thread {
     std::vector<WgAcc> wg_accs;
     bool wg_fenced;        // has executed wgmma.fence (needed before its first mma_async)
     unsigned wg_cursor;    // wgmma instructions executed (index into its warpgroup's log)
+    // While state == AtMbar: the mbarrier (index into Block::mbars) and the phase parity it
+    // waits for; wait_bar is -1 once a completed phase released it.
+    int wait_bar;
+    unsigned wait_parity;
 };
 
 // One wgmma instruction as the first thread of a warpgroup to reach it executed it: every
 // thread of the warpgroup must execute the same sequence (.aligned), with the same operands.
 struct WgLog {
-    enum Kind { Fence, Mma, Commit, Wait } kind;
+    enum Kind { Fence, Mma, Commit, Wait, SetmaxInc, SetmaxDec } kind;
     int nn, ta, tb;
     uint64_t da, db;
-    int n;  // wait_group N
+    int n;  // wait_group N, setmaxnreg R
     bool operator==(const WgLog& o) const {
         return kind == o.kind && nn == o.nn && ta == o.ta && tb == o.tb && da == o.da && db == o.db && n == o.n;
     }
@@ -174,6 +182,31 @@ struct Warp {
     unsigned ready_head = 0, ready_len = 0;
 };
 
+// An mbarrier object (PTX ISA "Parallel Synchronization and Communication Instructions:
+// mbarrier"). Its state lives here; the 8 bytes of shared memory it occupies hold a tag and its
+// index (see mbar_lookup), so a barrier never initialised, or overwritten since, is recognised.
+struct Mbar {
+    uint32_t off;        // byte offset in the dynamic shared memory
+    int expected;        // arrivals per phase (mbarrier.init's count)
+    int pending;         // arrivals still missing in the current phase
+    long long tx;        // tx-count of the current phase, bytes
+    unsigned phase;      // phases completed so far (the current phase's parity is phase & 1)
+    int init_thread;     // linear index of the thread that initialised it
+    unsigned init_gen;   // Block::sync_gen at the init
+    bool fenced;         // init_thread has executed fence.mbarrier_init since the init
+    unsigned fence_gen;  // Block::sync_gen at that fence
+};
+
+// A cp.async.bulk.tensor copy in flight: the bytes it will write into the dynamic shared
+// memory (gathered from global memory at the issue, swizzle applied) and the mbarrier whose
+// tx-count it completes when it lands.
+struct TmaCopy {
+    uint32_t off, bytes;
+    int bar;
+    int thread;  // the issuing thread (linear index), for messages
+    std::vector<unsigned char> image;
+};
+
 struct Block {
     std::vector<Thread> threads;
     std::vector<Warp> warps;
@@ -186,6 +219,12 @@ struct Block {
     bool failed = false;  // a thread broke CUDA's rules (see fail)
     std::vector<std::vector<WgLog>> wg_log;  // per warpgroup: its wgmma instructions so far
     int proxy_fences = 0;  // fence.proxy.async.shared::cta executed in this block so far
+    unsigned sync_gen = 0;  // __syncthreads completed in this block so far
+    std::vector<Mbar> mbars;  // every mbarrier initialised in this block
+    std::vector<TmaCopy> tma;  // TMA copies issued and not yet landed, oldest first
+    // Per 16 bytes of dynamic shared memory: last written by a TMA copy (the async proxy), so
+    // wgmma may read it without a fence.proxy.async (see run_wgmma).
+    std::vector<unsigned char> async_chunk;
 };
 
 inline Thread* cur = nullptr;
@@ -268,6 +307,7 @@ inline void suspend() {
 }
 
 inline void release_barrier(Block& b) {
+    ++b.sync_gen;
     for (auto& t : b.threads)
         if (t.state == State::AtBarrier) make_ready(b, t);
     b.at_barrier = 0;
@@ -276,13 +316,21 @@ inline void release_barrier(Block& b) {
 // Ends the block: a thread did something CUDA leaves undefined. The launch fails with `what`;
 // the block's fibers are abandoned where they stand.
 [[noreturn]] inline void fail(const char* what) {
-    static char msg[300];
+    static char msg[900];
     std::snprintf(msg, sizeof msg, "%s (thread (%u,%u,%u))", what, cur->tid.x, cur->tid.y, cur->tid.z);
     failure = msg;
     block->failed = true;
     Context dead;
     switch_to(dead, block->scheduler);
     __builtin_unreachable();
+}
+
+// fail() with a formatted message.
+template <typename... A>
+[[noreturn]] inline void failf(const char* fmt, A... a) {
+    static char msg[800];
+    std::snprintf(msg, sizeof msg, fmt, a...);
+    fail(msg);
 }
 
 // Barriers and warp collectives must be reached by every thread of the block (warp): one that
@@ -347,6 +395,90 @@ inline T shfl_from(T v, int src) {
         if (src >= 0 && src < 32) std::memcpy(&r, slot[src], sizeof(T));
     });
     return r;
+}
+
+
+// ---- mbarrier phases and TMA landing (the scheduler's part; the instructions are below) -----
+//
+// PTX ISA, mbarrier: a phase completes when its pending arrivals and its tx-count are both 0;
+// the barrier then moves to the next phase and the pending count is reset to the expected one.
+// try_wait.parity P holds once the phase of parity P has completed, i.e. while the current
+// phase's parity differs from P. A TMA copy lands (writes its bytes, then performs complete-tx
+// with its byte count) as late as the emulator can make it: when a thread waits on its barrier
+// and the phase is not yet complete, or when every live thread of the block is blocked.
+
+inline bool mbar_done(const Mbar& m, unsigned parity) { return (m.phase & 1u) != parity; }
+
+inline void mbar_complete_phase_if_done(Block& b, int id) {
+    Mbar& m = b.mbars[id];
+    if (m.pending != 0 || m.tx != 0) return;
+    ++m.phase;
+    m.pending = m.expected;
+    for (auto& t : b.threads)
+        if (t.state == State::AtMbar && t.wait_bar == id && mbar_done(m, t.wait_parity)) {
+            t.wait_bar = -1;
+            make_ready(b, t);
+        }
+}
+
+// complete-tx of `bytes` on barrier `id`. Returns an error message, or null.
+inline const char* mbar_complete_tx(Block& b, int id, uint32_t bytes) {
+    Mbar& m = b.mbars[id];
+    m.tx -= bytes;
+    if (m.tx < 0) {
+        // The PTX ISA allows a transiently negative tx-count (a copy completing before the
+        // expect-tx that announces it). Here copies land as late as possible, after every
+        // expect-tx their issuer made before blocking, so a negative count means the phase
+        // announced fewer bytes than its copies bring.
+        static char msg[400];
+        std::snprintf(msg, sizeof msg,
+                      "mbarrier at dynamic shared memory +0x%x: tx-count went negative (%lld) when a TMA copy of %u "
+                      "bytes completed in phase %u: arrive.expect_tx announced fewer bytes than the copies bring",
+                      m.off, m.tx, bytes, m.phase);
+        return msg;
+    }
+    mbar_complete_phase_if_done(b, id);
+    return nullptr;
+}
+
+// Lands copy `i` of the block's copies in flight. Returns an error message, or null.
+inline const char* tma_land(Block& b, size_t i) {
+    TmaCopy c = std::move(b.tma[i]);
+    b.tma.erase(b.tma.begin() + (long)i);
+    std::memcpy(dyn_smem + c.off, c.image.data(), c.bytes);
+    for (uint32_t k = c.off / 16; k < (c.off + c.bytes + 15) / 16; ++k) b.async_chunk[k] = 1;
+    return mbar_complete_tx(b, c.bar, c.bytes);
+}
+
+// What a block that cannot go on is waiting for: "N threads wait on the mbarrier at +0x..
+// for parity P (current phase ..., A of E arrivals pending, tx-count T bytes)" for up to three
+// barriers, appended to `out`.
+inline void describe_mbar_waits(const Block& b, char* out, size_t len) {
+    size_t used = std::strlen(out);
+    int shown = 0;
+    std::vector<int> seen;
+    for (const auto& t : b.threads) {
+        if (t.state != State::AtMbar) continue;
+        const int id = t.wait_bar;
+        bool dup = false;
+        for (int s : seen) dup |= s == id * 2 + (int)t.wait_parity;
+        if (dup) continue;
+        seen.push_back(id * 2 + (int)t.wait_parity);
+        if (shown++ == 3) {
+            std::snprintf(out + used, len - used, "; ...");
+            return;
+        }
+        int n = 0;
+        for (const auto& u : b.threads) n += u.state == State::AtMbar && u.wait_bar == id && u.wait_parity == t.wait_parity;
+        const Mbar& m = b.mbars[id];
+        const int w = std::snprintf(out + used, len - used,
+                                    "; %d wait on the mbarrier at +0x%x for the phase of parity %u (it is in phase %u "
+                                    "with %d of %d arrivals pending and tx-count %lld bytes%s)",
+                                    n, m.off, t.wait_parity, m.phase, m.pending, m.expected, m.tx,
+                                    m.tx > 0 ? ": arrive.expect_tx announced more bytes than the copies brought" : "");
+        if (w < 0 || (size_t)w >= len - used) return;
+        used += (size_t)w;
+    }
 }
 
 inline void thread_main() {
@@ -425,6 +557,10 @@ inline bool run_block(Block& b) {
     b.failed = false;
     b.wg_log.assign((n + 127) / 128, {});
     b.proxy_fences = 0;
+    b.sync_gen = 0;
+    b.mbars.clear();
+    b.tma.clear();
+    b.async_chunk.assign((dyn_smem_bytes + 15) / 16, 0);
     // Every block starts with its dynamic shared memory unwritten: NaN (0xff bytes), so a read
     // before the block's own write shows, whatever an earlier block left there.
     if (dyn_smem) std::memset(dyn_smem, 0xff, dyn_smem_bytes);
@@ -437,6 +573,7 @@ inline bool run_block(Block& b) {
         t.wg_accs.clear();
         t.wg_fenced = false;
         t.wg_cursor = 0;
+        t.wait_bar = -1;
         t.exchanges = 0;
         ++b.warps[i >> 5].live;
         ++b.warps[i >> 5].size;
@@ -444,14 +581,34 @@ inline bool run_block(Block& b) {
         start_fiber(t, b.stacks[i], kStackBytes, b.scheduler);
         make_ready(b, t);
     }
-    // Threads hand over to each other; control comes back here only when none is ready.
-    switch_to(b.scheduler, next_context());
+    // Threads hand over to each other; control comes back here only when none is ready. Then,
+    // while threads are still live (blocked), the oldest TMA copy in flight lands: the latest
+    // moment it can, and perhaps what releases some of them.
+    for (;;) {
+        if (b.ready_warps) switch_to(b.scheduler, next_context());
+        if (b.failed || b.live == 0 || b.tma.empty()) break;
+        if (const char* e = tma_land(b, 0)) {
+            failure = e;
+            b.failed = true;
+        }
+    }
     for (int i = 0; i < n; ++i)
         if (std::memcmp(b.stacks[i], &kCanary, sizeof kCanary) != 0) {
             cur = &b.threads[i];
             fatal("fiber stack overflow (a thread used more than 64 KB of stack)");
         }
     if (b.failed) return false;
+    if (b.live == 0 && !b.tma.empty()) {
+        static char msg[400];
+        const TmaCopy& c = b.tma.front();
+        const Thread& t = b.threads[c.thread];
+        std::snprintf(msg, sizeof msg,
+                      "the block ended with %zu TMA copies still in flight (the oldest: %u bytes into dynamic shared "
+                      "memory +0x%x, issued by thread (%u,%u,%u), on the mbarrier at +0x%x): no thread waited for them",
+                      b.tma.size(), c.bytes, c.off, t.tid.x, t.tid.y, t.tid.z, b.mbars[c.bar].off);
+        failure = msg;
+        return false;
+    }
     if (b.live == 0) {
         // .aligned: every thread of a warpgroup executes the same wgmma instructions. One that
         // skipped some (or all) of what its warpgroup executed is reported here, once the
@@ -471,16 +628,18 @@ inline bool run_block(Block& b) {
         }
         return true;
     }
-    int at_barrier = 0, at_warp = 0;
+    int at_barrier = 0, at_warp = 0, at_mbar = 0;
     for (auto& t : b.threads) {
         at_barrier += t.state == State::AtBarrier;
         at_warp += t.state == State::AtWarp;
+        at_mbar += t.state == State::AtMbar;
     }
-    static char msg[200];
+    static char msg[700];
     std::snprintf(msg, sizeof msg,
-                  "deadlock: %d threads wait at __syncthreads, %d at a warp collective, %d have "
-                  "returned",
-                  at_barrier, at_warp, n - b.live);
+                  "deadlock: %d threads wait at __syncthreads, %d at a warp collective, %d on an mbarrier, %d have "
+                  "returned, no TMA copy is in flight",
+                  at_barrier, at_warp, at_mbar, n - b.live);
+    describe_mbar_waits(b, msg, sizeof msg);
     failure = msg;
     return false;
 }
@@ -618,7 +777,13 @@ template <int N>
 inline void cp_async_wait() {
     auto& g = rlhf_emu::cur->groups;
     while ((int)g.size() > N) {
-        for (auto& c : g.front()) std::memcpy(c.dst, c.bytes, 16);
+        for (auto& c : g.front()) {
+            std::memcpy(c.dst, c.bytes, 16);
+            // cp.async writes through the generic proxy: a wgmma reading them needs a fence.
+            const uintptr_t o = (uintptr_t)c.dst - (uintptr_t)rlhf_emu::dyn_smem;
+            if (rlhf_emu::dyn_smem && (uintptr_t)c.dst >= (uintptr_t)rlhf_emu::dyn_smem && o < rlhf_emu::dyn_smem_bytes)
+                rlhf_emu::block->async_chunk[o / 16] = 0;
+        }
         g.erase(g.begin());
     }
 }
@@ -699,16 +864,11 @@ typedef unsigned long long u64;
 
 namespace rlhf_emu {
 
-// fail() with a formatted message.
-template <typename... A>
-[[noreturn]] inline void failf(const char* fmt, A... a) {
-    static char msg[400];
-    std::snprintf(msg, sizeof msg, fmt, a...);
-    fail(msg);
-}
-
-// One wgmma instruction of the current thread, checked against what its warpgroup executed.
+// One wgmma (or setmaxnreg) instruction of the current thread, checked against what its
+// warpgroup executed.
 inline void wg_log(const WgLog& e, const char* what) {
+    static const char* const kind_names[] = {"wgmma.fence", "wgmma.mma_async", "wgmma.commit_group",
+                                             "wgmma.wait_group", "setmaxnreg.inc", "setmaxnreg.dec"};
     const int n = (int)block->threads.size(), wg = cur->linear / 128;
     if ((wg + 1) * 128 > n)
         failf("%s in a partial warpgroup: a warpgroup is 128 consecutive threads, the block has %d", what, n);
@@ -717,11 +877,11 @@ inline void wg_log(const WgLog& e, const char* what) {
         const WgLog& first = log[cur->wg_cursor];
         if (!(first == e))
             failf("wgmma instructions diverge within warpgroup %d: instruction #%u is %s (n%d trans %d,%d, "
-                  "descriptors 0x%llx, 0x%llx, wait %d) here but kind %d (n%d trans %d,%d, descriptors 0x%llx, "
-                  "0x%llx, wait %d) in a thread that got there first (the descriptors must be the same across "
+                  "descriptors 0x%llx, 0x%llx, wait/R %d) here but %s (n%d trans %d,%d, descriptors 0x%llx, "
+                  "0x%llx, wait/R %d) in a thread that got there first (the descriptors must be the same across "
                   "the warpgroup)",
                   wg, cur->wg_cursor, what, e.nn, e.ta, e.tb, (unsigned long long)e.da, (unsigned long long)e.db,
-                  e.n, (int)first.kind, first.nn, first.ta, first.tb, (unsigned long long)first.da,
+                  e.n, kind_names[first.kind], first.nn, first.ta, first.tb, (unsigned long long)first.da,
                   (unsigned long long)first.db, first.n);
     } else {
         log.push_back(e);
@@ -796,6 +956,13 @@ inline float load_operand(const Desc& d, bool mn_major, int mn, int k, const Thr
               "shared memory [0x%x, 0x%x) (descriptors a 0x%llx, b 0x%llx)",
               op.nn, which, which == 'A' ? "row" : "col", mn, k, a, kDynSmemWindow, kDynSmemWindow + dyn_smem_bytes,
               op.da, op.db);
+    // Shared memory written by threads (the generic proxy) must be ordered before the async
+    // proxy's reads by a fence.proxy.async; what TMA copies wrote is in the async proxy already.
+    if (!op.fenced && !block->async_chunk[(a - kDynSmemWindow) / 16])
+        failf("wgmma m64n%dk16 reads shared memory (%c element at 0x%x) that no TMA copy wrote, and no thread of the "
+              "block had executed fence.proxy.async when it was issued (the generic-proxy writes that filled it are "
+              "not ordered before the async proxy's reads)",
+              op.nn, which, a);
     bf16 h;
     std::memcpy(&h, dyn_smem + (a - kDynSmemWindow), 2);
     return __uint_as_float((u32)h << 16);
@@ -847,9 +1014,6 @@ inline void wgmma_issue(float* d, int nn, int ta, int tb, u64 da, u64 db) {
     std::snprintf(what, sizeof what, "wgmma.mma_async m64n%dk16", nn);
     wg_log(WgLog{WgLog::Mma, nn, ta, tb, da, db, 0}, what);
     if (!cur->wg_fenced) fail("wgmma.mma_async before this thread's first wgmma.fence (PTX: a wgmma.fence must come first)");
-    if (block->proxy_fences == 0)
-        fail("wgmma.mma_async reads shared memory, but no thread of the block has executed fence.proxy.async "
-             "(the generic-proxy writes that filled it are not ordered before the async proxy's reads)");
     (void)decode_desc(da, "a");  // reject bad descriptors at the issue
     (void)decode_desc(db, "b");
     Thread::WgAcc* acc = find_acc(d);
@@ -862,7 +1026,7 @@ inline void wgmma_issue(float* d, int nn, int ta, int tb, u64 da, u64 db) {
         failf("wgmma: accumulator used by an m64n%dk16 and an m64n%dk16 op in flight at once", acc->nn, nn);
     }
     ++acc->pending;
-    cur->wg_open.push_back(Thread::WgOp{d, nn, ta, tb, da, db});
+    cur->wg_open.push_back(Thread::WgOp{d, nn, ta, tb, da, db, block->proxy_fences > 0});
 }
 
 }  // namespace rlhf_emu
@@ -881,7 +1045,8 @@ inline u32 smem_u32(const void* p) {
 
 // fence.proxy.async.shared::cta: orders this thread's generic-proxy shared-memory writes before
 // later async-proxy (wgmma) reads. Counted only: the emulator cannot see which writes a fence
-// covers, so it checks only that the block executed one before its first wgmma.
+// covers, so it checks only that the block executed one before a wgmma was issued, unless
+// everything that wgmma reads was written by TMA copies (the async proxy itself).
 inline void fence_proxy_async_smem() { ++rlhf_emu::block->proxy_fences; }
 
 // wgmma.fence.sync.aligned
@@ -923,6 +1088,263 @@ inline void wgmma_m64k16_bf16(float (&d)[NN / 2], u64 da, u64 db) {
     static_assert(NN % 8 == 0 && NN >= 8 && NN <= 256, "wgmma m64nNk16: N a multiple of 8 in 8..256");
     static_assert((TA == 0 || TA == 1) && (TB == 0 || TB == 1), "wgmma: imm-trans-a/b are 0 or 1");
     rlhf_emu::wgmma_issue(d, NN, TA, TB, da, db);
+}
+
+// ---- mbarrier, TMA tensor copies and setmaxnreg (sm_90) ------------------------------------
+//
+// Written from the PTX ISA, sections "mbarrier" (init, arrive, expect-tx, complete-tx, phase
+// completion, try_wait.parity, fence.mbarrier_init), "cp.async.bulk.tensor", "Tensors" (tiled
+// mode, bounding box, out-of-bound access, swizzling) and "setmaxnreg"; the tensor map comes
+// from the emulated cuTensorMapEncodeTiled (driver.cpp, tensormap.h).
+
+// A CUtensorMap as a kernel parameter (passed by value; __grid_constant__ on a GPU).
+struct __align__(64) TmaMap {
+    u64 opaque[16];
+};
+#define RLHF_GRID_CONSTANT
+
+namespace rlhf_emu {
+
+constexpr uint64_t kMbarTag = 0x6d626172ull;  // "mbar", the upper half of an initialised barrier's word
+
+inline uint32_t dyn_offset_of(const void* p, uint32_t bytes, const char* what, const char* obj) {
+    const uintptr_t a = (uintptr_t)p, b0 = (uintptr_t)dyn_smem;
+    if (!dyn_smem || a < b0 || a + bytes > b0 + dyn_smem_bytes)
+        failf("%s: the %s at %p is not in the launch's dynamic shared memory (%u bytes at %p)", what, obj, p,
+              dyn_smem_bytes, (void*)dyn_smem);
+    return (uint32_t)(a - b0);
+}
+
+// The barrier at `bar`: in dynamic shared memory, 8-byte aligned, initialised, and not
+// overwritten since.
+inline int mbar_lookup(const u64* bar, const char* what) {
+    const uint32_t off = dyn_offset_of(bar, 8, what, "mbarrier");
+    if (off % 8) failf("%s: the mbarrier at dynamic shared memory +0x%x is not 8-byte aligned", what, off);
+    u64 v;
+    std::memcpy(&v, bar, 8);
+    const uint64_t id = v & 0xffffffffu;
+    Block& b = *block;
+    if ((v >> 32) != kMbarTag || id >= b.mbars.size() || b.mbars[id].off != off) {
+        for (const auto& m : b.mbars)
+            if (m.off == off)
+                failf("%s: the mbarrier at dynamic shared memory +0x%x was overwritten while in use (a store or a "
+                      "TMA copy into its 8 bytes)",
+                      what, off);
+        failf("%s on the mbarrier at dynamic shared memory +0x%x, which was never initialised (mbarrier.init) in "
+              "this block",
+              what, off);
+    }
+    return (int)id;
+}
+
+// A barrier as an arrive, wait or TMA copy uses it. Another thread than the initialising one
+// sees the init only after a __syncthreads that follows it; a TMA copy (the async proxy)
+// needs the init made visible by fence.mbarrier_init in the initialising thread (and, when
+// another thread issues the copy, a __syncthreads after that fence).
+inline int mbar_use(const u64* bar, const char* what, bool tma) {
+    const int id = mbar_lookup(bar, what);
+    Block& b = *block;
+    const Mbar& m = b.mbars[id];
+    const uint3 it = b.threads[m.init_thread].tid;
+    const bool other = cur->linear != m.init_thread;
+    if (other && b.sync_gen == m.init_gen)
+        failf("%s on the mbarrier at +0x%x, which thread (%u,%u,%u) initialised with no __syncthreads between that "
+              "mbarrier.init and this use (the init is not guaranteed visible to this thread)",
+              what, m.off, it.x, it.y, it.z);
+    if (tma && !m.fenced)
+        failf("%s on the mbarrier at +0x%x: thread (%u,%u,%u) initialised it but has not executed "
+              "fence.mbarrier_init (fence_mbar_init) since, so the init is not visible to the async proxy",
+              what, m.off, it.x, it.y, it.z);
+    if (tma && other && b.sync_gen == m.fence_gen)
+        failf("%s on the mbarrier at +0x%x: no __syncthreads between thread (%u,%u,%u)'s fence.mbarrier_init and "
+              "this use",
+              what, m.off, it.x, it.y, it.z);
+    return id;
+}
+
+// arrive-on: one of the current phase's expected arrivals.
+inline void mbar_arrive_on(int id, const char* what) {
+    Block& b = *block;
+    Mbar& m = b.mbars[id];
+    if (m.pending == 0)
+        failf("%s on the mbarrier at +0x%x: all %d expected arrivals of phase %u have arrived already (tx-count %lld "
+              "bytes pending): more arrivals than the count given to mbarrier.init",
+              what, m.off, m.expected, m.phase, m.tx);
+    --m.pending;
+    mbar_complete_phase_if_done(b, id);
+}
+
+}  // namespace rlhf_emu
+
+// mbarrier.init.shared::cta.b64 [bar], count: phase 0, `count` arrivals expected, tx-count 0.
+inline void mbar_init(u64* bar, u32 count) {
+    using namespace rlhf_emu;
+    const char* what = "mbarrier.init";
+    const uint32_t off = dyn_offset_of(bar, 8, what, "mbarrier");
+    if (off % 8) failf("%s: the mbarrier at dynamic shared memory +0x%x is not 8-byte aligned", what, off);
+    if (count < 1 || count > (1u << 20) - 1)
+        failf("%s: count %u is outside 1..2^20-1 (the expected arrival count's range)", what, count);
+    Block& b = *block;
+    for (const auto& c : b.tma)
+        if (off < c.off + c.bytes && c.off < off + 8)
+            failf("%s at +0x%x: a TMA copy still in flight writes there", what, off);
+    int id = -1;
+    for (size_t i = 0; i < b.mbars.size(); ++i)
+        if (b.mbars[i].off == off) id = (int)i;
+    if (id >= 0) {
+        // Initialising it again is fine only when nothing is under way on it.
+        const Mbar& m = b.mbars[id];
+        bool busy = m.pending != m.expected || m.tx != 0;
+        for (const auto& t : b.threads) busy |= t.state == State::AtMbar && t.wait_bar == id;
+        for (const auto& c : b.tma) busy |= c.bar == id;
+        if (busy)
+            failf("%s at +0x%x: the barrier is in use (phase %u with %d of %d arrivals pending, tx-count %lld, or "
+                  "threads or copies waiting on it)",
+                  what, off, m.phase, m.pending, m.expected, m.tx);
+    } else {
+        id = (int)b.mbars.size();
+        b.mbars.push_back({});
+    }
+    Mbar& m = b.mbars[id];
+    m.off = off;
+    m.expected = m.pending = (int)count;
+    m.tx = 0;
+    m.phase = 0;
+    m.init_thread = cur->linear;
+    m.init_gen = b.sync_gen;
+    m.fenced = false;
+    m.fence_gen = 0;
+    const u64 v = (kMbarTag << 32) | (u64)id;
+    std::memcpy(bar, &v, 8);
+}
+
+// fence.mbarrier_init.release.cluster: makes this thread's earlier mbarrier.init visible (to
+// the async proxy, and to other threads after a barrier). Recorded per barrier, see mbar_use.
+inline void fence_mbar_init() {
+    using namespace rlhf_emu;
+    for (auto& m : block->mbars)
+        if (m.init_thread == cur->linear && !m.fenced) m.fenced = true, m.fence_gen = block->sync_gen;
+}
+
+// mbarrier.arrive.shared::cta.b64 _, [bar]
+inline void mbar_arrive(u64* bar) {
+    using namespace rlhf_emu;
+    mbar_arrive_on(mbar_use(bar, "mbarrier.arrive", false), "mbarrier.arrive");
+}
+
+// mbarrier.arrive.expect_tx.shared::cta.b64 _, [bar], bytes: expect-tx (tx-count += bytes),
+// then arrive-on.
+inline void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
+    using namespace rlhf_emu;
+    const char* what = "mbarrier.arrive.expect_tx";
+    const int id = mbar_use(bar, what, false);
+    Mbar& m = block->mbars[id];
+    m.tx += bytes;
+    if (m.tx > (1 << 20) - 1)
+        failf("%s on the mbarrier at +0x%x: tx-count %lld exceeds 2^20-1 (the PTX ISA's range)", what, m.off, m.tx);
+    mbar_arrive_on(id, what);
+}
+
+// Loops on mbarrier.try_wait.parity.shared::cta.b64 until the phase of parity `parity` has
+// completed. The copies in flight on this barrier land first, oldest first, as long as the
+// phase is not complete; if it still is not, the thread blocks until it is.
+inline void mbar_wait(u64* bar, u32 parity) {
+    using namespace rlhf_emu;
+    const char* what = "mbarrier.try_wait.parity";
+    if (parity > 1) failf("%s: phaseParity %u (it is 0 or 1)", what, parity);
+    const int id = mbar_use(bar, what, false);
+    Block& b = *block;
+    for (size_t i = 0; i < b.tma.size() && !mbar_done(b.mbars[id], parity);) {
+        if (b.tma[i].bar != id) {
+            ++i;
+            continue;
+        }
+        if (const char* e = tma_land(b, i)) fail(e);
+    }
+    if (mbar_done(b.mbars[id], parity)) return;
+    cur->state = State::AtMbar;
+    cur->wait_bar = id;
+    cur->wait_parity = parity;
+    suspend();  // made ready only by the completion of the phase it waits for
+}
+
+// cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
+//     [dst], [map, {c0, c1, c2}], [bar]
+// Copies the box at (c0 innermost, c1, c2) into dst in box order (innermost fastest), zeros for
+// elements outside the tensor (coordinates may be negative or past the end), with the map's
+// swizzle applied to each byte's .shared window address: bits [4, 4+log2(span/16)) ^= bits
+// [7, 7+log2(span/16)), span 128, 64 or 32 bytes (the wgmma canonical layouts' Swizzle<3|2|1,4,3>).
+// At the issue dst turns to 0xff (NaN); the data lands later (see mbar_wait and run_block) and
+// then performs complete-tx of the box's bytes on `bar`.
+inline void tma_load_3d(void* dst, const TmaMap* map, int c0, int c1, int c2, u64* bar) {
+    using namespace rlhf_emu;
+    namespace tm = rlhf_emu_tmap;
+    const char* what = "cp.async.bulk.tensor.3d";
+    tm::Encoded e;
+    std::memcpy(&e, map, sizeof e);
+    if (e.magic != tm::kMagic) failf("%s: the tensor map was not made by cuTensorMapEncodeTiled", what);
+    if (e.rank != 3) failf("%s with a rank-%u tensor map (the instruction's dimension must be the map's rank)", what, e.rank);
+    for (int i = 0; i < 3; ++i)
+        if (e.elem_stride[i] != 1)
+            failf("%s: elementStrides[%d] = %u; the emulator models only traversal stride 1", what, i, e.elem_stride[i]);
+    if (e.oob_fill != 0) failf("%s: the emulator models only CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE (zeros)", what);
+    if (e.data_type >= 10)
+        failf("%s: data type %u (FLOAT32_FTZ / TFLOAT32 conversions) is not modelled", what, e.data_type);
+    const uint32_t es = e.elem_bytes, span = tm::swizzle_span(e.swizzle), inner = e.box[0] * es;
+    if (span && inner != span)
+        failf("%s: the inner box extent is %u bytes with a %u-byte swizzle; the emulator models swizzled boxes only "
+              "with the inner extent equal to the swizzle span",
+              what, inner, span);
+    const uint32_t bytes = e.box[0] * e.box[1] * e.box[2] * es;
+    const uint32_t off = dyn_offset_of(dst, bytes, what, "destination box");
+    const uint32_t win = kDynSmemWindow + off, align = span ? span * 8 : 128;
+    if (win % align)
+        failf("%s: the destination (.shared 0x%x) is not %u-byte aligned (%s)", what, win, align,
+              span ? "the swizzle pattern's repeat" : "cp.async.bulk.tensor's shared-memory alignment");
+    const int id = mbar_use(bar, what, true);
+    Block& b = *block;
+    for (const auto& m : b.mbars)
+        if (m.off < off + bytes && off < m.off + 8)
+            failf("%s: the destination [+0x%x, +0x%x) covers the mbarrier at +0x%x", what, off, off + bytes, m.off);
+    for (const auto& c : b.tma)
+        if (c.off < off + bytes && off < c.off + c.bytes)
+            failf("%s: the destination [+0x%x, +0x%x) overlaps a TMA copy still in flight into [+0x%x, +0x%x) (issued "
+                  "before anyone waited for it: a stage refilled before it was released?)",
+                  what, off, off + bytes, c.off, c.off + c.bytes);
+    TmaCopy c;
+    c.off = off, c.bytes = bytes, c.bar = id, c.thread = cur->linear;
+    c.image.assign(bytes, 0);
+    const char* base = (const char*)(uintptr_t)e.global_address;
+    const long long at[3] = {c0, c1, c2};
+    uint32_t o = 0;
+    for (uint32_t i2 = 0; i2 < e.box[2]; ++i2)
+        for (uint32_t i1 = 0; i1 < e.box[1]; ++i1)
+            for (uint32_t i0 = 0; i0 < e.box[0]; ++i0, o += es) {
+                const long long g[3] = {at[0] + i0, at[1] + i1, at[2] + i2};
+                uint32_t a = win + o;
+                if (span) a ^= ((a >> 7) & (span / 16 - 1)) << 4;
+                bool inside = true;
+                for (int d = 0; d < 3; ++d) inside &= g[d] >= 0 && (unsigned long long)g[d] < e.dim[d];
+                if (!inside) continue;  // out of bounds: zero
+                const char* src = base + g[0] * es + g[1] * (long long)e.stride[0] + g[2] * (long long)e.stride[1];
+                std::memcpy(&c.image[a - win], src, es);
+            }
+    std::memset(dyn_smem + off, 0xff, bytes);
+    b.tma.push_back(std::move(c));
+}
+
+// setmaxnreg.{inc,dec}.sync.aligned.u32 R: a hint about registers, nothing to model but its
+// rules: R a multiple of 8 in 24..256 (checked when compiled) and executed by every thread of
+// the warpgroup alike (.sync.aligned; checked with the wgmma instructions' sequence).
+template <u32 R>
+inline void setmaxnreg_inc() {
+    static_assert(R % 8 == 0 && R >= 24 && R <= 256, "setmaxnreg: R must be a multiple of 8 in 24..256");
+    rlhf_emu::wg_log(rlhf_emu::WgLog{rlhf_emu::WgLog::SetmaxInc, 0, 0, 0, 0, 0, (int)R}, "setmaxnreg.inc");
+}
+template <u32 R>
+inline void setmaxnreg_dec() {
+    static_assert(R % 8 == 0 && R >= 24 && R <= 256, "setmaxnreg: R must be a multiple of 8 in 24..256");
+    rlhf_emu::wg_log(rlhf_emu::WgLog{rlhf_emu::WgLog::SetmaxDec, 0, 0, 0, 0, 0, (int)R}, "setmaxnreg.dec");
 }
 
 // ---- launching: the entry point the driver calls -------------------------------------------

@@ -9,7 +9,7 @@
 //      `<cache>/<hash>.so`.
 // What it hands back as "PTX" is a short text naming that library and its kernels (as
 // `.entry` lines, so tools that list entry points still work); the emulator's driver loads it.
-// Libraries are cached by a hash of the source, the options and emu.h, so a second run
+// Libraries are cached by a hash of the source, the options, emu.h and tensormap.h, so a second run
 // compiles nothing.
 //
 // Environment: RLHF_CUDA_EMU_CXX (default g++), RLHF_CUDA_EMU_CACHE (default: a `modules`
@@ -127,9 +127,12 @@ std::string target_arch(const std::vector<std::string>& options) {
 nvrtcResult compile(Program& p, const std::vector<std::string>& options) {
     const std::string dir = here();
     const std::string emu_h = dir + "/emu.h";
-    const std::string emu = read_file(emu_h);
-    if (emu.empty()) {
-        p.log = "cuda-emu: cannot read " + emu_h + " (tools/cuda-emu/build puts it beside this library)";
+    // emu.h includes tensormap.h (the CUtensorMap encoding it shares with the driver): both
+    // are part of the cache key.
+    const std::string emu_text = read_file(emu_h), tmap_text = read_file(dir + "/tensormap.h");
+    const std::string emu = emu_text + '\0' + tmap_text;
+    if (emu_text.empty() || tmap_text.empty()) {
+        p.log = "cuda-emu: cannot read " + emu_h + " or tensormap.h (tools/cuda-emu/build puts them beside this library)";
         return NVRTC_ERROR_COMPILATION;
     }
     const char* cxx_env = getenv("RLHF_CUDA_EMU_CXX");
