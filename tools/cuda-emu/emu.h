@@ -19,7 +19,11 @@
 //   - dynamic shared memory (NaN at the start of every block) mapped into an emulated .shared
 //     window, and Hopper's wgmma.mma_async m64nNk16 bf16 with its matrix descriptors,
 //     canonical shared-memory layouts and swizzles, run at the wgmma.wait_group that covers it
-//     (README.md, "Dynamic shared memory and wgmma").
+//     (README.md, "Dynamic shared memory and wgmma");
+//   - mbarriers (phases, arrival and tx counts; a wait blocks the fiber until its phase
+//     completes), TMA tiled tensor loads (cp.async.bulk.tensor.3d: out-of-bounds zeros, the
+//     swizzle modes, poisoned at the issue and landing as late as possible) and setmaxnreg's
+//     rules (README.md, "mbarrier, TMA and setmaxnreg").
 //
 // Blocks of one launch run one after another on the launching host thread, and launches of one
 // module take its lock, so one block of a module runs at a time: __shared__ variables are plain
