@@ -242,6 +242,65 @@ __device__ __forceinline__ void wgmma_m64k16_bf16(float (&d)[NN / 2], u64 da, u6
         wgmma_m64n256k16<TA, TB>(d, da, db);
 }
 
+// ---- Hopper tensor memory access (TMA) and mbarriers ------------------------------------------
+
+// A tensor map (CUtensorMap): 128 opaque bytes the host encodes with cuTensorMapEncodeTiled,
+// passed to the kernel by value as a __grid_constant__ parameter.
+struct __align__(64) TmaMap {
+    u64 opaque[16];
+};
+#define RLHF_GRID_CONSTANT __grid_constant__
+
+// An mbarrier in shared memory: `count` arrivals (plus any expected transaction bytes) complete
+// a phase; waiters name the phase by its parity.
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+// Makes this thread's mbarrier initialisations visible to the other threads and to the TMA unit.
+__device__ __forceinline__ void fence_mbar_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Expects `bytes` more transaction bytes (TMA copies completing on this barrier), then arrives.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+                 : "memory");
+}
+// Returns once the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    const u32 addr = smem_u32(bar);
+    u32 done = 0;
+    while (!done) {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
+            : "=r"(done)
+            : "r"(addr), "r"(parity)
+            : "memory");
+    }
+}
+// Copies the box at coordinates (c0 innermost, c1, c2) of the tensor `map` describes into shared
+// memory at `dst` (laid out, and swizzled, as the map says; out-of-bounds elements are zero);
+// its bytes count as completed transactions on `bar`.
+__device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int c0, int c1, int c2, u64* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(smem_u32(dst)),
+        "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+        : "memory");
+}
+// Warpgroup-wide register budget changes (warp-specialised kernels: the data-movement
+// warpgroup gives registers to the MMA warpgroups).
+template <u32 R>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <u32 R>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 #endif  // RLHF_CUDA_EMU

@@ -1,4 +1,6 @@
 // gemm.cu: batched matrix multiplication C = alpha · A·B + beta · C.
+//   - gemm_tma_*: Hopper (sm_90a only), as gemm_wgmma_* but fed by the TMA unit from a
+//     producer warpgroup through an mbarrier ring; described at its section below.
 //   - gemm_wgmma_*: Hopper (sm_90a only) warpgroup MMA, operands read by the tensor cores from
 //     128-byte-swizzled shared memory, four cp.async stages; described at its section below.
 //   - gemm_bf16_*: tensor cores. bf16 A and B, f32 accumulation, mma.sync.m16n8k16 through
@@ -40,6 +42,7 @@
 //   holds row l/4, columns 2(l%4)..+1 of matrix i (with .trans: rows 2(l%4)..+1, column l/4).
 //
 // Entry points:
+//   gemm_tma_{nn,nt,tn,tt}_bf16(GemmParams p, map_a, map_b, c)  sm_90a only; C is bf16
 //   gemm_wgmma_{nn,nt,tn,tt}_bf16(GemmParams p, a, b, c)        sm_90a only; C is bf16
 //   gemm_bf16_{nn,nt,tn,tt}_{f32,bf16}(GemmParams p, a, b, c)   C is f32 or bf16
 //   gemm_simt_f32(SimtParams p, a, b, c)            f32 → f32
@@ -238,6 +241,7 @@ GEMM_BF16_OUTS(t, t, true, true)
 //   Warpgroup w's 64 rows of A start 8 KB into the A tile in both layouts (rows 64w.. of a
 //   K-major tile, panel w of an M-major one).
 //
+// Tiles are assigned in grouped order (grouped_tile), for L2 reuse between resident blocks.
 // Pipeline: tiles are copied with cp.async two ahead; the MMAs of a tile stay in flight while
 // the next iteration waits for its copies (wgmma_wait<1>), so at any time one stage is being
 // multiplied, one may still be read by the previous tile's MMAs and two are being filled.
@@ -282,6 +286,22 @@ __device__ __forceinline__ void load_tile_sw128(const bf16* __restrict__ g, i64 
     }
 }
 
+// The block's output tile (row, column) in grouped order: blocks start in launch order (x
+// fastest), and consecutive blocks walk down WG_GROUP_M tile rows of one tile column before
+// moving right, so the blocks resident at one time share their A rows and B columns in L2
+// instead of sweeping all of B once per tile row. A bijection of the grid onto the tiles.
+#define WG_GROUP_M 8
+__device__ __forceinline__ void grouped_tile(int& tile_m, int& tile_n) {
+    const int tiles_n = gridDim.x, tiles_m = gridDim.y;
+    const int lin = blockIdx.y * tiles_n + blockIdx.x;
+    const int per_group = WG_GROUP_M * tiles_n;
+    const int first_m = (lin / per_group) * WG_GROUP_M;
+    const int rows = min(tiles_m - first_m, WG_GROUP_M);
+    const int in_group = lin % per_group;
+    tile_m = first_m + in_group % rows;
+    tile_n = in_group / rows;
+}
+
 // A wgmma matrix descriptor: start address, leading and stride byte offsets, 128-byte swizzle.
 __device__ __forceinline__ u64 wg_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo & 0x3FFFF) >> 4) << 16) |
@@ -295,6 +315,38 @@ __device__ __forceinline__ void store_pair(bf16* p, float a, float b) {
     *reinterpret_cast<u32*>(p) = pack_bf16x2(a, b);
 }
 
+// The epilogue of a warpgroup's 64 × WG_BN accumulator tile: this thread's values are rows
+// `row` and row + 8, columns col + 8j and col + 8j + 1 (j < WG_BN / 8; see wgmma_m64k16_bf16
+// in common.cuh), scaled by alpha, plus beta · C, bounds-checked; neighbouring columns are
+// stored as one pair when C's rows and batch offsets keep pairs aligned.
+template <typename TC>
+__device__ __forceinline__ void store_tile(const GemmParams& p, TC* __restrict__ c, const float (&acc)[WG_BN / 2],
+                                           int row, int col) {
+    const bool pairs = ((p.ldc | p.stride_c) & 1) == 0 && ((unsigned long long)c % (2 * sizeof(TC))) == 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = row + h * 8;
+        if (m >= p.M) continue;
+        TC* out = c + (i64)m * p.ldc;
+#pragma unroll
+        for (int j = 0; j < WG_BN / 8; ++j) {
+            const int n = col + j * 8;
+            float v0 = p.alpha * acc[4 * j + 2 * h], v1 = p.alpha * acc[4 * j + 2 * h + 1];
+            if (pairs && n + 1 < p.N) {
+                if (p.beta != 0.0f) {
+                    v0 += p.beta * load_f32(out + n);
+                    v1 += p.beta * load_f32(out + n + 1);
+                }
+                store_pair(out + n, v0, v1);
+            } else {
+                if (n < p.N) store_f32(out + n, p.beta != 0.0f ? v0 + p.beta * load_f32(out + n) : v0);
+                if (n + 1 < p.N)
+                    store_f32(out + n + 1, p.beta != 0.0f ? v1 + p.beta * load_f32(out + n + 1) : v1);
+            }
+        }
+    }
+}
+
 // A_T: A stored [K, M] ('t', M-major); B_T: B stored [N, K] ('t', K-major).
 template <bool A_T, bool B_T, typename TC>
 __device__ __forceinline__ void gemm_wgmma_body(const GemmParams& p, const bf16* __restrict__ a,
@@ -306,7 +358,9 @@ __device__ __forceinline__ void gemm_wgmma_body(const GemmParams& p, const bf16*
     const u32 sbase = raw + pad;
 
     const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, warp = (tid >> 5) & 3;
-    const int m0 = blockIdx.y * WG_BM, n0 = blockIdx.x * WG_BN;
+    int tile_m, tile_n;
+    grouped_tile(tile_m, tile_n);
+    const int m0 = tile_m * WG_BM, n0 = tile_n * WG_BN;
     a += (i64)blockIdx.z * p.stride_a;
     b += (i64)blockIdx.z * p.stride_b;
     c += (i64)blockIdx.z * p.stride_c;
@@ -362,32 +416,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const GemmParams& p, const bf16*
     }
     wgmma_wait<0>();
 
-    // Epilogue from the accumulator fragments, bounds-checked; pairs of neighbouring columns
-    // are stored together when C's rows and batch offsets keep them aligned.
-    const bool pairs = ((p.ldc | p.stride_c) & 1) == 0 && ((unsigned long long)c % (2 * sizeof(TC))) == 0;
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int m = m0 + wg * 64 + warp * 16 + g + h * 8;
-        if (m >= p.M) continue;
-        TC* row = c + (i64)m * p.ldc;
-#pragma unroll
-        for (int j = 0; j < WG_BN / 8; ++j) {
-            const int n = n0 + j * 8 + 2 * t;
-            float v0 = p.alpha * acc[4 * j + 2 * h], v1 = p.alpha * acc[4 * j + 2 * h + 1];
-            if (pairs && n + 1 < p.N) {
-                if (p.beta != 0.0f) {
-                    v0 += p.beta * load_f32(row + n);
-                    v1 += p.beta * load_f32(row + n + 1);
-                }
-                store_pair(row + n, v0, v1);
-            } else {
-                if (n < p.N) store_f32(row + n, p.beta != 0.0f ? v0 + p.beta * load_f32(row + n) : v0);
-                if (n + 1 < p.N)
-                    store_f32(row + n + 1, p.beta != 0.0f ? v1 + p.beta * load_f32(row + n + 1) : v1);
-            }
-        }
-    }
+    store_tile(p, c, acc, m0 + wg * 64 + warp * 16 + (lane >> 2), n0 + 2 * (lane & 3));
 }
 
 // C in bf16 only: the engine's matmul writes its output in the operands' dtype.
@@ -401,6 +430,134 @@ GEMM_WGMMA(n, n, false, false)
 GEMM_WGMMA(n, t, false, true)
 GEMM_WGMMA(t, n, true, false)
 GEMM_WGMMA(t, t, true, true)
+
+// ---- Hopper kernel: TMA-fed, warp-specialised wgmma (sm_90a) ----------------------------------
+//
+// gemm_tma_{nn,nt,tn,tt}_bf16(GemmParams p, TmaMap map_a, TmaMap map_b, bf16* c): the wgmma
+// kernel above with its copies moved to the TMA unit and onto a warpgroup of their own.
+// 384 threads: warpgroup 0 is the producer (one thread issues every copy; setmaxnreg gives its
+// registers away), warpgroups 1 and 2 are the consumers, each the same 64 × 256 half of the
+// 128 × 256 block tile as in gemm_wgmma_*. The shared-memory layout of a stage, the
+// descriptors, the grouped tile order and the epilogue are the same; the TMA unit writes the
+// 128-byte swizzle itself (tensor maps encoded with CU_TENSOR_MAP_SWIZZLE_128B, boxes 64
+// elements = 128 bytes wide) and fills out-of-bounds elements with zeros, so partial tiles
+// need no code here.
+//
+// Tensor maps (host: crates/tensor/src/ops/matmul.rs), 3-D (contiguous dim, row dim, batch),
+// bf16, boxes:
+//   A 'n' [M, K]: (64, 128, 1) — the whole K-major A tile in one copy.
+//   A 't' [K, M]: (64, 64, 1)  — one copy per 64-column panel (two).
+//   B 't' [N, K]: (64, 256, 1) — the whole K-major B tile in one copy.
+//   B 'n' [K, N]: (64, 64, 1)  — one copy per 64-column panel (four).
+// A batch stride of 0 (a broadcast operand) is encoded as a batch of 1 and read at batch 0.
+//
+// Ring of WG_STAGES stages with two mbarriers each: full[s] (the producer's arrival with the
+// stage's byte count, completed by the copies) and empty[s] (an arrival from each of the 256
+// consumer threads once its MMAs on the stage have retired). Use j of stage s (tile kt = j·S + s)
+// waits for phase j of full[s] (parity j & 1); the producer refills it after phase j − 1 of
+// empty[s]. A consumer keeps one tile's MMAs in flight (wgmma_wait<1>) and releases the stage
+// of the tile before.
+//
+// Launch: blockDim.x = 384, grid as gemm_wgmma_*, dynamic shared memory TMA_SMEM_BYTES.
+
+#define TMA_THREADS 384
+#define TMA_SMEM_BYTES (WG_STAGES * WG_STAGE_BYTES + 2 * WG_STAGES * 8 + 1024)
+
+template <bool A_T, bool B_T>
+__device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap* map_a, const TmaMap* map_b,
+                                              bf16* __restrict__ c) {
+    RLHF_DYNAMIC_SMEM(smem_raw);
+    const u32 raw = smem_u32(smem_raw);
+    const u32 pad = (1024u - (raw & 1023u)) & 1023u;
+    unsigned char* smem = smem_raw + pad;
+    const u32 sbase = raw + pad;
+    u64* full = reinterpret_cast<u64*>(smem + WG_STAGES * WG_STAGE_BYTES);
+    u64* empty = full + WG_STAGES;
+
+    const int tid = threadIdx.x, wg = tid >> 7;
+    int tile_m, tile_n;
+    grouped_tile(tile_m, tile_n);
+    const int m0 = tile_m * WG_BM, n0 = tile_n * WG_BN;
+    const int k_tiles = (p.K + WG_BK - 1) / WG_BK;
+
+    if (tid == 0) {
+        for (int s = 0; s < WG_STAGES; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 2 * 128);
+        }
+        fence_mbar_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<40>();
+        if (tid != 0) return;
+        const int za = p.stride_a != 0 ? (int)blockIdx.z : 0, zb = p.stride_b != 0 ? (int)blockIdx.z : 0;
+        for (int kt = 0; kt < k_tiles; ++kt) {
+            const int s = kt % WG_STAGES, k0 = kt * WG_BK;
+            if (kt >= WG_STAGES) mbar_wait(&empty[s], ((kt / WG_STAGES) - 1) & 1);
+            mbar_arrive_expect_tx(&full[s], WG_STAGE_BYTES);
+            unsigned char* sa = smem + s * WG_STAGE_BYTES;
+            unsigned char* sb = sa + WG_A_BYTES;
+            if (A_T) {
+#pragma unroll
+                for (int q = 0; q < WG_BM / 64; ++q) tma_load_3d(sa + q * 8192, map_a, m0 + 64 * q, k0, za, &full[s]);
+            } else {
+                tma_load_3d(sa, map_a, k0, m0, za, &full[s]);
+            }
+            if (B_T) {
+                tma_load_3d(sb, map_b, k0, n0, zb, &full[s]);
+            } else {
+#pragma unroll
+                for (int q = 0; q < WG_BN / 64; ++q) tma_load_3d(sb + q * 8192, map_b, n0 + 64 * q, k0, zb, &full[s]);
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<232>();
+    const int cw = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
+    c += (i64)blockIdx.z * p.stride_c;
+    constexpr u32 A_LBO = A_T ? WG_BK * 128 : 16, B_LBO = B_T ? 16 : WG_BK * 128;
+    constexpr u32 A_KSTEP = A_T ? 16 * 128 : 32, B_KSTEP = B_T ? 32 : 16 * 128;
+    const u64 desc_a0 = wg_desc(sbase + cw * 8192, A_LBO, 1024);
+    const u64 desc_b0 = wg_desc(sbase + WG_A_BYTES, B_LBO, 1024);
+
+    float acc[WG_BN / 2];
+#pragma unroll
+    for (int i = 0; i < WG_BN / 2; ++i) acc[i] = 0.0f;
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        const int s = kt % WG_STAGES;
+        mbar_wait(&full[s], (kt / WG_STAGES) & 1);
+        const u64 stage_off = (u64)((s * WG_STAGE_BYTES) >> 4);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; ++kk)
+            wgmma_m64k16_bf16<WG_BN, A_T ? 1 : 0, B_T ? 0 : 1>(
+                acc, desc_a0 + stage_off + (u64)((kk * A_KSTEP) >> 4),
+                desc_b0 + stage_off + (u64)((kk * B_KSTEP) >> 4));
+        wgmma_commit();
+        wgmma_wait<1>();  // tile kt - 1's MMAs have retired: its stage may be refilled
+        // Every consumer thread releases: a warp's wgmma.wait_group says nothing about the
+        // other warps of its warpgroup, which may not even have issued their MMAs yet.
+        if (kt > 0) mbar_arrive(&empty[(kt - 1) % WG_STAGES]);
+    }
+    wgmma_wait<0>();
+    store_tile(p, c, acc, m0 + cw * 64 + warp * 16 + (lane >> 2), n0 + 2 * (lane & 3));
+}
+
+#define GEMM_TMA(ta, tb, A_T, B_T)                                                                \
+    extern "C" __global__ void __launch_bounds__(TMA_THREADS, 1) gemm_tma_##ta##tb##_bf16(          \
+        GemmParams p, const RLHF_GRID_CONSTANT TmaMap map_a, const RLHF_GRID_CONSTANT TmaMap map_b, \
+        bf16* __restrict__ c) {                                                                     \
+        gemm_tma_body<A_T, B_T>(p, &map_a, &map_b, c);                                              \
+    }
+
+GEMM_TMA(n, n, false, false)
+GEMM_TMA(n, t, false, true)
+GEMM_TMA(t, n, true, false)
+GEMM_TMA(t, t, true, true)
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 

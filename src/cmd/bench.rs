@@ -61,8 +61,9 @@ pub struct GemmArgs {
     /// Where to run: cpu, cuda (GPU 0) or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
-    /// GPU kernel family: auto (the fastest that takes the operands), wgmma (Hopper only),
-    /// mma (mma.sync tensor cores) or simt. GPU only.
+    /// GPU kernel family: auto (the one designed to be fastest that takes the operands), tma
+    /// (TMA-fed wgmma, Hopper only), wgmma (cp.async-fed wgmma, Hopper only), mma (mma.sync
+    /// tensor cores) or simt. GPU only.
     #[arg(long, default_value = "auto")]
     pub kernel: String,
     #[command(flatten)]

@@ -237,10 +237,12 @@ fn cuda_matmul_f32_and_bf16_forward_and_backward() {
     }
 }
 
-/// Every GEMM kernel family (wgmma where the card has it, mma.sync, SIMT) on all four storage
+/// Every GEMM kernel family (the TMA-fed and the cp.async-fed wgmma kernels where the card has
+/// them, mma.sync, SIMT) on all four storage
 /// orders of A and B, against the CPU product of the same bf16 values. Shapes are multiples of
 /// 8 (what the tensor-core kernels take) with partial block tiles in M, N and K, K long enough
-/// for several trips round the wgmma kernel's four-stage ring, batched and broadcast B. Held to
+/// for several trips round the wgmma kernel's four-stage ring, M over eight tile rows (the
+/// grouped tile order), batched and broadcast B. Held to
 /// the output's own rounding: a norm-wise error of 5e-3 and, per element, 2^-7 of the value
 /// plus 1e-3 of the RMS, so a wrong row, column or k block fails even where the norm hides it.
 #[test]
@@ -250,7 +252,12 @@ fn cuda_matmul_kernel_families_agree_with_the_cpu_on_every_layout() {
     let mut rng = Rng::new(seed("matmul_kernels"));
     let has_wgmma = rlhf_tensor::cuda::device(0).unwrap().arch().has_wgmma();
     let families: &[GemmKernel] = if has_wgmma {
-        &[GemmKernel::Wgmma, GemmKernel::Mma, GemmKernel::Simt]
+        &[
+            GemmKernel::Tma,
+            GemmKernel::Wgmma,
+            GemmKernel::Mma,
+            GemmKernel::Simt,
+        ]
     } else {
         eprintln!("no wgmma on this card: checking mma.sync and SIMT, and that wgmma is refused");
         &[GemmKernel::Mma, GemmKernel::Simt]
@@ -261,10 +268,24 @@ fn cuda_matmul_kernel_families_agree_with_the_cpu_on_every_layout() {
             .to_dtype(DType::F32)
             .unwrap()
     };
-    for trial in 0..3 {
-        let m = 8 * (1 + rng.below(24) as usize);
-        let n = 8 * (1 + rng.below(64) as usize);
-        let k = 8 * (1 + rng.below(56) as usize);
+    for trial in 0..4 {
+        let (m, n, k) = if trial < 3 {
+            let m = 8 * (1 + rng.below(24) as usize);
+            (
+                m,
+                8 * (1 + rng.below(64) as usize),
+                8 * (1 + rng.below(56) as usize),
+            )
+        } else {
+            // Tall: more than 8 tile rows, so the wgmma kernel's grouped tile order has a
+            // full group and a partial one.
+            let m = 8 * (129 + rng.below(16) as usize);
+            (
+                m,
+                8 * (33 + rng.below(8) as usize),
+                8 * (1 + rng.below(16) as usize),
+            )
+        };
         let batch = 1 + rng.below(2) as usize;
         let broadcast_b = trial % 2 == 1;
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
@@ -314,11 +335,12 @@ fn cuda_matmul_kernel_families_agree_with_the_cpu_on_every_layout() {
                 }
             }
             if !has_wgmma {
-                let e =
-                    with_gemm_kernel(GemmKernel::Wgmma, || view(&ag, ta).matmul(&view(&bg, tb)))
+                for f in [GemmKernel::Tma, GemmKernel::Wgmma] {
+                    let e = with_gemm_kernel(f, || view(&ag, ta).matmul(&view(&bg, tb)))
                         .unwrap_err()
                         .to_string();
-                assert!(e.contains("wgmma needs compute capability 9.0"), "{e}");
+                    assert!(e.contains("wgmma needs compute capability 9.0"), "{e}");
+                }
             }
         }
     }

@@ -1,8 +1,10 @@
 //! Which GEMM kernel `matmul` launches on a GPU.
 //!
-//! kernels/gemm.cu has three families: `gemm_wgmma_*` (Hopper warpgroup MMA, compiled only for
-//! sm_90a), `gemm_bf16_*` (mma.sync tensor cores, sm_80 and newer) and `gemm_simt_*` (plain FMA,
-//! any strides and dtypes). By default matmul takes the fastest one that accepts the operands.
+//! kernels/gemm.cu has four families: `gemm_tma_*` (Hopper warpgroup MMA fed by the TMA unit
+//! from a producer warpgroup) and `gemm_wgmma_*` (the same MMAs fed by cp.async from every
+//! thread), both compiled only for sm_90a; `gemm_bf16_*` (mma.sync tensor cores, sm_80 and
+//! newer) and `gemm_simt_*` (plain FMA, any strides and dtypes). By default matmul takes the
+//! one designed to be fastest that accepts the operands.
 //! Benchmarks and tests pin a family with [`with_gemm_kernel`] to measure or check each against
 //! the others on the same card; the choice is per thread (matmul launches from the calling
 //! thread), so tests running in parallel do not see each other's choice.
@@ -16,12 +18,18 @@ use crate::{Error, Result};
 /// A GEMM kernel family (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GemmKernel {
-    /// The fastest family that accepts the operands: wgmma on sm_90a devices, else mma.sync,
-    /// for bf16 operands that meet the tensor-core alignment rules; SIMT otherwise.
+    /// For bf16 operands that meet the tensor-core alignment rules: on sm_90a devices the TMA
+    /// kernel (the cp.async wgmma kernel where the driver cannot describe an operand as a
+    /// tensor map), else mma.sync; SIMT otherwise.
     #[default]
     Auto,
-    /// As `Auto`, but an error on a device without wgmma (anything but compute capability 9.0),
-    /// so a benchmark or test that asks for it never silently measures another kernel.
+    /// The TMA-fed wgmma kernel for the operands the tensor cores take; an error on a device
+    /// without wgmma (anything but compute capability 9.0) or for operands the driver cannot
+    /// describe as tensor maps, so a benchmark or test that asks for it never silently
+    /// measures another kernel.
+    Tma,
+    /// The cp.async-fed wgmma kernel for the operands the tensor cores take; an error on a
+    /// device without wgmma.
     Wgmma,
     /// Never wgmma: mma.sync for operands it accepts, else SIMT.
     Mma,
@@ -30,8 +38,9 @@ pub enum GemmKernel {
 }
 
 impl GemmKernel {
-    pub const ALL: [GemmKernel; 4] = [
+    pub const ALL: [GemmKernel; 5] = [
         GemmKernel::Auto,
+        GemmKernel::Tma,
         GemmKernel::Wgmma,
         GemmKernel::Mma,
         GemmKernel::Simt,
@@ -40,6 +49,7 @@ impl GemmKernel {
     pub fn name(self) -> &'static str {
         match self {
             GemmKernel::Auto => "auto",
+            GemmKernel::Tma => "tma",
             GemmKernel::Wgmma => "wgmma",
             GemmKernel::Mma => "mma",
             GemmKernel::Simt => "simt",
@@ -62,7 +72,7 @@ impl FromStr for GemmKernel {
             .ok_or_else(|| {
                 Error::cuda(
                     "gemm kernel",
-                    format!("unknown GEMM kernel {s:?}: expected auto, wgmma, mma or simt"),
+                    format!("unknown GEMM kernel {s:?}: expected auto, tma, wgmma, mma or simt"),
                 )
             })
     }

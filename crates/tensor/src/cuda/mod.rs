@@ -25,5 +25,5 @@ pub use device::{device_count, driver_available, CudaDevice};
 pub use gemm::{gemm_kernel, with_gemm_kernel, GemmKernel};
 pub use kernels::{KernelFile, KERNEL_FILES};
 pub use nvrtc::{compile_ptx, nvrtc_available, nvrtc_version, ptx_entry_points};
-pub use params::{AttnParams, GemmParams, SimtParams, Strided};
+pub use params::{AttnParams, GemmParams, SimtParams, Strided, TmaMap};
 pub use storage::{device, CudaBuffer, CudaStorage};

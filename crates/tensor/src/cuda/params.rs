@@ -75,6 +75,17 @@ pub struct GemmParams {
 // SAFETY: #[repr(C)] integers and floats mirroring the CUDA struct (layout asserted both sides).
 unsafe impl DeviceRepr for GemmParams {}
 
+/// A TMA tensor map (CUtensorMap, kernels/common.cuh `TmaMap`): 128 opaque bytes, 64-byte
+/// aligned, encoded by the driver (`cuTensorMapEncodeTiled`) and passed to a kernel by value.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TmaMap {
+    pub opaque: [u64; 16],
+}
+
+// SAFETY: plain bytes the driver wrote, the layout of CUtensorMap (asserted in the tests).
+unsafe impl DeviceRepr for TmaMap {}
+
 /// gemm_simt_* parameters (kernels/gemm.cu `SimtParams`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -137,6 +148,12 @@ mod tests {
         assert_eq!(offset_of!(Strided, shape), 8);
         assert_eq!(offset_of!(Strided, stride), 72);
 
+        assert_eq!(size_of::<TmaMap>(), 128);
+        assert_eq!(std::mem::align_of::<TmaMap>(), 64);
+        assert_eq!(
+            size_of::<TmaMap>(),
+            size_of::<cudarc::driver::sys::CUtensorMap>()
+        );
         assert_eq!(size_of::<GemmParams>(), 72);
         assert_eq!(offset_of!(GemmParams, lda), 16);
         assert_eq!(offset_of!(GemmParams, stride_c), 56);

@@ -229,8 +229,9 @@ fn gemm_chunks(nb: usize, m: usize, tile_m: usize) -> Vec<GemmChunk> {
 }
 
 /// kernels/gemm.cu: for bf16 operands that meet the tensor-core alignment rules (16-byte
-/// pointers, leading dims and batch strides multiples of 8) `gemm_wgmma_{n,t}{n,t}_bf16` on
-/// sm_90a devices, else `gemm_bf16_{n,t}{n,t}_bf16` (mma.sync); `gemm_simt_bf16` for other bf16
+/// pointers, leading dims and batch strides multiples of 8) `gemm_tma_{n,t}{n,t}_bf16` on sm_90a
+/// devices (`gemm_wgmma_*` where an operand cannot be a tensor map), else
+/// `gemm_bf16_{n,t}{n,t}_bf16` (mma.sync); `gemm_simt_bf16` for other bf16
 /// operands and `gemm_simt_f32` for f32. [`crate::cuda::with_gemm_kernel`] pins a family. C is
 /// contiguous [batch, m, n]; beta = 0 (C is never read).
 #[cfg(feature = "cuda")]
@@ -246,8 +247,10 @@ fn matmul_cuda(
     use cudarc::driver::sys::CUfunction_attribute;
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     const OP: &str = "matmul";
-    // kernels/gemm.cu WG_SMEM_BYTES: four 48 KB stages and 1 KB to align the base.
+    // kernels/gemm.cu WG_SMEM_BYTES: four 48 KB stages and 1 KB to align the base;
+    // TMA_SMEM_BYTES: the same plus eight mbarriers.
     const WGMMA_SMEM_BYTES: u32 = 4 * 48 * 1024 + 1024;
+    const TMA_SMEM_BYTES: u32 = WGMMA_SMEM_BYTES + 2 * 4 * 8;
     super::same_dtype(OP, a, b)?;
     let tn = super::tname(OP, a.dtype())?;
     let out = super::cuda_empty(dev, a.dtype(), out_shape)?;
@@ -305,25 +308,27 @@ fn matmul_cuda(
     }
     let choice = crate::cuda::gemm_kernel();
     let has_wgmma = dev.arch().has_wgmma();
-    if choice == GemmKernel::Wgmma && !has_wgmma {
+    if matches!(choice, GemmKernel::Tma | GemmKernel::Wgmma) && !has_wgmma {
         return Err(Error::cuda(
             OP,
             format!(
-                "the wgmma GEMM was asked for, but kernels for device {} ({}) are compiled for \
-                 {}: wgmma needs compute capability 9.0 (sm_90a)",
+                "the {choice} GEMM was asked for, but kernels for device {} ({}) are compiled \
+                 for {}: wgmma needs compute capability 9.0 (sm_90a)",
                 dev.ordinal(),
                 dev.name(),
                 dev.arch()
             ),
         ));
     }
-    // 'w': wgmma, 'm': mma.sync, 's': SIMT.
+    // 't': TMA-fed wgmma (falling back to 'w' per launch under Auto), 'w': cp.async-fed
+    // wgmma, 'm': mma.sync, 's': SIMT.
     let family = match choice {
         GemmKernel::Simt => 's',
         _ if !tensor_cores => 's',
         GemmKernel::Mma => 'm',
-        GemmKernel::Auto | GemmKernel::Wgmma if has_wgmma => 'w',
-        GemmKernel::Auto | GemmKernel::Wgmma => 'm',
+        GemmKernel::Wgmma => 'w',
+        GemmKernel::Auto | GemmKernel::Tma if has_wgmma => 't',
+        GemmKernel::Auto | GemmKernel::Tma => 'm',
     };
     let tile_m = if family == 's' { 64 } else { 128 };
     for GemmChunk { z0, z, m0, m: mc } in gemm_chunks(nb, m, tile_m) {
@@ -334,8 +339,25 @@ fn matmul_cuda(
             pc + (z0 * m * n + m0 * n) as u64 * esz,
         );
         if let (true, Some((la, lda)), Some((lb, ldb))) = (family != 's', a_layout, b_layout) {
-            let wgmma = family == 'w';
-            let entry = if wgmma {
+            // Tensor maps for the TMA kernel: this chunk's A rows (M-chunk columns when A is
+            // 't') and all of B, boxes as kernels/gemm.cu lists them.
+            let maps = if family == 't' {
+                let (ma_rows, ma_cols, ma_box) = if la == 'n' { (mc, k, 128) } else { (k, mc, 64) };
+                let (mb_rows, mb_cols, mb_box) = if lb == 't' { (n, k, 256) } else { (k, n, 64) };
+                let a_map = tma_map(ca, ma_cols, ma_rows, lda, z, oa.batch, ma_box);
+                let b_map = tma_map(cb, mb_cols, mb_rows, ldb, z, ob.batch, mb_box);
+                match (a_map, b_map) {
+                    (Ok(a), Ok(b)) => Some((a, b)),
+                    (Err(e), _) | (_, Err(e)) if choice == GemmKernel::Tma => return Err(e),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            let wgmma = family == 'w' || (family == 't' && maps.is_none());
+            let entry = if maps.is_some() {
+                format!("gemm_tma_{la}{lb}_bf16")
+            } else if wgmma {
                 format!("gemm_wgmma_{la}{lb}_bf16")
             } else {
                 format!("gemm_bf16_{la}{lb}_bf16")
@@ -353,15 +375,18 @@ fn matmul_cuda(
                 alpha: 1.0,
                 beta: 0.0,
             };
-            // wgmma: 128 × 256 block tiles in dynamic shared memory; mma.sync: 128 × 128, static.
-            let (tile_n, smem) = if wgmma {
-                (256, WGMMA_SMEM_BYTES)
+            // TMA and wgmma: 128 × 256 block tiles in dynamic shared memory (TMA: a third,
+            // producer, warpgroup); mma.sync: 128 × 128, static.
+            let (tile_n, threads, smem) = if maps.is_some() {
+                (256, 384, TMA_SMEM_BYTES)
+            } else if wgmma {
+                (256, 256, WGMMA_SMEM_BYTES)
             } else {
-                (128, 0)
+                (128, 256, 0)
             };
             let cfg = LaunchConfig {
                 grid_dim: (n.div_ceil(tile_n) as u32, mc.div_ceil(128) as u32, z as u32),
-                block_dim: (256, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: smem,
             };
             let f = dev.function("gemm", &entry)?;
@@ -377,8 +402,17 @@ fn matmul_cuda(
                 ))?;
             }
             let mut l = dev.stream().launch_builder(&f);
-            l.arg(&p).arg(&ca).arg(&cb).arg(&cc);
-            // SAFETY: gemm_{wgmma,bf16}_*(GemmParams p, const bf16* a, const bf16* b, bf16* c); the
+            l.arg(&p);
+            if let Some((a_map, b_map)) = &maps {
+                l.arg(a_map).arg(b_map);
+            } else {
+                l.arg(&ca).arg(&cb);
+            }
+            l.arg(&cc);
+            // SAFETY: gemm_{wgmma,bf16}_*(GemmParams p, const bf16* a, const bf16* b, bf16* c)
+            // or gemm_tma_*(GemmParams p, TmaMap map_a, TmaMap map_b, bf16* c), the maps
+            // describing the same views as ca/cb with the same sizes (bounds-checked by the TMA
+            // unit); the
             // strides describe views inside a's and b's storages (batch chunk z0.. and row chunk m0.. included),
             // c is a fresh [nb, m, n] buffer; alignment and multiple-of-8 rules checked above.
             unsafe { super::launch(OP, &entry, l, cfg)? };
@@ -413,6 +447,62 @@ fn matmul_cuda(
         }
     }
     Ok(out)
+}
+
+/// A TMA tensor map of a bf16 operand for kernels/gemm.cu `gemm_tma_*`: `rows` rows of `cols`
+/// contiguous elements at device address `base`, rows `ld` elements apart, `batch` matrices
+/// `batch_stride` elements apart (0: one matrix read for every batch element), 128-byte
+/// swizzle, boxes of 64 columns × `box_rows` rows. Out-of-bounds elements read as zero. An
+/// error when the driver refuses the description.
+#[cfg(feature = "cuda")]
+fn tma_map(
+    base: u64,
+    cols: usize,
+    rows: usize,
+    ld: usize,
+    batch: usize,
+    batch_stride: usize,
+    box_rows: u32,
+) -> Result<crate::cuda::TmaMap> {
+    use cudarc::driver::sys;
+    let batch = if batch_stride == 0 { 1 } else { batch };
+    let dims: [u64; 3] = [cols as u64, rows as u64, batch as u64];
+    // Byte strides of dims 1 and 2 (dim 0 is contiguous). A single matrix's batch stride is
+    // never used; the driver still wants a valid one.
+    let batch_stride = if batch == 1 { rows * ld } else { batch_stride };
+    let strides: [u64; 2] = [2 * ld as u64, 2 * batch_stride as u64];
+    let boxes: [u32; 3] = [64, box_rows, 1];
+    let element_strides: [u32; 3] = [1, 1, 1];
+    let mut map = crate::cuda::TmaMap { opaque: [0; 16] };
+    // SAFETY: map is a 128-byte, 64-byte-aligned CUtensorMap (size asserted in params.rs); the
+    // arrays hold rank = 3 dims, boxes and element strides and rank − 1 strides, and outlive
+    // the call, which only reads them and writes map.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            (&mut map as *mut crate::cuda::TmaMap).cast::<sys::CUtensorMap>(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::cuda(
+            "matmul",
+            format!(
+                "cuTensorMapEncodeTiled refused a bf16 operand of {batch} x {rows} x {cols} \
+                 (row stride {ld}, batch stride {batch_stride} elements, box 64 x {box_rows}): {r:?}"
+            ),
+        ));
+    }
+    Ok(map)
 }
 
 impl Tensor {
