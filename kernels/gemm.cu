@@ -315,6 +315,32 @@ __device__ __forceinline__ void store_pair(bf16* p, float a, float b) {
     *reinterpret_cast<u32*>(p) = pack_bf16x2(a, b);
 }
 
+// One consumer warpgroup's view of the stage ring: the descriptors of its 64 rows of A and of
+// all of B in stage 0 (a stage adds WG_STAGE_BYTES; a k16 step the major-ness's step, see the
+// layout notes above), and the MMAs of one stage.
+template <bool A_T, bool B_T>
+struct WgOperands {
+    static constexpr u32 A_LBO = A_T ? WG_BK * 128 : 16, B_LBO = B_T ? 16 : WG_BK * 128;
+    static constexpr u32 A_KSTEP = A_T ? 16 * 128 : 32, B_KSTEP = B_T ? 32 : 16 * 128;
+    u64 desc_a0, desc_b0;
+
+    // `sbase`: the ring's (1024-byte aligned) .shared address; `half`: rows 64·half.. of the
+    // block tile.
+    __device__ __forceinline__ WgOperands(u32 sbase, int half)
+        : desc_a0(wg_desc(sbase + half * 8192, A_LBO, 1024)), desc_b0(wg_desc(sbase + WG_A_BYTES, B_LBO, 1024)) {}
+
+    // acc += A · B over stage `stage`'s 64 k, issued and committed as one wgmma group.
+    __device__ __forceinline__ void mma_stage(float (&acc)[WG_BN / 2], int stage) const {
+        const u64 stage_off = (u64)((stage * WG_STAGE_BYTES) >> 4);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; ++kk)
+            wgmma_m64k16_bf16<WG_BN, A_T ? 1 : 0, B_T ? 0 : 1>(acc, desc_a0 + stage_off + (u64)((kk * A_KSTEP) >> 4),
+                                                              desc_b0 + stage_off + (u64)((kk * B_KSTEP) >> 4));
+        wgmma_commit();
+    }
+};
+
 // The epilogue of a warpgroup's 64 × WG_BN accumulator tile: this thread's values are rows
 // `row` and row + 8, columns col + 8j and col + 8j + 1 (j < WG_BN / 8; see wgmma_m64k16_bf16
 // in common.cuh), scaled by alpha, plus beta · C, bounds-checked; neighbouring columns are
@@ -378,12 +404,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const GemmParams& p, const bf16*
             load_tile_sw128<WG_BK, WG_BN>(b, p.ldb, k0, p.K, n0, p.N, sb, tid);
     };
 
-    // Descriptors of stage 0; a stage adds WG_STAGE_BYTES, a k16 step the major-ness's step.
-    constexpr u32 A_LBO = A_T ? WG_BK * 128 : 16, B_LBO = B_T ? 16 : WG_BK * 128;
-    constexpr u32 A_KSTEP = A_T ? 16 * 128 : 32, B_KSTEP = B_T ? 32 : 16 * 128;
-    const u64 desc_a0 = wg_desc(sbase + wg * 8192, A_LBO, 1024);
-    const u64 desc_b0 = wg_desc(sbase + WG_A_BYTES, B_LBO, 1024);
-
+    const WgOperands<A_T, B_T> ops(sbase, wg);
     float acc[WG_BN / 2];
 #pragma unroll
     for (int i = 0; i < WG_BN / 2; ++i) acc[i] = 0.0f;
@@ -404,14 +425,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const GemmParams& p, const bf16*
         if (nk < k_tiles) load_stage(nk % WG_STAGES, nk * WG_BK);
         cp_async_commit();  // possibly empty: keeps the wait count above uniform
 
-        const u64 stage_off = (u64)(((kt % WG_STAGES) * WG_STAGE_BYTES) >> 4);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < WG_BK / 16; ++kk)
-            wgmma_m64k16_bf16<WG_BN, A_T ? 1 : 0, B_T ? 0 : 1>(
-                acc, desc_a0 + stage_off + (u64)((kk * A_KSTEP) >> 4),
-                desc_b0 + stage_off + (u64)((kk * B_KSTEP) >> 4));
-        wgmma_commit();
+        ops.mma_stage(acc, kt % WG_STAGES);
         wgmma_wait<1>();  // tile kt - 1's MMAs are done; tile kt's may still run
     }
     wgmma_wait<0>();
@@ -518,11 +532,7 @@ __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap*
     setmaxnreg_inc<232>();
     const int cw = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
     c += (i64)blockIdx.z * p.stride_c;
-    constexpr u32 A_LBO = A_T ? WG_BK * 128 : 16, B_LBO = B_T ? 16 : WG_BK * 128;
-    constexpr u32 A_KSTEP = A_T ? 16 * 128 : 32, B_KSTEP = B_T ? 32 : 16 * 128;
-    const u64 desc_a0 = wg_desc(sbase + cw * 8192, A_LBO, 1024);
-    const u64 desc_b0 = wg_desc(sbase + WG_A_BYTES, B_LBO, 1024);
-
+    const WgOperands<A_T, B_T> ops(sbase, cw);
     float acc[WG_BN / 2];
 #pragma unroll
     for (int i = 0; i < WG_BN / 2; ++i) acc[i] = 0.0f;
@@ -530,14 +540,7 @@ __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap*
     for (int kt = 0; kt < k_tiles; ++kt) {
         const int s = kt % WG_STAGES;
         mbar_wait(&full[s], (kt / WG_STAGES) & 1);
-        const u64 stage_off = (u64)((s * WG_STAGE_BYTES) >> 4);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < WG_BK / 16; ++kk)
-            wgmma_m64k16_bf16<WG_BN, A_T ? 1 : 0, B_T ? 0 : 1>(
-                acc, desc_a0 + stage_off + (u64)((kk * A_KSTEP) >> 4),
-                desc_b0 + stage_off + (u64)((kk * B_KSTEP) >> 4));
-        wgmma_commit();
+        ops.mma_stage(acc, s);
         wgmma_wait<1>();  // tile kt - 1's MMAs have retired: its stage may be refilled
         // Every consumer thread releases: a warp's wgmma.wait_group says nothing about the
         // other warps of its warpgroup, which may not even have issued their MMAs yet.

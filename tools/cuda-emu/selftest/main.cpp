@@ -17,23 +17,7 @@
 #include <string>
 #include <vector>
 
-extern "C" {
-int cuInit(unsigned);
-int cuMemAlloc_v2(unsigned long long*, size_t);
-int cuMemcpyHtoD_v2(unsigned long long, const void*, size_t);
-int cuMemcpyDtoH_v2(void*, unsigned long long, size_t);
-int cuModuleLoadData(void**, const void*);
-int cuModuleGetFunction(void**, void*, const char*);
-int cuFuncSetAttribute(void*, int, int);
-int cuLaunchKernel(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**,
-                   void**);
-int nvrtcCreateProgram(void**, const char*, const char*, int, const char* const*, const char* const*);
-int nvrtcCompileProgram(void*, int, const char* const*);
-int nvrtcGetPTXSize(void*, size_t*);
-int nvrtcGetPTX(void*, char*);
-int nvrtcGetProgramLogSize(void*, size_t*);
-int nvrtcGetProgramLog(void*, char*);
-}
+#include "host.h"
 
 namespace {
 
@@ -51,13 +35,7 @@ enum Mode {
     DivergentWait, NoWgmmaFence, NoProxyFence, StaticSmem, TouchInFlight,
 };
 
-const int kLaunchFailed = 719, kInvalidValue = 1;
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-    std::printf("%s  %s\n", ok ? "ok    " : "FAILED", what.c_str());
-    if (!ok) ++failures;
-}
+using namespace selftest;
 
 // Canonical tiles (elements; T = 8 bf16 per 16 bytes) for an operand of extent `x` along MN
 // and `kt` along K, from the PTX ISA's table:
@@ -112,66 +90,12 @@ unsigned tile_bytes(const Tile& t, int x, int kt) {
     return end;
 }
 
-std::string read_text(const std::string& path) {
-    std::ifstream f(path);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return ss.str();
-}
-
 void* compile(const std::string& src, const char* arch_option) {
-    void* prog = nullptr;
-    nvrtcCreateProgram(&prog, src.c_str(), "wgmma_selftest.cu", 0, nullptr, nullptr);
-    const char* opts[] = {arch_option, "--std=c++17"};
-    if (nvrtcCompileProgram(prog, 2, opts) != 0) {
-        size_t n = 0;
-        nvrtcGetProgramLogSize(prog, &n);
-        std::string log(n, '\0');
-        nvrtcGetProgramLog(prog, &log[0]);
-        std::fprintf(stderr, "compile failed:\n%s\n", log.c_str());
-        std::exit(1);
-    }
-    size_t n = 0;
-    nvrtcGetPTXSize(prog, &n);
-    std::string ptx(n, '\0');
-    nvrtcGetPTX(prog, &ptx[0]);
-    void* mod = nullptr;
-    const int rc = cuModuleLoadData(&mod, ptx.c_str());
-    if (rc != 0) return nullptr;
+    void* mod = compile_module(src, "wgmma_selftest.cu", arch_option);
+    if (!mod) return nullptr;
     void* fn = nullptr;
     if (cuModuleGetFunction(&fn, mod, "wgmma_selftest") != 0) return nullptr;
     return fn;
-}
-
-unsigned long long upload(const void* p, size_t bytes) {
-    unsigned long long d = 0;
-    cuMemAlloc_v2(&d, bytes);
-    cuMemcpyHtoD_v2(d, p, bytes);
-    return d;
-}
-
-float bf16_value(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-// Runs `fn` with stderr captured; returns the launch's result and what it printed.
-int launch_captured(void* fn, unsigned blocks, unsigned threads, unsigned smem, void** args, std::string& err) {
-    char path[] = "/tmp/cuda-emu-selftest-XXXXXX";
-    const int fd = mkstemp(path);
-    std::fflush(stderr);
-    const int saved = dup(2);
-    dup2(fd, 2);
-    const int rc = cuLaunchKernel(fn, blocks, 1, 1, threads, 1, 1, smem, nullptr, args, nullptr);
-    std::fflush(stderr);
-    dup2(saved, 2);
-    close(saved);
-    close(fd);
-    err = read_text(path);
-    unlink(path);
-    return rc;
 }
 
 struct Result {

@@ -17,31 +17,12 @@
 #include <string>
 #include <vector>
 
-extern "C" {
-int cuInit(unsigned);
-int cuMemAlloc_v2(unsigned long long*, size_t);
-int cuMemcpyHtoD_v2(unsigned long long, const void*, size_t);
-int cuMemcpyDtoH_v2(void*, unsigned long long, size_t);
-int cuModuleLoadData(void**, const void*);
-int cuModuleGetFunction(void**, void*, const char*);
-int cuFuncSetAttribute(void*, int, int);
-int cuLaunchKernel(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**,
-                   void**);
-int cuTensorMapEncodeTiled(void*, unsigned, unsigned, void*, const unsigned long long*, const unsigned long long*,
-                           const unsigned*, const unsigned*, unsigned, unsigned, unsigned, unsigned);
-int nvrtcCreateProgram(void**, const char*, const char*, int, const char* const*, const char* const*);
-int nvrtcCompileProgram(void*, int, const char* const*);
-int nvrtcGetPTXSize(void*, size_t*);
-int nvrtcGetPTX(void*, char*);
-int nvrtcGetProgramLogSize(void*, size_t*);
-int nvrtcGetProgramLog(void*, char*);
-}
+#include "host.h"
 
 namespace {
 
 enum { BF16 = 9, F32 = 7 };                   // CUtensorMapDataType
 enum { SWZ_NONE = 0, SWZ_32 = 1, SWZ_64 = 2, SWZ_128 = 3 };  // CUtensorMapSwizzle
-const int kLaunchFailed = 719, kInvalidValue = 1;
 
 // The same mode numbers as tma_selftest.cu.
 enum RingMode {
@@ -55,39 +36,10 @@ struct alignas(64) Map {
     unsigned long long opaque[16];
 };
 
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-    std::printf("%s  %s\n", ok ? "ok    " : "FAILED", what.c_str());
-    if (!ok) ++failures;
-}
-
-std::string read_text(const std::string& path) {
-    std::ifstream f(path);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return ss.str();
-}
+using namespace selftest;
 
 void* load_module(const std::string& src) {
-    void* prog = nullptr;
-    nvrtcCreateProgram(&prog, src.c_str(), "tma_selftest.cu", 0, nullptr, nullptr);
-    const char* opts[] = {"--gpu-architecture=compute_90a", "--std=c++17"};
-    if (nvrtcCompileProgram(prog, 2, opts) != 0) {
-        size_t n = 0;
-        nvrtcGetProgramLogSize(prog, &n);
-        std::string log(n, '\0');
-        nvrtcGetProgramLog(prog, &log[0]);
-        std::fprintf(stderr, "compile failed:\n%s\n", log.c_str());
-        std::exit(1);
-    }
-    size_t n = 0;
-    nvrtcGetPTXSize(prog, &n);
-    std::string ptx(n, '\0');
-    nvrtcGetPTX(prog, &ptx[0]);
-    void* mod = nullptr;
-    if (cuModuleLoadData(&mod, ptx.c_str()) != 0) return nullptr;
-    return mod;
+    return compile_module(src, "tma_selftest.cu", "--gpu-architecture=compute_90a");
 }
 
 void* function(void* mod, const char* name) {
@@ -100,28 +52,8 @@ void* function(void* mod, const char* name) {
     return fn;
 }
 
-unsigned long long upload(const void* p, size_t bytes) {
-    unsigned long long d = 0;
-    cuMemAlloc_v2(&d, bytes);
-    cuMemcpyHtoD_v2(d, p, bytes);
-    return d;
-}
-
-// Runs `fn` with stderr captured; returns the launch's result and what it printed.
 int launch(void* fn, unsigned threads, unsigned smem, void** args, std::string& err) {
-    char path[] = "/tmp/cuda-emu-tma-selftest-XXXXXX";
-    const int fd = mkstemp(path);
-    std::fflush(stderr);
-    const int saved = dup(2);
-    dup2(fd, 2);
-    const int rc = cuLaunchKernel(fn, 1, 1, 1, threads, 1, 1, smem, nullptr, args, nullptr);
-    std::fflush(stderr);
-    dup2(saved, 2);
-    close(saved);
-    close(fd);
-    err = read_text(path);
-    unlink(path);
-    return rc;
+    return launch_captured(fn, 1, threads, smem, args, err);
 }
 
 // A rank-3 tensor in device memory: dims (innermost first), byte strides of dims 1 and 2.
@@ -196,13 +128,6 @@ BoxRun run_box(void* fn, const Map& m, const int (&c)[3], unsigned bytes, unsign
     cuMemcpyDtoH_v2(out.data(), d_out, bytes);
     r.got = out;
     return r;
-}
-
-float bf16_value(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
 }
 
 }  // namespace
