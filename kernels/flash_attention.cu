@@ -269,6 +269,21 @@ __device__ __forceinline__ void fam_load_rows(bf16* dst, const bf16* __restrict_
     }
 }
 
+// As fam_load_rows, through cp.async (16-byte copies land at the cp_async_wait that covers
+// them); the zero rows past t_lim are plain stores, done at once.
+template <int D, int ROWS>
+__device__ __forceinline__ void fam_load_rows_async(bf16* dst, const bf16* __restrict__ src, i64 st, int row0,
+                                                    int t_lim) {
+    constexpr int CPR = D / 8, SLD = D + 8;
+    for (int ch = threadIdx.x; ch < ROWS * CPR; ch += FAM_THREADS) {
+        const int r = ch / CPR, c = (ch % CPR) * 8;
+        if (row0 + r < t_lim)
+            cp_async16(dst + r * SLD + c, src + (i64)(row0 + r) * st + c);
+        else
+            *reinterpret_cast<uint4*>(dst + r * SLD + c) = make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
 template <int D>
 __device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16* __restrict__ q,
                                                 const bf16* __restrict__ k, const bf16* __restrict__ v,
@@ -279,9 +294,15 @@ __device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16*
     constexpr int NS = BC / 8;   // n8 tiles of scores per warp
     constexpr int KS = BC / 16;  // k-steps over keys (P·V)
     constexpr int ND = D / 8;    // n8 tiles of the output per warp
+    // K and V tiles in two stages (K rows, then V rows): the next tile's copies are in flight
+    // while this one is multiplied. Stage 1 at D = 128 is the Q staging buffer, free once Q is
+    // in registers (the first loop barrier sees every warp past its Q fragment loads); at
+    // D = 64 it has its own array (45 KB in all).
     __shared__ __align__(16) bf16 Qs[FAM_BR * SLD];
-    __shared__ __align__(16) bf16 Ks[BC * SLD];
-    __shared__ __align__(16) bf16 Vs[BC * SLD];
+    __shared__ __align__(16) bf16 KV0[2 * BC * SLD];
+    __shared__ __align__(16) bf16 KV1[D == 128 ? 8 : 2 * BC * SLD];
+    static_assert(D != 128 || FAM_BR * SLD == 2 * BC * SLD, "stage 1 is the Q buffer at D = 128");
+    bf16* const stage1 = D == 128 ? Qs : KV1;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
@@ -312,11 +333,25 @@ __device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16*
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
     const int last_key = min(i0 + FAM_BR, p.Tq) - 1 + shift;
-    for (int j0 = 0; j0 <= last_key; j0 += BC) {
-        __syncthreads();  // the previous K and V tiles are no longer read
-        fam_load_rows<D, BC>(Ks, kb, p.k_st, j0, p.Tk);
-        fam_load_rows<D, BC>(Vs, vb, p.v_st, j0, p.Tk);
-        __syncthreads();
+    const int n_tiles = last_key / BC + 1;
+    auto issue = [&](int tile) {
+        bf16* kv = (tile & 1) ? stage1 : KV0;
+        fam_load_rows_async<D, BC>(kv, kb, p.k_st, tile * BC, p.Tk);
+        fam_load_rows_async<D, BC>(kv + BC * SLD, vb, p.v_st, tile * BC, p.Tk);
+    };
+    issue(0);
+    cp_async_commit();
+    for (int it = 0; it < n_tiles; ++it) {
+        const int j0 = it * BC;
+        if (it + 1 < n_tiles) {
+            __syncthreads();  // the stage tile it + 1 goes to (tile it - 1's, or Q's) is no longer read
+            issue(it + 1);
+        }
+        cp_async_commit();  // possibly empty: keeps the wait count uniform
+        cp_async_wait<1>(); // this thread's copies of tile it have landed
+        __syncthreads();    // ... and every thread's
+        const bf16* Ks = (it & 1) ? stage1 : KV0;
+        const bf16* Vs = Ks + BC * SLD;
 
         // S = Q·Kᵀ for this warp's 16 rows and the tile's BC keys.
         float s[NS][4];
@@ -867,15 +902,30 @@ __device__ __forceinline__ void fa_dq_mma_body(const AttnParams& p, const bf16* 
     constexpr int KS = BC / 16; // k-steps over keys (dQ)
     constexpr int ND = D / 8;   // n8 tiles of dQ per warp
     static_assert(2 * BC >= FAM_BR, "the K and V tiles stage the 64 Q and dO rows");
+    // K and V tiles (K rows, then V rows). At D = 64 in two stages, the next tile's copies in
+    // flight while this one is used: even tiles in KVb, odd ones in KVs, which first stages Q
+    // and dO. At D = 128 the second stage's bookkeeping makes ptxas spill (tools/check-kernels),
+    // so there every tile is loaded into KVs synchronously.
+    constexpr bool PIPE = D == 64;
     __shared__ __align__(16) bf16 KVs[2 * BC * SLD];
-    bf16* Ks = KVs;
-    bf16* Vs = KVs + BC * SLD;
+    __shared__ __align__(16) bf16 KVb[PIPE ? 2 * BC * SLD : 8];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
     const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
     const int i0 = blockIdx.x * FAM_BR;
     const int shift = p.Tk - p.Tq;
+    const bf16* kb = k + b * p.k_sb + h * p.k_sh;
+    const bf16* vb = v + b * p.v_sb + h * p.v_sh;
+    auto issue = [&](int tile) {
+        bf16* kv = (tile & 1) ? KVs : KVb;
+        fam_load_rows_async<D, BC>(kv, kb, p.k_st, tile * BC, p.Tk);
+        fam_load_rows_async<D, BC>(kv + BC * SLD, vb, p.v_st, tile * BC, p.Tk);
+    };
+    if (PIPE) {
+        issue(0);  // in flight while Q and dO are staged
+        cp_async_commit();
+    }
 
     // Q, then dO, staged through the K/V buffers, into A fragments.
     const int frag_off = (warp * 16 + (lane & 15)) * SLD + (lane >> 4) * 8;
@@ -907,17 +957,31 @@ __device__ __forceinline__ void fa_dq_mma_body(const AttnParams& p, const bf16* 
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
-    const bf16* kb = k + b * p.k_sb + h * p.k_sh;
-    const bf16* vb = v + b * p.v_sb + h * p.v_sh;
     // Warp-uniform: whether the warp has rows before Tq, and the last key its last row sees.
     const bool warp_live = i0 + warp * 16 < p.Tq;
     const int warp_last_key = i0 + warp * 16 + 15 + shift;
     const int last_key = min(i0 + FAM_BR, p.Tq) - 1 + shift;
-    for (int j0 = 0; j0 <= last_key; j0 += BC) {
-        __syncthreads();  // the previous tile (at first: the Q, dO staging) is no longer read
-        fam_load_rows<D, BC>(Ks, kb, p.k_st, j0, p.Tk);
-        fam_load_rows<D, BC>(Vs, vb, p.v_st, j0, p.Tk);
-        __syncthreads();
+    const int n_tiles = last_key / BC + 1;
+    for (int it = 0; it < n_tiles; ++it) {
+        const int j0 = it * BC;
+        if (PIPE) {
+            if (it + 1 < n_tiles) {
+                // The stage tile it + 1 goes to (tile it - 1's; at first the Q, dO staging) is
+                // no longer read.
+                __syncthreads();
+                issue(it + 1);
+            }
+            cp_async_commit();  // possibly empty: keeps the wait count uniform
+            cp_async_wait<1>(); // this thread's copies of tile it have landed
+            __syncthreads();    // ... and every thread's
+        } else {
+            __syncthreads();  // the previous tile (at first: the Q, dO staging) is no longer read
+            fam_load_rows<D, BC>(KVs, kb, p.k_st, j0, p.Tk);
+            fam_load_rows<D, BC>(KVs + BC * SLD, vb, p.v_st, j0, p.Tk);
+            __syncthreads();
+        }
+        const bf16* Ks = PIPE && !(it & 1) ? KVb : KVs;
+        const bf16* Vs = Ks + BC * SLD;
         if (!warp_live || j0 > warp_last_key) continue;
 
         // Dropout: which of this thread's 4·NS elements survive, one bit each (j·4 + e),
