@@ -42,6 +42,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(c) => cmd::bench::run(c),
@@ -62,5 +63,17 @@ fn main() -> std::process::ExitCode {
             }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Rust starts programs with SIGPIPE ignored, so writing to a pipe whose reader has gone
+/// (`rlhf inspect big.safetensors | head`) makes `println!` panic. A command-line tool should
+/// end quietly there, as Unix tools do: restore the default disposition.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: signal(2) with a valid signal number and SIG_DFL, before any other thread exists
+    // (nothing else is changing signal dispositions concurrently).
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

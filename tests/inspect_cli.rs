@@ -49,3 +49,32 @@ fn inspect_lists_tensors_and_metadata() {
         "{err}"
     );
 }
+
+/// Output into a pipe nobody reads (`rlhf inspect f | head` after head exits) ends the process
+/// quietly by SIGPIPE, as for other Unix tools, instead of a panic in println!.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let w = Tensor::randn(&[4, 3], 0.0, 1.0, 1);
+    safetensors::save(&path, &[("w", &w)], None).unwrap();
+    // The read end is closed before the child starts: its first write fails, every time.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["inspect", path.to_str().unwrap()])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run rlhf");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
