@@ -25,7 +25,11 @@
 //        powf uses p0 as the exponent, clamp [p0, p1], add_scalar/mul_scalar p0; others
 //        ignore p0 and p1.
 //   gelu_backward_T(n, x, dy, dx)               contiguous; dx = dy · gelu'(x)
-//   cast_f32_to_bf16(n, x_layout, x, out), cast_bf16_to_f32(n, x_layout, x, out)
+//   cast_{F}_to_{T}(n, x_layout, x, out) for F ≠ T in {f32, bf16, i64, i32, u8}: the CPU's
+//        Tensor::to_dtype element for element — f32 → bf16 rounds to nearest even, bf16 → f32
+//        is exact, everything else goes through f64 as the CPU does: integers → float round
+//        once (f64 → f32 → bf16 rounds as f64 → bf16 does: f32 has more than 2·8 + 2 bits),
+//        float or integer → integer truncates toward zero and saturates, NaN → 0 (Rust's `as`).
 //   where_T(n, cond_layout, a_layout, b_layout, cond (u8), a, b, out): cond ? a : b
 //   fill_T(n, out, value)
 //   dropout_T(n, x_layout, x, out, seed (u64), threshold (u32), scale): element i (row-major)
@@ -196,6 +200,61 @@ extern "C" __global__ void gelu_backward_bf16(i64 n, const bf16* __restrict__ x,
 
 // ---- casts ----------------------------------------------------------------------------------
 
+// An element as f64, as the CPU reads every dtype for a cast (exact but for i64 beyond 2^53,
+// rounded to nearest as Rust's `as f64`).
+__device__ __forceinline__ double cast_in(float x) { return (double)x; }
+__device__ __forceinline__ double cast_in(bf16 x) { return (double)bf16_to_f32(x); }
+__device__ __forceinline__ double cast_in(long long x) { return (double)x; }
+__device__ __forceinline__ double cast_in(int x) { return (double)x; }
+__device__ __forceinline__ double cast_in(unsigned char x) { return (double)x; }
+
+// Rust's f64 `as` an integer: toward zero, saturating at the type's bounds, NaN → 0. `hi` is the
+// smallest double at or above the type's maximum (2^63 for i64), `lo` its minimum.
+template <typename I>
+__device__ __forceinline__ I cast_int(double v, double lo, double hi, I min, I max) {
+    if (v != v) return (I)0;
+    if (v >= hi) return max;
+    if (v <= lo) return min;
+    return (I)v;  // in range: truncation
+}
+
+template <typename T>
+struct CastOut;
+template <>
+struct CastOut<float> {
+    __device__ static float from(double v) { return (float)v; }
+};
+template <>
+struct CastOut<bf16> {  // f64 → f32 → bf16: one rounding's worth (see the header)
+    __device__ static bf16 from(double v) { return f32_to_bf16((float)v); }
+};
+template <>
+struct CastOut<long long> {
+    __device__ static long long from(double v) {
+        return cast_int<long long>(v, -9223372036854775808.0, 9223372036854775808.0,
+                                   (long long)(-9223372036854775807LL - 1), 9223372036854775807LL);
+    }
+};
+template <>
+struct CastOut<int> {
+    __device__ static int from(double v) {
+        return cast_int<int>(v, -2147483648.0, 2147483647.0, (int)(-2147483647 - 1), 2147483647);
+    }
+};
+template <>
+struct CastOut<unsigned char> {
+    __device__ static unsigned char from(double v) {
+        return cast_int<unsigned char>(v, 0.0, 255.0, (unsigned char)0, (unsigned char)255);
+    }
+};
+
+template <typename F, typename T>
+__device__ __forceinline__ void cast_body(i64 n, const Strided& lx, const F* __restrict__ x, T* __restrict__ out) {
+    GRID_STRIDE_LOOP(i, n) { out[i] = CastOut<T>::from(cast_in(x[offset_of(lx, i)])); }
+}
+
+// The two float casts the mixed-precision model runs all the time stay single-rounding f32
+// code (bitwise the same as through f64: bf16 → f32 is exact, f32 → f64 → f32 is the identity).
 extern "C" __global__ void cast_f32_to_bf16(i64 n, Strided lx, const float* __restrict__ x,
                                             bf16* __restrict__ out) {
     GRID_STRIDE_LOOP(i, n) { out[i] = f32_to_bf16(x[offset_of(lx, i)]); }
@@ -204,6 +263,22 @@ extern "C" __global__ void cast_bf16_to_f32(i64 n, Strided lx, const bf16* __res
                                             float* __restrict__ out) {
     GRID_STRIDE_LOOP(i, n) { out[i] = bf16_to_f32(x[offset_of(lx, i)]); }
 }
+
+#define CAST(fname, F, tname, T)                                                                  \
+    extern "C" __global__ void cast_##fname##_to_##tname(i64 n, Strided lx, const F* __restrict__ x, \
+                                                         T* __restrict__ out) {                  \
+        cast_body<F, T>(n, lx, x, out);                                                           \
+    }
+#define CAST_FROM(fname, F)                                                                       \
+    CAST(fname, F, i64, long long) CAST(fname, F, i32, int) CAST(fname, F, u8, unsigned char)
+CAST_FROM(f32, float)
+CAST_FROM(bf16, bf16)
+CAST(i64, long long, f32, float) CAST(i64, long long, bf16, bf16) CAST(i64, long long, i32, int)
+CAST(i64, long long, u8, unsigned char)
+CAST(i32, int, f32, float) CAST(i32, int, bf16, bf16) CAST(i32, int, i64, long long)
+CAST(i32, int, u8, unsigned char)
+CAST(u8, unsigned char, f32, float) CAST(u8, unsigned char, bf16, bf16)
+CAST(u8, unsigned char, i64, long long) CAST(u8, unsigned char, i32, int)
 
 // ---- where / masked_fill ------------------------------------------------------------------
 

@@ -443,6 +443,9 @@ impl Tensor {
         if let Some(cs) = self.cuda_storage() {
             let out = crate::ops::cuda_cast(self, cs, dtype)?;
             let from = self.dtype();
+            if !(from.is_float() && dtype.is_float()) {
+                return Ok(out);
+            }
             return Ok(Tensor::record(out, "to_dtype", &[self], move |g| {
                 Ok(vec![Some(g.to_dtype(from)?)])
             }));

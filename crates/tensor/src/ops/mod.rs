@@ -363,19 +363,32 @@ mod cuda_common {
         Ok(())
     }
 
-    /// `cast_f32_to_bf16` / `cast_bf16_to_f32` over any layout (the forward of `to_dtype`).
+    /// `cast_{from}_to_{to}` over any layout (the forward of `to_dtype`), between the dtypes
+    /// CUDA storage holds (f32, bf16, i64, i32, u8), element for element as on the CPU.
     pub(crate) fn cuda_cast(x: &Tensor, _s: &CudaStorage, to: DType) -> Result<Tensor> {
         const OP: &str = "to_dtype";
-        let entry = match (x.dtype(), to) {
-            (DType::F32, DType::BF16) => "cast_f32_to_bf16",
-            (DType::BF16, DType::F32) => "cast_bf16_to_f32",
-            (from, to) => {
+        let name = |d: DType| match d {
+            DType::F32 => Some("f32"),
+            DType::BF16 => Some("bf16"),
+            DType::I64 => Some("i64"),
+            DType::I32 => Some("i32"),
+            DType::U8 => Some("u8"),
+            DType::F16 | DType::U32 => None,
+        };
+        let entry = match (name(x.dtype()), name(to)) {
+            (Some(f), Some(t)) => format!("cast_{f}_to_{t}"),
+            _ => {
                 return Err(Error::cuda(
                     OP,
-                    format!("no CUDA cast from {from} to {to} (only f32 ↔ bf16)"),
+                    format!(
+                        "no CUDA cast from {} to {to}: CUDA tensors hold f32, bf16, i64, i32 \
+                         and u8",
+                        x.dtype()
+                    ),
                 ))
             }
         };
+        let entry = entry.as_str();
         let dev = cuda_inputs(OP, &[x])?.ok_or_else(|| Error::cuda(OP, "input not on a GPU"))?;
         let out = cuda_empty(&dev, to, x.shape())?;
         let n = x.numel();
