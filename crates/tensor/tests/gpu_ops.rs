@@ -352,11 +352,11 @@ fn cuda_matmul_f32_and_bf16_forward_and_backward() {
 }
 
 /// Every GEMM kernel family (the TMA-fed and the cp.async-fed wgmma kernels where the card has
-/// them, mma.sync, SIMT) on all four storage
-/// orders of A and B, against the CPU product of the same bf16 values. Shapes are multiples of
-/// 8 (what the tensor-core kernels take) with partial block tiles in M, N and K, K long enough
-/// for several trips round the wgmma kernel's four-stage ring, M over eight tile rows (the
-/// grouped tile order), batched and broadcast B. Held to
+/// them, mma.sync, SIMT) on all four storage orders of A and B, against the CPU product of the
+/// same bf16 values. Shapes: multiples of 8 (what the tensor-core kernels take as they are)
+/// with partial block tiles in M, N and K, M over eight tile rows (the grouped tile order), K
+/// over sixteen tiles (three trips round the four-stage rings), and ragged ones (re-pitched to
+/// padded rows for the tensor cores); batched and broadcast B. Held to
 /// the output's own rounding: a norm-wise error of 5e-3 and, per element, 2^-7 of the value
 /// plus 1e-3 of the RMS, so a wrong row, column or k block fails even where the norm hides it.
 #[test]
@@ -382,25 +382,41 @@ fn cuda_matmul_kernel_families_agree_with_the_cpu_on_every_layout() {
             .to_dtype(DType::F32)
             .unwrap()
     };
-    for trial in 0..4 {
-        let (m, n, k) = if trial < 3 {
-            let m = 8 * (1 + rng.below(24) as usize);
-            (
-                m,
+    for trial in 0..6 {
+        let (m, n, k) = match trial {
+            0..=2 => (
+                8 * (1 + rng.below(24) as usize),
                 8 * (1 + rng.below(64) as usize),
                 8 * (1 + rng.below(56) as usize),
-            )
-        } else {
-            // Tall: more than 8 tile rows, so the wgmma kernel's grouped tile order has a
-            // full group and a partial one.
-            let m = 8 * (129 + rng.below(16) as usize);
-            (
-                m,
+            ),
+            // Tall: more than 8 tile rows, so the wgmma kernels' grouped tile order has a full
+            // group and a partial one.
+            3 => (
+                8 * (129 + rng.below(16) as usize),
                 8 * (33 + rng.below(8) as usize),
                 8 * (1 + rng.below(16) as usize),
-            )
+            ),
+            // Long K: over 16 k tiles, the third trip round the four-stage rings (parities
+            // back to where they started).
+            4 => (
+                8 * (1 + rng.below(8) as usize),
+                8 * (1 + rng.below(16) as usize),
+                8 * (140 + rng.below(20) as usize),
+            ),
+            // Ragged: leading dims not multiples of 8, which the tensor-core kernels take after
+            // a copy to padded rows (partial 8-element chunks at every edge).
+            _ => (
+                1 + rng.below(200) as usize,
+                1 + rng.below(300) as usize,
+                1 + rng.below(300) as usize,
+            ),
         };
-        let batch = 1 + rng.below(2) as usize;
+        // The ragged trial is batched, so its re-pitched operands stack batch elements.
+        let batch = if trial == 5 {
+            2
+        } else {
+            1 + rng.below(2) as usize
+        };
         let broadcast_b = trial % 2 == 1;
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             // 't' operands are transposed views of contiguous [.., k, m] and [n, k] storage.

@@ -274,6 +274,16 @@ fn matmul_cuda(
         gpu_operand(b, &batch, k, n)?,
     );
     let nb: usize = batch.iter().product();
+    // bf16 operands the tensor cores cannot take only for their leading dim or alignment (an
+    // LM head's 50257-wide gradient) are copied to padded rows first.
+    let (oa, ob) = if tn == "bf16" && crate::cuda::gemm_kernel() != GemmKernel::Simt {
+        (
+            repitch_for_tensor_cores(dev, oa, nb, m, k)?,
+            repitch_for_tensor_cores(dev, ob, nb, k, n)?,
+        )
+    } else {
+        (oa, ob)
+    };
     let (pa, pb, pc) = (super::ptr(&oa.t)?, super::ptr(&ob.t)?, super::ptr(&out)?);
     let esz = a.dtype().size_in_bytes() as u64;
     // Tensor-core layouts: A 'n' has unit column stride, 't' unit row stride (likewise B).
@@ -447,6 +457,64 @@ fn matmul_cuda(
         }
     }
     Ok(out)
+}
+
+/// `o` (an [r, c] bf16 operand, `nb` batch elements) as the tensor-core GEMMs want it: when
+/// it has a unit-stride dim but its leading dim, batch stride or address breaks their rules
+/// (16-byte aligned, multiples of 8 elements), a copy in a fresh buffer whose rows are padded
+/// to a multiple of 8 elements — one 2-D device copy, a few hundred microseconds for GPT-2's
+/// 8192 × 50257 logit gradient, against a SIMT GEMM many times slower than the tensor cores.
+/// The padding is never read (the kernels bound every access by M, N and K). Operands without
+/// a unit stride, with overlapping rows, or whose batch elements are not evenly stacked rows
+/// are returned unchanged (the SIMT kernel takes them).
+#[cfg(feature = "cuda")]
+fn repitch_for_tensor_cores(
+    dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    o: GpuOperand,
+    nb: usize,
+    r: usize,
+    c: usize,
+) -> Result<GpuOperand> {
+    const OP: &str = "matmul";
+    // Stored rows: `rows` of `len` elements, `ld` apart ('n': rows of A[m, ·]; 't': of Aᵀ).
+    let (rows, len, ld, transposed) = if o.cs == 1 {
+        (r, c, o.rs, false)
+    } else if o.rs == 1 {
+        (c, r, o.cs, true)
+    } else {
+        return Ok(o);
+    };
+    let src = super::ptr(&o.t)?;
+    let aligned = src.is_multiple_of(16) && ld.is_multiple_of(8) && o.batch.is_multiple_of(8);
+    if aligned || rows == 0 || len == 0 || ld < len {
+        return Ok(o);
+    }
+    // The batch as one stack of rows: one matrix (broadcast, or a single batch element), or
+    // batch elements exactly `rows` rows apart.
+    let mats = if o.batch == 0 || nb <= 1 {
+        1
+    } else if o.batch == rows * ld {
+        nb
+    } else {
+        return Ok(o);
+    };
+    let ld2 = len.div_ceil(8) * 8;
+    let padded = super::cuda_empty(dev, crate::DType::BF16, &[mats * rows * ld2])?;
+    let dst = super::ptr(&padded)?;
+    // SAFETY: src holds mats·rows rows of len bf16 elements ld apart (the operand's view, its
+    // batch elements stacked as checked above, ld >= len); dst is a fresh buffer of
+    // mats·rows·ld2 elements; distinct allocations do not overlap.
+    unsafe {
+        super::cuda_copy_2d(OP, dev, (dst, ld2 * 2), (src, ld * 2), len * 2, mats * rows)?;
+    }
+    let batch = if mats == 1 { 0 } else { rows * ld2 };
+    let (rs, cs) = if transposed { (1, ld2) } else { (ld2, 1) };
+    Ok(GpuOperand {
+        t: padded,
+        rs,
+        cs,
+        batch,
+    })
 }
 
 /// A TMA tensor map of a bf16 operand for kernels/gemm.cu `gemm_tma_*`: `rows` rows of `cols`
