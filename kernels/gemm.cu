@@ -41,9 +41,9 @@
 //   ldmatrix .x4: lanes 8i..8i+7 give the row addresses of 8×8 matrix i; register i of lane l
 //   holds row l/4, columns 2(l%4)..+1 of matrix i (with .trans: rows 2(l%4)..+1, column l/4).
 //
-// Entry points:
-//   gemm_tma_{nn,nt,tn,tt}_bf16(GemmParams p, map_a, map_b, c)  sm_90a only; C is bf16
-//   gemm_wgmma_{nn,nt,tn,tt}_bf16(GemmParams p, a, b, c)        sm_90a only; C is bf16
+// Entry points (BN: block tile width, 128 or 256):
+//   gemm_tma_{nn,nt,tn,tt}_bf16_n{BN}(GemmParams p, map_a, map_b, c)  sm_90a only; C is bf16
+//   gemm_wgmma_{nn,nt,tn,tt}_bf16_n{BN}(GemmParams p, a, b, c)        sm_90a only; C is bf16
 //   gemm_bf16_{nn,nt,tn,tt}_{f32,bf16}(GemmParams p, a, b, c)   C is f32 or bf16
 //   gemm_simt_f32(SimtParams p, a, b, c)            f32 → f32
 //   gemm_simt_bf16(SimtParams p, a, b, c)           bf16 → bf16
@@ -220,16 +220,17 @@ GEMM_BF16_OUTS(t, t, true, true)
 
 // ---- Hopper kernel: wgmma (sm_90a) -----------------------------------------------------------
 //
-// gemm_wgmma_{nn,nt,tn,tt}_bf16: the same GemmParams, layouts and operand requirements as
-// gemm_bf16_*, compiled only for sm_90a (see common.cuh). Block tile 128 × 256 × 64 with two
-// warpgroups (256 threads), each computing a 64 × 256 half with wgmma.mma_async.m64n256k16
-// (128 f32 accumulators per thread). Both operands are read by the tensor cores straight from
+// gemm_wgmma_{nn,nt,tn,tt}_bf16_n{128,256}: the same GemmParams, layouts and operand
+// requirements as gemm_bf16_*, compiled only for sm_90a (see common.cuh). Block tile
+// 128 × BN × 64 (BN = 256 or 128) with two warpgroups (256 threads), each computing a 64 × BN
+// half with wgmma.mma_async.m64nBNk16 (BN / 2 f32 accumulators per thread). Both operands are read by the tensor cores straight from
 // shared memory, through matrix descriptors, in the 128-byte-swizzle layout; the transposed
 // storage orders use wgmma's transpose bits (A 't' is M-major, B 'n' is N-major), so the four
 // letter pairs are one kernel body.
 //
-// Shared memory (dynamic, 4 stages × 48 KB + 1 KB to align the base to 1024 bytes, which the
-// 128-byte swizzle pattern repeats on): per stage the A tile (16 KB) then the B tile (32 KB).
+// Shared memory (dynamic, 4 stages × (16 + BN / 8) KB + 1 KB to align the base to 1024 bytes,
+// which the 128-byte swizzle pattern repeats on): per stage the A tile (16 KB) then the B tile
+// (BN / 8 KB).
 // A tile stored ROWS × COLS with COLS contiguous in global memory is kept as COLS / 64
 // panels of ROWS rows of 128 bytes (64 elements); 16-byte chunk c of row r sits at chunk
 // c ^ (r % 8) of its row. In descriptor terms (PTX ISA "Shared Memory Matrix Layout"):
@@ -246,19 +247,20 @@ GEMM_BF16_OUTS(t, t, true, true)
 // the next iteration waits for its copies (wgmma_wait<1>), so at any time one stage is being
 // multiplied, one may still be read by the previous tile's MMAs and two are being filled.
 //
-// Launch: blockDim.x = 256, gridDim = (ceil(N / 256), ceil(M / 128), batch ≤ 65535), dynamic
-// shared memory WG_SMEM_BYTES (the host raises the function's limit to it first).
+// Launch: blockDim.x = 256, gridDim = (ceil(N / BN), ceil(M / 128), batch ≤ 65535), dynamic
+// shared memory WG_SMEM_BYTES(BN) (the host raises the function's limit to it first).
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 #define WG_BM 128
-#define WG_BN 256
 #define WG_BK 64
 #define WG_STAGES 4
 #define WG_THREADS 256
 #define WG_A_BYTES (WG_BM * WG_BK * 2)
-#define WG_STAGE_BYTES (WG_A_BYTES + WG_BN * WG_BK * 2)
-#define WG_SMEM_BYTES (WG_STAGES * WG_STAGE_BYTES + 1024)
+// Bytes of one stage (the A tile, then the B tile) for block tiles BN columns wide, and the
+// dynamic shared memory of gemm_wgmma_*: the stages and 1 KB to align the base.
+#define WG_STAGE_BYTES(BN) (WG_A_BYTES + (BN) * WG_BK * 2)
+#define WG_SMEM_BYTES(BN) (WG_STAGES * WG_STAGE_BYTES(BN) + 1024)
 
 // Copies a ROWS × COLS tile whose columns are contiguous in global memory (row stride `ld`)
 // into the swizzled panels described above, at `s` (1024-byte aligned). Full 8-element chunks
@@ -316,9 +318,9 @@ __device__ __forceinline__ void store_pair(bf16* p, float a, float b) {
 }
 
 // One consumer warpgroup's view of the stage ring: the descriptors of its 64 rows of A and of
-// all of B in stage 0 (a stage adds WG_STAGE_BYTES; a k16 step the major-ness's step, see the
+// all of B in stage 0 (a stage adds WG_STAGE_BYTES(BN); a k16 step the major-ness's step, see the
 // layout notes above), and the MMAs of one stage.
-template <bool A_T, bool B_T>
+template <bool A_T, bool B_T, int BN>
 struct WgOperands {
     static constexpr u32 A_LBO = A_T ? WG_BK * 128 : 16, B_LBO = B_T ? 16 : WG_BK * 128;
     static constexpr u32 A_KSTEP = A_T ? 16 * 128 : 32, B_KSTEP = B_T ? 32 : 16 * 128;
@@ -330,23 +332,23 @@ struct WgOperands {
         : desc_a0(wg_desc(sbase + half * 8192, A_LBO, 1024)), desc_b0(wg_desc(sbase + WG_A_BYTES, B_LBO, 1024)) {}
 
     // acc += A · B over stage `stage`'s 64 k, issued and committed as one wgmma group.
-    __device__ __forceinline__ void mma_stage(float (&acc)[WG_BN / 2], int stage) const {
-        const u64 stage_off = (u64)((stage * WG_STAGE_BYTES) >> 4);
+    __device__ __forceinline__ void mma_stage(float (&acc)[BN / 2], int stage) const {
+        const u64 stage_off = (u64)((stage * WG_STAGE_BYTES(BN)) >> 4);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < WG_BK / 16; ++kk)
-            wgmma_m64k16_bf16<WG_BN, A_T ? 1 : 0, B_T ? 0 : 1>(acc, desc_a0 + stage_off + (u64)((kk * A_KSTEP) >> 4),
+            wgmma_m64k16_bf16<BN, A_T ? 1 : 0, B_T ? 0 : 1>(acc, desc_a0 + stage_off + (u64)((kk * A_KSTEP) >> 4),
                                                               desc_b0 + stage_off + (u64)((kk * B_KSTEP) >> 4));
         wgmma_commit();
     }
 };
 
-// The epilogue of a warpgroup's 64 × WG_BN accumulator tile: this thread's values are rows
-// `row` and row + 8, columns col + 8j and col + 8j + 1 (j < WG_BN / 8; see wgmma_m64k16_bf16
+// The epilogue of a warpgroup's 64 × BN accumulator tile: this thread's values are rows
+// `row` and row + 8, columns col + 8j and col + 8j + 1 (j < BN / 8; see wgmma_m64k16_bf16
 // in common.cuh), scaled by alpha, plus beta · C, bounds-checked; neighbouring columns are
 // stored as one pair when C's rows and batch offsets keep pairs aligned.
-template <typename TC>
-__device__ __forceinline__ void store_tile(const GemmParams& p, TC* __restrict__ c, const float (&acc)[WG_BN / 2],
+template <int BN, typename TC>
+__device__ __forceinline__ void store_tile(const GemmParams& p, TC* __restrict__ c, const float (&acc)[BN / 2],
                                            int row, int col) {
     const bool pairs = ((p.ldc | p.stride_c) & 1) == 0 && ((unsigned long long)c % (2 * sizeof(TC))) == 0;
 #pragma unroll
@@ -355,7 +357,7 @@ __device__ __forceinline__ void store_tile(const GemmParams& p, TC* __restrict__
         if (m >= p.M) continue;
         TC* out = c + (i64)m * p.ldc;
 #pragma unroll
-        for (int j = 0; j < WG_BN / 8; ++j) {
+        for (int j = 0; j < BN / 8; ++j) {
             const int n = col + j * 8;
             float v0 = p.alpha * acc[4 * j + 2 * h], v1 = p.alpha * acc[4 * j + 2 * h + 1];
             if (pairs && n + 1 < p.N) {
@@ -374,7 +376,7 @@ __device__ __forceinline__ void store_tile(const GemmParams& p, TC* __restrict__
 }
 
 // A_T: A stored [K, M] ('t', M-major); B_T: B stored [N, K] ('t', K-major).
-template <bool A_T, bool B_T, typename TC>
+template <bool A_T, bool B_T, int BN, typename TC>
 __device__ __forceinline__ void gemm_wgmma_body(const GemmParams& p, const bf16* __restrict__ a,
                                                 const bf16* __restrict__ b, TC* __restrict__ c) {
     RLHF_DYNAMIC_SMEM(smem_raw);
@@ -386,28 +388,28 @@ __device__ __forceinline__ void gemm_wgmma_body(const GemmParams& p, const bf16*
     const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, warp = (tid >> 5) & 3;
     int tile_m, tile_n;
     grouped_tile(tile_m, tile_n);
-    const int m0 = tile_m * WG_BM, n0 = tile_n * WG_BN;
+    const int m0 = tile_m * WG_BM, n0 = tile_n * BN;
     a += (i64)blockIdx.z * p.stride_a;
     b += (i64)blockIdx.z * p.stride_b;
     c += (i64)blockIdx.z * p.stride_c;
 
     auto load_stage = [&](int stage, int k0) {
-        unsigned char* sa = smem + stage * WG_STAGE_BYTES;
+        unsigned char* sa = smem + stage * WG_STAGE_BYTES(BN);
         unsigned char* sb = sa + WG_A_BYTES;
         if (A_T)
             load_tile_sw128<WG_BK, WG_BM>(a, p.lda, k0, p.K, m0, p.M, sa, tid);
         else
             load_tile_sw128<WG_BM, WG_BK>(a, p.lda, m0, p.M, k0, p.K, sa, tid);
         if (B_T)
-            load_tile_sw128<WG_BN, WG_BK>(b, p.ldb, n0, p.N, k0, p.K, sb, tid);
+            load_tile_sw128<BN, WG_BK>(b, p.ldb, n0, p.N, k0, p.K, sb, tid);
         else
-            load_tile_sw128<WG_BK, WG_BN>(b, p.ldb, k0, p.K, n0, p.N, sb, tid);
+            load_tile_sw128<WG_BK, BN>(b, p.ldb, k0, p.K, n0, p.N, sb, tid);
     };
 
-    const WgOperands<A_T, B_T> ops(sbase, wg);
-    float acc[WG_BN / 2];
+    const WgOperands<A_T, B_T, BN> ops(sbase, wg);
+    float acc[BN / 2];
 #pragma unroll
-    for (int i = 0; i < WG_BN / 2; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
 
     const int k_tiles = (p.K + WG_BK - 1) / WG_BK;
 #pragma unroll
@@ -430,28 +432,31 @@ __device__ __forceinline__ void gemm_wgmma_body(const GemmParams& p, const bf16*
     }
     wgmma_wait<0>();
 
-    store_tile(p, c, acc, m0 + wg * 64 + warp * 16 + (lane >> 2), n0 + 2 * (lane & 3));
+    store_tile<BN>(p, c, acc, m0 + wg * 64 + warp * 16 + (lane >> 2), n0 + 2 * (lane & 3));
 }
 
-// C in bf16 only: the engine's matmul writes its output in the operands' dtype.
-#define GEMM_WGMMA(ta, tb, A_T, B_T)                                                                 \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_##ta##tb##_bf16(          \
+// Block tiles 128 × 256 (_n256) and 128 × 128 (_n128: twice the blocks, for products whose
+// 256-wide tiles would not fill the card; the host picks). C in bf16 only: the engine's matmul
+// writes its output in the operands' dtype.
+#define GEMM_WGMMA(ta, tb, A_T, B_T, BN)                                                            \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_##ta##tb##_bf16_n##BN(   \
         GemmParams p, const bf16* __restrict__ a, const bf16* __restrict__ b, bf16* __restrict__ c) { \
-        gemm_wgmma_body<A_T, B_T, bf16>(p, a, b, c);                                                  \
+        gemm_wgmma_body<A_T, B_T, BN, bf16>(p, a, b, c);                                              \
     }
+#define GEMM_WGMMA_TILES(ta, tb, A_T, B_T) GEMM_WGMMA(ta, tb, A_T, B_T, 128) GEMM_WGMMA(ta, tb, A_T, B_T, 256)
 
-GEMM_WGMMA(n, n, false, false)
-GEMM_WGMMA(n, t, false, true)
-GEMM_WGMMA(t, n, true, false)
-GEMM_WGMMA(t, t, true, true)
+GEMM_WGMMA_TILES(n, n, false, false)
+GEMM_WGMMA_TILES(n, t, false, true)
+GEMM_WGMMA_TILES(t, n, true, false)
+GEMM_WGMMA_TILES(t, t, true, true)
 
 // ---- Hopper kernel: TMA-fed, warp-specialised wgmma (sm_90a) ----------------------------------
 //
-// gemm_tma_{nn,nt,tn,tt}_bf16(GemmParams p, TmaMap map_a, TmaMap map_b, bf16* c): the wgmma
-// kernel above with its copies moved to the TMA unit and onto a warpgroup of their own.
-// 384 threads: warpgroup 0 is the producer (one thread issues every copy; setmaxnreg gives its
-// registers away), warpgroups 1 and 2 are the consumers, each the same 64 × 256 half of the
-// 128 × 256 block tile as in gemm_wgmma_*. The shared-memory layout of a stage, the
+// gemm_tma_{nn,nt,tn,tt}_bf16_n{128,256}(GemmParams p, TmaMap map_a, TmaMap map_b, bf16* c):
+// the wgmma kernel above with its copies moved to the TMA unit and onto a warpgroup of their
+// own. 384 threads: warpgroup 0 is the producer (one thread issues every copy; setmaxnreg
+// gives its registers away), warpgroups 1 and 2 are the consumers, each the same 64 × BN half
+// of the 128 × BN block tile as in gemm_wgmma_*. The shared-memory layout of a stage, the
 // descriptors, the grouped tile order and the epilogue are the same; the TMA unit writes the
 // 128-byte swizzle itself (tensor maps encoded with CU_TENSOR_MAP_SWIZZLE_128B, boxes 64
 // elements = 128 bytes wide) and fills out-of-bounds elements with zeros, so partial tiles
@@ -461,8 +466,8 @@ GEMM_WGMMA(t, t, true, true)
 // bf16, boxes:
 //   A 'n' [M, K]: (64, 128, 1) — the whole K-major A tile in one copy.
 //   A 't' [K, M]: (64, 64, 1)  — one copy per 64-column panel (two).
-//   B 't' [N, K]: (64, 256, 1) — the whole K-major B tile in one copy.
-//   B 'n' [K, N]: (64, 64, 1)  — one copy per 64-column panel (four).
+//   B 't' [N, K]: (64, BN, 1)  — the whole K-major B tile in one copy.
+//   B 'n' [K, N]: (64, 64, 1)  — one copy per 64-column panel (BN / 64).
 // A batch stride of 0 (a broadcast operand) is encoded as a batch of 1 and read at batch 0.
 //
 // Ring of WG_STAGES stages with two mbarriers each: full[s] (the producer's arrival with the
@@ -472,12 +477,12 @@ GEMM_WGMMA(t, t, true, true)
 // empty[s]. A consumer keeps one tile's MMAs in flight (wgmma_wait<1>) and releases the stage
 // of the tile before.
 //
-// Launch: blockDim.x = 384, grid as gemm_wgmma_*, dynamic shared memory TMA_SMEM_BYTES.
+// Launch: blockDim.x = 384, grid as gemm_wgmma_*, dynamic shared memory TMA_SMEM_BYTES(BN).
 
 #define TMA_THREADS 384
-#define TMA_SMEM_BYTES (WG_STAGES * WG_STAGE_BYTES + 2 * WG_STAGES * 8 + 1024)
+#define TMA_SMEM_BYTES(BN) (WG_STAGES * WG_STAGE_BYTES(BN) + 2 * WG_STAGES * 8 + 1024)
 
-template <bool A_T, bool B_T>
+template <bool A_T, bool B_T, int BN>
 __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap* map_a, const TmaMap* map_b,
                                               bf16* __restrict__ c) {
     RLHF_DYNAMIC_SMEM(smem_raw);
@@ -485,13 +490,13 @@ __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap*
     const u32 pad = (1024u - (raw & 1023u)) & 1023u;
     unsigned char* smem = smem_raw + pad;
     const u32 sbase = raw + pad;
-    u64* full = reinterpret_cast<u64*>(smem + WG_STAGES * WG_STAGE_BYTES);
+    u64* full = reinterpret_cast<u64*>(smem + WG_STAGES * WG_STAGE_BYTES(BN));
     u64* empty = full + WG_STAGES;
 
     const int tid = threadIdx.x, wg = tid >> 7;
     int tile_m, tile_n;
     grouped_tile(tile_m, tile_n);
-    const int m0 = tile_m * WG_BM, n0 = tile_n * WG_BN;
+    const int m0 = tile_m * WG_BM, n0 = tile_n * BN;
     const int k_tiles = (p.K + WG_BK - 1) / WG_BK;
 
     if (tid == 0) {
@@ -510,8 +515,8 @@ __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap*
         for (int kt = 0; kt < k_tiles; ++kt) {
             const int s = kt % WG_STAGES, k0 = kt * WG_BK;
             if (kt >= WG_STAGES) mbar_wait(&empty[s], ((kt / WG_STAGES) - 1) & 1);
-            mbar_arrive_expect_tx(&full[s], WG_STAGE_BYTES);
-            unsigned char* sa = smem + s * WG_STAGE_BYTES;
+            mbar_arrive_expect_tx(&full[s], WG_STAGE_BYTES(BN));
+            unsigned char* sa = smem + s * WG_STAGE_BYTES(BN);
             unsigned char* sb = sa + WG_A_BYTES;
             if (A_T) {
 #pragma unroll
@@ -523,7 +528,7 @@ __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap*
                 tma_load_3d(sb, map_b, k0, n0, zb, &full[s]);
             } else {
 #pragma unroll
-                for (int q = 0; q < WG_BN / 64; ++q) tma_load_3d(sb + q * 8192, map_b, n0 + 64 * q, k0, zb, &full[s]);
+                for (int q = 0; q < BN / 64; ++q) tma_load_3d(sb + q * 8192, map_b, n0 + 64 * q, k0, zb, &full[s]);
             }
         }
         return;
@@ -532,10 +537,10 @@ __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap*
     setmaxnreg_inc<232>();
     const int cw = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
     c += (i64)blockIdx.z * p.stride_c;
-    const WgOperands<A_T, B_T> ops(sbase, cw);
-    float acc[WG_BN / 2];
+    const WgOperands<A_T, B_T, BN> ops(sbase, cw);
+    float acc[BN / 2];
 #pragma unroll
-    for (int i = 0; i < WG_BN / 2; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
 
     for (int kt = 0; kt < k_tiles; ++kt) {
         const int s = kt % WG_STAGES;
@@ -547,20 +552,21 @@ __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap*
         if (kt > 0) mbar_arrive(&empty[(kt - 1) % WG_STAGES]);
     }
     wgmma_wait<0>();
-    store_tile(p, c, acc, m0 + cw * 64 + warp * 16 + (lane >> 2), n0 + 2 * (lane & 3));
+    store_tile<BN>(p, c, acc, m0 + cw * 64 + warp * 16 + (lane >> 2), n0 + 2 * (lane & 3));
 }
 
-#define GEMM_TMA(ta, tb, A_T, B_T)                                                                \
-    extern "C" __global__ void __launch_bounds__(TMA_THREADS, 1) gemm_tma_##ta##tb##_bf16(          \
+#define GEMM_TMA(ta, tb, A_T, B_T, BN)                                                            \
+    extern "C" __global__ void __launch_bounds__(TMA_THREADS, 1) gemm_tma_##ta##tb##_bf16_n##BN(     \
         GemmParams p, const RLHF_GRID_CONSTANT TmaMap map_a, const RLHF_GRID_CONSTANT TmaMap map_b, \
         bf16* __restrict__ c) {                                                                     \
-        gemm_tma_body<A_T, B_T>(p, &map_a, &map_b, c);                                              \
+        gemm_tma_body<A_T, B_T, BN>(p, &map_a, &map_b, c);                                          \
     }
+#define GEMM_TMA_TILES(ta, tb, A_T, B_T) GEMM_TMA(ta, tb, A_T, B_T, 128) GEMM_TMA(ta, tb, A_T, B_T, 256)
 
-GEMM_TMA(n, n, false, false)
-GEMM_TMA(n, t, false, true)
-GEMM_TMA(t, n, true, false)
-GEMM_TMA(t, t, true, true)
+GEMM_TMA_TILES(n, n, false, false)
+GEMM_TMA_TILES(n, t, false, true)
+GEMM_TMA_TILES(t, n, true, false)
+GEMM_TMA_TILES(t, t, true, true)
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 

@@ -66,6 +66,9 @@ pub struct GemmArgs {
     /// tensor cores) or simt. GPU only.
     #[arg(long, default_value = "auto")]
     pub kernel: String,
+    /// Block-tile width of the wgmma kernels: auto (per product), 128 or 256. GPU only.
+    #[arg(long, default_value = "auto")]
+    pub tile_n: String,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -167,11 +170,20 @@ fn gemm(args: GemmArgs) -> anyhow::Result<()> {
         bail!("bench gemm: m, n and k must be at least 1 (got {m}, {n}, {k})");
     }
     let kernel: rlhf_tensor::cuda::GemmKernel = args.kernel.parse()?;
+    let tile_n = match args.tile_n.as_str() {
+        "auto" => None,
+        t => match t.parse::<usize>() {
+            Ok(v) if rlhf_tensor::cuda::WGMMA_TILE_NS.contains(&v) => Some(v),
+            _ => bail!("bench gemm: --tile-n {t:?}: expected auto, 128 or 256"),
+        },
+    };
     if let Device::Cuda(_) = args.device {
-        return rlhf_tensor::cuda::with_gemm_kernel(kernel, || gemm_cuda(&args));
+        return rlhf_tensor::cuda::with_gemm_kernel(kernel, || {
+            rlhf_tensor::cuda::with_gemm_tile_n(tile_n, || gemm_cuda(&args))
+        });
     }
-    if kernel != rlhf_tensor::cuda::GemmKernel::Auto {
-        bail!("bench gemm: --kernel {kernel} applies to --device cuda only");
+    if kernel != rlhf_tensor::cuda::GemmKernel::Auto || tile_n.is_some() {
+        bail!("bench gemm: --kernel and --tile-n apply to --device cuda only");
     }
     if !args.dtype.eq_ignore_ascii_case("f32") {
         bail!(
@@ -279,7 +291,8 @@ fn gemm_cuda(args: &GemmArgs) -> anyhow::Result<()> {
     if args.common.json {
         let line = serde_json::json!({
             "op": "gemm", "m": m, "n": n, "k": k, "dtype": name, "device": device.to_string(),
-            "card": card, "kernel": args.kernel, "seconds": secs, "gflops": gflops,
+            "card": card, "kernel": args.kernel, "tile_n": args.tile_n, "seconds": secs,
+            "gflops": gflops,
         });
         println!("{line}");
     } else {

@@ -352,7 +352,7 @@ fn cuda_matmul_f32_and_bf16_forward_and_backward() {
 }
 
 /// Every GEMM kernel family (the TMA-fed and the cp.async-fed wgmma kernels where the card has
-/// them, mma.sync, SIMT) on all four storage orders of A and B, against the CPU product of the
+/// them, each with 128- and 256-column block tiles; mma.sync; SIMT) on all four storage orders of A and B, against the CPU product of the
 /// same bf16 values. Shapes: multiples of 8 (what the tensor-core kernels take as they are)
 /// with partial block tiles in M, N and K, M over eight tile rows (the grouped tile order), K
 /// over sixteen tiles (three trips round the four-stage rings), and ragged ones (re-pitched to
@@ -362,7 +362,7 @@ fn cuda_matmul_f32_and_bf16_forward_and_backward() {
 #[test]
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn cuda_matmul_kernel_families_agree_with_the_cpu_on_every_layout() {
-    use rlhf_tensor::cuda::{with_gemm_kernel, GemmKernel};
+    use rlhf_tensor::cuda::{with_gemm_kernel, with_gemm_tile_n, GemmKernel};
     let mut rng = Rng::new(seed("matmul_kernels"));
     let has_wgmma = rlhf_tensor::cuda::device(0).unwrap().arch().has_wgmma();
     let families: &[GemmKernel] = if has_wgmma {
@@ -443,25 +443,36 @@ fn cuda_matmul_kernel_families_agree_with_the_cpu_on_every_layout() {
                 }
             };
             let want = view(&ac, ta).matmul(&view(&bc, tb)).unwrap();
-            let what = |f: GemmKernel| {
+            let what = |f: GemmKernel, tile: Option<usize>| {
                 format!(
-                    "{f} {}{} batch {batch}{} m {m} n {n} k {k}",
+                    "{f}{} {}{} batch {batch}{} m {m} n {n} k {k}",
+                    tile.map_or(String::new(), |t| format!(" (tile n {t})")),
                     if ta { 't' } else { 'n' },
                     if tb { 't' } else { 'n' },
                     if broadcast_b { " (B broadcast)" } else { "" }
                 )
             };
             for &f in families {
-                let got = with_gemm_kernel(f, || view(&ag, ta).matmul(&view(&bg, tb))).unwrap();
-                check(&what(f), &got, &want, 5e-3);
-                let (g, w) = (host(&got).to_f64_vec(), want.to_f64_vec());
-                let rms = (w.iter().map(|v| v * v).sum::<f64>() / w.len() as f64).sqrt();
-                for (i, (x, y)) in g.iter().zip(&w).enumerate() {
-                    assert!(
-                        (x - y).abs() <= y.abs() / 128.0 + 1e-3 * rms,
-                        "{}: element {i} is {x}, the CPU says {y}",
-                        what(f)
-                    );
+                // The wgmma kernels in both block-tile widths.
+                let tiles: &[Option<usize>] = match f {
+                    GemmKernel::Tma | GemmKernel::Wgmma => &[Some(128), Some(256)],
+                    _ => &[None],
+                };
+                for &tile in tiles {
+                    let got = with_gemm_kernel(f, || {
+                        with_gemm_tile_n(tile, || view(&ag, ta).matmul(&view(&bg, tb)))
+                    })
+                    .unwrap();
+                    check(&what(f, tile), &got, &want, 5e-3);
+                    let (g, w) = (host(&got).to_f64_vec(), want.to_f64_vec());
+                    let rms = (w.iter().map(|v| v * v).sum::<f64>() / w.len() as f64).sqrt();
+                    for (i, (x, y)) in g.iter().zip(&w).enumerate() {
+                        assert!(
+                            (x - y).abs() <= y.abs() / 128.0 + 1e-3 * rms,
+                            "{}: element {i} is {x}, the CPU says {y}",
+                            what(f, tile)
+                        );
+                    }
                 }
             }
             if !has_wgmma {

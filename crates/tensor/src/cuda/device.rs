@@ -54,6 +54,7 @@ pub struct CudaDevice {
     ordinal: usize,
     name: String,
     arch: Arch,
+    sm_count: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     cache: Option<PtxCache>,
@@ -98,11 +99,18 @@ impl CudaDevice {
             .map_err(driver_err("cuda device", "compute capability"))?;
         let arch = Arch::native(major.max(0) as u32, minor.max(0) as u32)
             .map_err(|e| Error::cuda("cuda device", format!("device {ordinal} ({name}): {e}")))?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(driver_err("cuda device", "multiprocessor count"))?
+            .max(1) as usize;
         let stream = ctx.default_stream();
         Ok(CudaDevice {
             ordinal,
             name,
             arch,
+            sm_count,
             ctx,
             stream,
             cache,
@@ -123,6 +131,11 @@ impl CudaDevice {
     /// architecture-specific form on 9.0 (sm_90a, see [`Arch::native`]).
     pub fn arch(&self) -> Arch {
         self.arch
+    }
+
+    /// Streaming multiprocessors (132 on an H100 SXM): how many blocks fill one wave.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

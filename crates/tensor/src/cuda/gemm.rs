@@ -80,6 +80,30 @@ impl FromStr for GemmKernel {
 
 thread_local! {
     static CHOICE: Cell<GemmKernel> = const { Cell::new(GemmKernel::Auto) };
+    static TILE_N: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The block-tile widths of the wgmma kernels (`gemm_{tma,wgmma}_*_n128` / `_n256`).
+pub const WGMMA_TILE_NS: [usize; 2] = [128, 256];
+
+/// The wgmma kernels' block-tile width matmul uses on this thread: None picks per product
+/// (256 columns, or 128 when 256-wide tiles would fill fewer than two waves of the card).
+pub fn gemm_tile_n() -> Option<usize> {
+    TILE_N.with(|c| c.get())
+}
+
+/// Runs `f` with the wgmma kernels' block-tile width pinned to `tile_n` (128 or 256; None:
+/// per product) on this thread, then restores the previous choice. Another width is an error
+/// at the first matmul that would use it.
+pub fn with_gemm_tile_n<R>(tile_n: Option<usize>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TILE_N.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(TILE_N.with(|c| c.replace(tile_n)));
+    f()
 }
 
 /// The GEMM kernel family matmul uses on this thread.
@@ -111,6 +135,17 @@ mod tests {
         }
         let e = "cublas".parse::<GemmKernel>().unwrap_err().to_string();
         assert!(e.contains("unknown GEMM kernel \"cublas\""), "{e}");
+    }
+
+    #[test]
+    fn the_tile_width_is_scoped() {
+        assert_eq!(gemm_tile_n(), None);
+        with_gemm_tile_n(Some(128), || {
+            assert_eq!(gemm_tile_n(), Some(128));
+            with_gemm_tile_n(None, || assert_eq!(gemm_tile_n(), None));
+            assert_eq!(gemm_tile_n(), Some(128));
+        });
+        assert_eq!(gemm_tile_n(), None);
     }
 
     #[test]

@@ -247,10 +247,10 @@ fn matmul_cuda(
     use cudarc::driver::sys::CUfunction_attribute;
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     const OP: &str = "matmul";
-    // kernels/gemm.cu WG_SMEM_BYTES: four 48 KB stages and 1 KB to align the base;
-    // TMA_SMEM_BYTES: the same plus eight mbarriers.
-    const WGMMA_SMEM_BYTES: u32 = 4 * 48 * 1024 + 1024;
-    const TMA_SMEM_BYTES: u32 = WGMMA_SMEM_BYTES + 2 * 4 * 8;
+    // kernels/gemm.cu WG_SMEM_BYTES(BN): four stages of a 16 KB A tile and a BN / 8 KB B tile,
+    // and 1 KB to align the base; TMA_SMEM_BYTES(BN): the same plus eight mbarriers.
+    let wgmma_smem_bytes = |tile_n: usize| (4 * (16 * 1024 + tile_n * 128) + 1024) as u32;
+    const TMA_BARRIER_BYTES: u32 = 2 * 4 * 8;
     super::same_dtype(OP, a, b)?;
     let tn = super::tname(OP, a.dtype())?;
     let out = super::cuda_empty(dev, a.dtype(), out_shape)?;
@@ -341,6 +341,19 @@ fn matmul_cuda(
         GemmKernel::Auto | GemmKernel::Tma => 'm',
     };
     let tile_m = if family == 's' { 64 } else { 128 };
+    // The wgmma kernels' tile width: 256, or 128 when 256-wide tiles would fill fewer than two
+    // waves of the card (twice the blocks; wave quantisation and pipeline fill cost less).
+    let wg_tile_n = match crate::cuda::gemm_tile_n() {
+        Some(t) if crate::cuda::WGMMA_TILE_NS.contains(&t) => t,
+        Some(t) => {
+            return Err(Error::cuda(
+                OP,
+                format!("no {t}-column wgmma tile: the kernels have 128 and 256"),
+            ))
+        }
+        None if n.div_ceil(256) * m.div_ceil(128) * nb.max(1) < 2 * dev.sm_count() => 128,
+        None => 256,
+    };
     for GemmChunk { z0, z, m0, m: mc } in gemm_chunks(nb, m, tile_m) {
         // Rows m0.. of A and C: A[m, k] sits at m·rs + k·cs in either storage order.
         let (ca, cb, cc) = (
@@ -353,7 +366,11 @@ fn matmul_cuda(
             // 't') and all of B, boxes as kernels/gemm.cu lists them.
             let maps = if family == 't' {
                 let (ma_rows, ma_cols, ma_box) = if la == 'n' { (mc, k, 128) } else { (k, mc, 64) };
-                let (mb_rows, mb_cols, mb_box) = if lb == 't' { (n, k, 256) } else { (k, n, 64) };
+                let (mb_rows, mb_cols, mb_box) = if lb == 't' {
+                    (n, k, wg_tile_n as u32)
+                } else {
+                    (k, n, 64)
+                };
                 let a_map = tma_map(ca, ma_cols, ma_rows, lda, z, oa.batch, ma_box);
                 let b_map = tma_map(cb, mb_cols, mb_rows, ldb, z, ob.batch, mb_box);
                 match (a_map, b_map) {
@@ -366,9 +383,9 @@ fn matmul_cuda(
             };
             let wgmma = family == 'w' || (family == 't' && maps.is_none());
             let entry = if maps.is_some() {
-                format!("gemm_tma_{la}{lb}_bf16")
+                format!("gemm_tma_{la}{lb}_bf16_n{wg_tile_n}")
             } else if wgmma {
-                format!("gemm_wgmma_{la}{lb}_bf16")
+                format!("gemm_wgmma_{la}{lb}_bf16_n{wg_tile_n}")
             } else {
                 format!("gemm_bf16_{la}{lb}_bf16")
             };
@@ -385,12 +402,16 @@ fn matmul_cuda(
                 alpha: 1.0,
                 beta: 0.0,
             };
-            // TMA and wgmma: 128 × 256 block tiles in dynamic shared memory (TMA: a third,
-            // producer, warpgroup); mma.sync: 128 × 128, static.
+            // TMA and wgmma: 128 × wg_tile_n block tiles in dynamic shared memory (TMA: a
+            // third, producer, warpgroup); mma.sync: 128 × 128, static.
             let (tile_n, threads, smem) = if maps.is_some() {
-                (256, 384, TMA_SMEM_BYTES)
+                (
+                    wg_tile_n,
+                    384,
+                    wgmma_smem_bytes(wg_tile_n) + TMA_BARRIER_BYTES,
+                )
             } else if wgmma {
-                (256, 256, WGMMA_SMEM_BYTES)
+                (wg_tile_n, 256, wgmma_smem_bytes(wg_tile_n))
             } else {
                 (128, 256, 0)
             };
