@@ -443,9 +443,9 @@ fn matmul_cuda(
             // SAFETY: gemm_{wgmma,bf16}_*(GemmParams p, const bf16* a, const bf16* b, bf16* c)
             // or gemm_tma_*(GemmParams p, TmaMap map_a, TmaMap map_b, bf16* c), the maps
             // describing the same views as ca/cb with the same sizes (bounds-checked by the TMA
-            // unit); the
-            // strides describe views inside a's and b's storages (batch chunk z0.. and row chunk m0.. included),
-            // c is a fresh [nb, m, n] buffer; alignment and multiple-of-8 rules checked above.
+            // unit); the strides describe views inside a's and b's storages (batch chunk z0..
+            // and row chunk m0.. included), c is a fresh [nb, m, n] buffer; alignment and
+            // multiple-of-8 rules checked above; dynamic shared memory within the limit set.
             unsafe { super::launch(OP, &entry, l, cfg)? };
         } else {
             let entry = format!("gemm_simt_{tn}");
