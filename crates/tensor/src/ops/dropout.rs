@@ -114,41 +114,11 @@ impl Tensor {
 /// through its layout, row-major element indices, contiguous output.
 #[cfg(feature = "cuda")]
 fn dropout_cuda(x: &Tensor, m: &Mask) -> Result<Tensor> {
-    use super::{cuda_empty, cuda_inputs, launch, ptr, tname};
-    use cudarc::driver::PushKernelArg;
     const OP: &str = "dropout";
-    let dev = cuda_inputs(OP, &[x])?.ok_or_else(|| Error::cuda(OP, "input not on a GPU"))?;
-    let entry = format!("dropout_{}", tname(OP, x.dtype())?);
-    let out = cuda_empty(&dev, x.dtype(), x.shape())?;
-    let n = x.numel();
-    if n == 0 {
-        return Ok(out);
-    }
-    let lx = crate::cuda::storage::strided_of(x.layout())?;
-    let (px, po, n64) = (ptr(x)?, ptr(&out)?, n as i64);
-    let f = dev.function("elementwise", &entry)?;
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(&n64)
-        .arg(&lx)
-        .arg(&px)
-        .arg(&po)
-        .arg(&m.seed)
-        .arg(&m.threshold)
-        .arg(&m.scale);
+    let entry = format!("dropout_{}", super::tname(OP, x.dtype())?);
     // SAFETY: dropout_T(i64 n, Strided lx, const T* x, T* out, u64 seed, u32 threshold,
-    // float scale); x is read through its own layout (inside its storage), out holds n
-    // elements of T.
-    // One thread per element pair (the kernel's grid-stride loop covers any grid).
-    let pairs = n.div_ceil(2);
-    unsafe {
-        launch(
-            OP,
-            &entry,
-            b,
-            crate::cuda::storage::elementwise_config(pairs),
-        )?
-    };
-    Ok(out)
+    // float scale).
+    unsafe { super::cuda_map(OP, x, x.dtype(), &entry, (m.seed, m.threshold, m.scale)) }
 }
 
 #[cfg(test)]

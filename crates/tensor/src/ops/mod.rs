@@ -73,7 +73,7 @@ mod cuda_common {
     use crate::storage::Storage;
     use crate::tensor::GradTrack;
     use crate::{DType, Device, Error, Result, Tensor};
-    use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
     use std::sync::Arc;
 
     /// The CUDA device all of `inputs` are on; `None` when all are on the CPU. Inputs split
@@ -178,25 +178,63 @@ mod cuda_common {
             .map_err(|e| Error::cuda(op, format!("launching {entry} with {cfg:?}: {e:?}")))
     }
 
-    /// `unary_<name>_T` of kernels/elementwise.cu over any layout: contiguous output.
-    pub(crate) fn cuda_unary(x: &Tensor, name: &str, p0: f32, p1: f32) -> Result<Tensor> {
-        const OP: &str = "cuda unary";
-        let dev = cuda_inputs(OP, &[x])?.ok_or_else(|| Error::cuda(OP, "input not on a GPU"))?;
-        let entry = format!("unary_{name}_{}", tname(OP, x.dtype())?);
-        let out = cuda_empty(&dev, x.dtype(), x.shape())?;
+    /// The kernel arguments that follow `(n, x layout, x, out)` in an elementwise map (see
+    /// [`cuda_map`]), pushed in order.
+    pub(crate) trait MapTail {
+        fn push<'a>(&'a self, b: &mut LaunchArgs<'a>);
+    }
+    impl MapTail for () {
+        fn push<'a>(&'a self, _: &mut LaunchArgs<'a>) {}
+    }
+    impl<A: DeviceRepr, B: DeviceRepr> MapTail for (A, B) {
+        fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+            b.arg(&self.0).arg(&self.1);
+        }
+    }
+    impl<A: DeviceRepr, B: DeviceRepr, C: DeviceRepr> MapTail for (A, B, C) {
+        fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+            b.arg(&self.0).arg(&self.1).arg(&self.2);
+        }
+    }
+
+    /// kernels/elementwise.cu's `entry(i64 n, Strided lx, const From* x, To* out, tail…)` over
+    /// `x` read through its layout, into a fresh contiguous tensor of `to` (the shape of unary
+    /// ops, casts and dropout).
+    ///
+    /// # Safety
+    /// `entry` must take exactly those parameters, with From = `x.dtype()`, To = `to` and the
+    /// tail's types in order.
+    pub(crate) unsafe fn cuda_map(
+        op: &'static str,
+        x: &Tensor,
+        to: DType,
+        entry: &str,
+        tail: impl MapTail,
+    ) -> Result<Tensor> {
+        let dev = cuda_inputs(op, &[x])?.ok_or_else(|| Error::cuda(op, "input not on a GPU"))?;
+        let out = cuda_empty(&dev, to, x.shape())?;
         let n = x.numel();
         if n == 0 {
             return Ok(out);
         }
         let lx = crate::cuda::storage::strided_of(x.layout())?;
         let (px, po, n64) = (ptr(x)?, ptr(&out)?, n as i64);
-        let f = dev.function("elementwise", &entry)?;
+        let f = dev.function("elementwise", entry)?;
         let mut b = dev.stream().launch_builder(&f);
-        b.arg(&n64).arg(&lx).arg(&px).arg(&po).arg(&p0).arg(&p1);
-        // SAFETY: unary_*_T(i64 n, Strided lx, const T* x, T* out, float p0, float p1); x is
-        // read through its own layout (inside its storage), out holds n elements of T.
-        unsafe { launch(OP, &entry, b, crate::cuda::storage::elementwise_config(n))? };
+        b.arg(&n64).arg(&lx).arg(&px).arg(&po);
+        tail.push(&mut b);
+        // SAFETY: the caller's contract gives the parameter list; x is read through its own
+        // layout (inside its storage), out holds n elements of `to`.
+        unsafe { launch(op, entry, b, crate::cuda::storage::elementwise_config(n))? };
         Ok(out)
+    }
+
+    /// `unary_<name>_T` of kernels/elementwise.cu over any layout: contiguous output.
+    pub(crate) fn cuda_unary(x: &Tensor, name: &str, p0: f32, p1: f32) -> Result<Tensor> {
+        const OP: &str = "cuda unary";
+        let entry = format!("unary_{name}_{}", tname(OP, x.dtype())?);
+        // SAFETY: unary_*_T(i64 n, Strided lx, const T* x, T* out, float p0, float p1).
+        unsafe { cuda_map(OP, x, x.dtype(), &entry, (p0, p1)) }
     }
 
     /// A contiguous tensor of `shape` on `dev` holding a copy of the host storage `host`
@@ -367,41 +405,24 @@ mod cuda_common {
     /// CUDA storage holds (f32, bf16, i64, i32, u8), element for element as on the CPU.
     pub(crate) fn cuda_cast(x: &Tensor, _s: &CudaStorage, to: DType) -> Result<Tensor> {
         const OP: &str = "to_dtype";
-        let name = |d: DType| match d {
-            DType::F32 => Some("f32"),
-            DType::BF16 => Some("bf16"),
-            DType::I64 => Some("i64"),
-            DType::I32 => Some("i32"),
-            DType::U8 => Some("u8"),
-            DType::F16 | DType::U32 => None,
+        // CUDA storage holds these; DType's Display gives the kernels' names for them.
+        let on_gpu = |d: DType| {
+            matches!(
+                d,
+                DType::F32 | DType::BF16 | DType::I64 | DType::I32 | DType::U8
+            )
         };
-        let entry = match (name(x.dtype()), name(to)) {
-            (Some(f), Some(t)) => format!("cast_{f}_to_{t}"),
-            _ => {
-                return Err(Error::cuda(
-                    OP,
-                    format!(
-                        "no CUDA cast from {} to {to}: CUDA tensors hold f32, bf16, i64, i32 \
-                         and u8",
-                        x.dtype()
-                    ),
-                ))
-            }
-        };
-        let entry = entry.as_str();
-        let dev = cuda_inputs(OP, &[x])?.ok_or_else(|| Error::cuda(OP, "input not on a GPU"))?;
-        let out = cuda_empty(&dev, to, x.shape())?;
-        let n = x.numel();
-        if n == 0 {
-            return Ok(out);
+        if !(on_gpu(x.dtype()) && on_gpu(to)) {
+            return Err(Error::cuda(
+                OP,
+                format!(
+                    "no CUDA cast from {} to {to}: CUDA tensors hold f32, bf16, i64, i32 and u8",
+                    x.dtype()
+                ),
+            ));
         }
-        let lx = crate::cuda::storage::strided_of(x.layout())?;
-        let (px, po, n64) = (ptr(x)?, ptr(&out)?, n as i64);
-        let f = dev.function("elementwise", entry)?;
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&n64).arg(&lx).arg(&px).arg(&po);
-        // SAFETY: cast_*(i64 n, Strided lx, const From* x, To* out); out holds n elements.
-        unsafe { launch(OP, entry, b, crate::cuda::storage::elementwise_config(n))? };
-        Ok(out)
+        let entry = format!("cast_{}_to_{to}", x.dtype());
+        // SAFETY: cast_F_to_T(i64 n, Strided lx, const F* x, T* out), F and T named above.
+        unsafe { cuda_map(OP, x, to, &entry, ()) }
     }
 }
