@@ -15,10 +15,18 @@
 //   - copies and memsets are checked against the allocation they touch;
 //   - freed memory is unmapped, so a use after free faults;
 //   - the total is capped (RLHF_CUDA_EMU_MEM_MB, default 8192): an allocation beyond it is
-//     CUDA_ERROR_OUT_OF_MEMORY, as on a full GPU.
+//     CUDA_ERROR_OUT_OF_MEMORY, as on a full GPU;
+//   - the device has a default memory pool (cuMemAllocAsync / cuMemFreeAsync). With a release
+//     threshold above zero, freed blocks stay in the pool up to that many bytes and still count
+//     as used; an allocation reuses the smallest cached block at least its size, else takes new
+//     memory, so a pool full of blocks too small for a request runs out of memory until
+//     cuMemPoolTrimTo gives them back, as a real pool can.
 // Launches are checked against the hardware's limits (block and grid dimensions, shared memory)
 // and run by the module's own __emu_launch (emu.h). RLHF_CUDA_EMU_TRACE=1 prints every launch
-// (kernel, grid, block, milliseconds) on stderr.
+// (kernel, grid, block, milliseconds) on stderr. RLHF_CUDA_EMU_STATS=FILE appends, at process
+// exit, one line counting the driver calls the process made (allocations, frees, memsets,
+// copies, launches, events created, function lookups); RLHF_CUDA_EMU_STATS=1 prints it on
+// stderr.
 #include <dlfcn.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -29,8 +37,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 
 #include "tensormap.h"
@@ -90,8 +100,31 @@ struct Alloc {
 
 std::mutex mu;
 std::map<uintptr_t, Alloc> allocs;  // by the pointer handed out
-size_t allocated = 0;
+size_t allocated = 0;               // bytes in use, the pool's cached blocks included
 bool initialised = false;
+
+// The default memory pool: its release threshold and the sizes of the freed blocks it keeps.
+struct Pool {
+    unsigned long long release_threshold = 0;
+    std::multiset<size_t> cached;
+    size_t cached_bytes = 0;
+} pool;
+
+// Driver calls made, for RLHF_CUDA_EMU_STATS.
+struct Stats {
+    std::atomic<unsigned long long> allocs{0}, frees{0}, memsets{0}, copies{0}, launches{0}, events{0},
+        lookups{0};
+    ~Stats() {
+        const char* to = getenv("RLHF_CUDA_EMU_STATS");
+        if (!to || !*to) return;
+        FILE* f = strcmp(to, "1") == 0 ? stderr : fopen(to, "a");
+        if (!f) return;
+        fprintf(f, "cuda-emu stats: allocs %llu frees %llu memsets %llu copies %llu launches %llu events %llu lookups %llu\n",
+                allocs.load(), frees.load(), memsets.load(), copies.load(), launches.load(), events.load(),
+                lookups.load());
+        if (f != stderr) fclose(f);
+    }
+} stats;
 int dummy_context;
 thread_local Where where_now{nullptr, {0, 0, 0}, {0, 0, 0}};
 thread_local bool in_launch = false;
@@ -238,7 +271,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice d) {
         case 76: *v = arch_code() % 10; break;     // compute capability minor
         case 81: *v = max_optin_smem() + 1024; break;  // shared memory per multiprocessor
         case 97: *v = max_optin_smem(); break;     // opt-in shared memory per block
-        case 115: *v = 0; break;                   // memory pools: no, cuMemAlloc it is
+        case 115: *v = 1; break;                   // memory pools supported (cuMemAllocAsync)
         default: *v = 0; break;
     }
     return CUDA_SUCCESS;
@@ -296,6 +329,7 @@ CUresult cuStreamIsCapturing(CUstream, int* status) {
 CUresult cuEventCreate(CUevent* e, unsigned) {
     if (!e) return CUDA_ERROR_INVALID_VALUE;
     *e = new Event;
+    ++stats.events;
     return CUDA_SUCCESS;
 }
 CUresult cuEventDestroy_v2(CUevent e) {
@@ -340,6 +374,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* out, size_t bytes) {
         std::lock_guard<std::mutex> g(mu);
         allocs[(uintptr_t)p] = Alloc{base, data + kPage, bytes};
     }
+    ++stats.allocs;
     *out = (CUdeviceptr)(uintptr_t)p;
     return CUDA_SUCCESS;
 }
@@ -358,11 +393,77 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
         allocated -= a.mapped - kPage;
     }
     munmap(a.base, a.mapped);
+    ++stats.frees;
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemAllocAsync(CUdeviceptr* out, size_t bytes, CUstream) { return cuMemAlloc_v2(out, bytes); }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree_v2(p); }
+size_t rounded(size_t bytes) { return (((bytes + 15) & ~(size_t)15) + kPage - 1) & ~(kPage - 1); }
+
+CUresult cuMemAllocAsync(CUdeviceptr* out, size_t bytes, CUstream) {
+    if (!out || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    {
+        // A cached block at least this size serves the request (it leaves the cache; the
+        // allocation below counts the bytes again).
+        std::lock_guard<std::mutex> g(mu);
+        auto it = pool.cached.lower_bound(rounded(bytes));
+        if (it != pool.cached.end()) {
+            pool.cached_bytes -= *it;
+            allocated -= *it;
+            pool.cached.erase(it);
+        }
+    }
+    return cuMemAlloc_v2(out, bytes);
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
+    size_t data = 0;
+    {
+        std::lock_guard<std::mutex> g(mu);
+        auto it = allocs.find((uintptr_t)p);
+        if (it != allocs.end()) data = it->second.mapped - kPage;
+    }
+    const CUresult r = cuMemFree_v2(p);
+    if (r != CUDA_SUCCESS) return r;
+    std::lock_guard<std::mutex> g(mu);
+    if (pool.cached_bytes + data <= pool.release_threshold) {
+        pool.cached.insert(data);
+        pool.cached_bytes += data;
+        allocated += data;
+    }
+    return CUDA_SUCCESS;
+}
+
+typedef Pool* CUmemoryPool;
+CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* out, int d) {
+    if (!out) return CUDA_ERROR_INVALID_VALUE;
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *out = &pool;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemPoolSetAttribute(CUmemoryPool p, int attr, void* value) {
+    if (p != &pool || !value) return CUDA_ERROR_INVALID_VALUE;
+    if (attr != 4) return CUDA_ERROR_NOT_SUPPORTED;  // only CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
+    std::lock_guard<std::mutex> g(mu);
+    pool.release_threshold = *(unsigned long long*)value;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemPoolGetAttribute(CUmemoryPool p, int attr, void* value) {
+    if (p != &pool || !value) return CUDA_ERROR_INVALID_VALUE;
+    if (attr != 4) return CUDA_ERROR_NOT_SUPPORTED;
+    std::lock_guard<std::mutex> g(mu);
+    *(unsigned long long*)value = pool.release_threshold;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemPoolTrimTo(CUmemoryPool p, size_t keep) {
+    if (p != &pool) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> g(mu);
+    while (pool.cached_bytes > keep && !pool.cached.empty()) {
+        auto largest = std::prev(pool.cached.end());
+        pool.cached_bytes -= *largest;
+        allocated -= *largest;
+        pool.cached.erase(largest);
+    }
+    return CUDA_SUCCESS;
+}
 
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::mutex> g(mu);
@@ -372,16 +473,19 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 }
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    ++stats.copies;
     if (!device_range_ok(dst, n)) return CUDA_ERROR_INVALID_VALUE;
     if (n) memcpy((void*)(uintptr_t)dst, src, n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    ++stats.copies;
     if (!device_range_ok(src, n)) return CUDA_ERROR_INVALID_VALUE;
     if (n) memcpy(dst, (const void*)(uintptr_t)src, n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    ++stats.copies;
     if (!device_range_ok(dst, n) || !device_range_ok(src, n)) return CUDA_ERROR_INVALID_VALUE;
     if (n) memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
     return CUDA_SUCCESS;
@@ -391,12 +495,14 @@ CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) { retu
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoD_v2(d, s, n); }
 
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    ++stats.memsets;
     if (!device_range_ok(dst, n)) return CUDA_ERROR_INVALID_VALUE;
     if (n) memset((void*)(uintptr_t)dst, v, n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) { return cuMemsetD8_v2(dst, v, n); }
 CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+    ++stats.memsets;
     if (!device_range_ok(dst, n * 4)) return CUDA_ERROR_INVALID_VALUE;
     unsigned* p = (unsigned*)(uintptr_t)dst;
     for (size_t i = 0; i < n; ++i) p[i] = v;
@@ -421,6 +527,7 @@ struct CUDA_MEMCPY2D {
 };
 
 CUresult cuMemcpy2DAsync_v2(const CUDA_MEMCPY2D* p, CUstream) {
+    ++stats.copies;
     enum { HOST = 1, DEVICE = 2 };
     if (!p) return CUDA_ERROR_INVALID_VALUE;
     if ((p->srcMemoryType != HOST && p->srcMemoryType != DEVICE) ||
@@ -489,6 +596,7 @@ CUresult cuModuleUnload(CUmodule m) {
 }
 
 CUresult cuModuleGetFunction(CUfunction* out, CUmodule m, const char* name) {
+    ++stats.lookups;
     if (!out || !m || !name) return CUDA_ERROR_INVALID_VALUE;
     const std::string sym = std::string("__emu_entry_") + name;
     auto entry = (void (*)(void**))dlsym(m->handle, sym.c_str());
@@ -520,6 +628,7 @@ CUresult cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
 
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned smem, CUstream, void** params, void** extra) {
+    ++stats.launches;
     if (!f) return CUDA_ERROR_INVALID_HANDLE;
     if (extra) return CUDA_ERROR_NOT_SUPPORTED;
     if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0 || gy > 65535 || gz > 65535 ||

@@ -376,7 +376,7 @@ impl AdamStepConstants {
 mod cuda {
     use super::{AdamStepConstants, AdamWConfig, Moments, Slot};
     use crate::cuda::{CudaDevice, CudaStorage};
-    use crate::ops::{cuda_empty, dense, launch, ptr};
+    use crate::ops::{cuda_uninit, cuda_zeros, dense, launch, ptr};
     use crate::{DType, Device, Error, Result, Tensor};
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     use std::sync::Arc;
@@ -415,8 +415,8 @@ mod cuda {
         fn zeros(dev: &Arc<CudaDevice>, n: usize) -> Result<DeviceMoments> {
             Ok(DeviceMoments {
                 ordinal: dev.ordinal(),
-                m: cuda_empty(dev, DType::F32, &[n])?,
-                v: cuda_empty(dev, DType::F32, &[n])?,
+                m: cuda_zeros(dev, DType::F32, &[n])?,
+                v: cuda_zeros(dev, DType::F32, &[n])?,
                 master: None,
             })
         }
@@ -490,7 +490,7 @@ mod cuda {
             DType::F32 => {
                 // The value is the master copy; the new value goes to a fresh buffer.
                 let p_in = dense(value)?;
-                let out = cuda_empty(&dev, DType::F32, value.shape())?;
+                let out = cuda_uninit(&dev, DType::F32, value.shape())?;
                 (p_in, out.clone(), 0u64, out)
             }
             DType::BF16 => {
@@ -498,7 +498,7 @@ mod cuda {
                     Some((master, last)) if last.shares_storage(value) => master.clone(),
                     _ => dense(&value.detach().to_dtype(DType::F32)?)?,
                 };
-                let out = cuda_empty(&dev, DType::BF16, value.shape())?;
+                let out = cuda_uninit(&dev, DType::BF16, value.shape())?;
                 state.master = Some((master.clone(), out.clone()));
                 (master.clone(), master, ptr(&out)?, out)
             }
@@ -576,7 +576,7 @@ mod cuda {
             if n_partial == 0 {
                 continue;
             }
-            let partial = CudaStorage::zeros(&dev, DType::F32, n_partial)?;
+            let partial = CudaStorage::uninit(&dev, DType::F32, n_partial)?;
             let mut at = 0;
             for g in &mine {
                 let entry = match g.dtype() {
@@ -608,7 +608,7 @@ mod cuda {
                 unsafe { launch(OP, entry, l, cfg)? };
                 at += nb;
             }
-            let out = CudaStorage::zeros(&dev, DType::F32, 1)?;
+            let out = CudaStorage::uninit(&dev, DType::F32, 1)?;
             let (rows, cols, scale) = (1i64, n_partial as i64, 1.0f32);
             let (pp, po) = (partial.ptr(0), out.ptr(0));
             let entry = "reduce_sum_rows_f32";

@@ -46,6 +46,42 @@ fn cuda_round_trips_are_exact() {
     assert!(matches!(f16.to_device(GPU), Err(Error::Cuda { .. })));
 }
 
+/// Running out of device memory is an error that names it, never a panic, and the device
+/// works afterwards. Freed buffers stay in the memory pool for reuse (its release threshold is
+/// raised at device creation), so a request larger than any cached block, which fits only once
+/// those blocks go back to the driver, still succeeds: the allocator trims the pool and tries
+/// again.
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_out_of_memory_is_an_error_and_cached_memory_is_given_back() {
+    use rlhf_tensor::cuda::{device, CudaStorage};
+    let dev = device(0).unwrap();
+    let (free, total) = dev.memory_info().unwrap();
+    assert!(free <= total && total > 0, "free {free}, total {total}");
+
+    let e = CudaStorage::uninit(&dev, DType::U8, total.saturating_mul(2))
+        .err()
+        .expect("twice the card's memory cannot be allocated");
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Cuda { .. }), "{msg}");
+    assert!(msg.contains("OUT_OF_MEMORY"), "{msg}");
+
+    // 55% of the free memory, freed into the pool, then 60%: together more than there is.
+    let (free, _) = dev.memory_info().unwrap();
+    let first = CudaStorage::uninit(&dev, DType::U8, free / 20 * 11).unwrap();
+    drop(first);
+    let second = CudaStorage::uninit(&dev, DType::U8, free / 5 * 3)
+        .expect("the pool's cached block is given back when a larger request needs the memory");
+    drop(second);
+
+    let x = Tensor::from_slice(&[1.5f32, -2.0, 3.25], &[3]).unwrap();
+    let y = x.to_device(GPU).unwrap().mul_scalar(2.0).unwrap();
+    assert_eq!(
+        y.to_device(Device::Cpu).unwrap().to_f64_vec(),
+        vec![3.0, -4.0, 6.5]
+    );
+}
+
 /// Every cast between the dtypes CUDA tensors hold (f32, bf16, i64, i32, u8), from a strided
 /// (transposed) view, bit for bit against the CPU's `to_dtype`: rounding to bf16, truncation
 /// and saturation into integers (NaN → 0, ±inf, values past every integer type's range, -0.5

@@ -5,7 +5,7 @@ use super::cache::PtxCache;
 use super::kernels::KernelFile;
 use super::nvrtc;
 use crate::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -58,8 +58,28 @@ pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     cache: Option<PtxCache>,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// The stream-ordered allocator's pool (None where the device has none: cudarc then
+    /// allocates synchronously).
+    pool: Option<MemPool>,
+    modules: Mutex<HashMap<&'static str, Loaded>>,
 }
+
+/// A loaded kernel file and the functions looked up in it so far: a launch's lookup is a map
+/// probe, not a `cuModuleGetFunction` and a C string.
+struct Loaded {
+    module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
+}
+
+/// The device's default memory pool, the one `cuMemAllocAsync` on the engine's stream draws
+/// from.
+#[derive(Clone, Copy)]
+struct MemPool(sys::CUmemoryPool);
+
+// SAFETY: a CUmemoryPool is a driver handle, valid in any thread of the process; the driver
+// serialises the pool calls made through it.
+unsafe impl Send for MemPool {}
+unsafe impl Sync for MemPool {}
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,6 +125,20 @@ impl CudaDevice {
             )
             .map_err(driver_err("cuda device", "multiprocessor count"))?
             .max(1) as usize;
+        // SAFETY: the engine launches every kernel, copy and allocation of a device on that
+        // device's one stream (storage.rs), so stream order alone orders each read after the
+        // write it depends on. cudarc's per-buffer events (two created per allocation, recorded
+        // on every use) only synchronise several streams; with one they are pure overhead.
+        // Called before the first allocation, as cudarc requires.
+        unsafe { ctx.disable_event_tracking() };
+        let pool = if ctx.has_async_alloc() {
+            Some(keep_freed_memory(&ctx).map_err(driver_err(
+                "cuda device",
+                format!("device {ordinal}: configuring the memory pool"),
+            ))?)
+        } else {
+            None
+        };
         let stream = ctx.default_stream();
         Ok(CudaDevice {
             ordinal,
@@ -114,8 +148,36 @@ impl CudaDevice {
             ctx,
             stream,
             cache,
+            pool,
             modules: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Free and total device memory in bytes (`cuMemGetInfo`). Memory the pool keeps for reuse
+    /// counts as used, as PyTorch's reserved memory does.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver_err("cuda memory info", "binding the context"))?;
+        result::mem_get_info().map_err(driver_err("cuda memory info", "cuMemGetInfo"))
+    }
+
+    /// Gives the memory the pool holds but no buffer uses back to the driver, after the
+    /// stream's pending work (which may still free buffers) is done. The allocator calls it
+    /// once on running out of memory before it tries again: memory freed by the engine stays
+    /// in the pool (see [`keep_freed_memory`]) and could otherwise be what is missing.
+    pub fn release_cached_memory(&self) -> Result<()> {
+        let Some(pool) = self.pool else {
+            return Ok(());
+        };
+        self.stream.synchronize().map_err(driver_err(
+            "cuda alloc",
+            "synchronising before trimming the pool",
+        ))?;
+        // SAFETY: the pool is the device's default pool, valid while the context lives
+        // (self.ctx keeps it alive).
+        unsafe { result::mem_pool::trim_to(pool.0, 0) }
+            .map_err(driver_err("cuda alloc", "cuMemPoolTrimTo"))
     }
 
     pub fn ordinal(&self) -> usize {
@@ -154,20 +216,38 @@ impl CudaDevice {
         // A poisoned lock only means another thread panicked mid-insert; the map itself is
         // still a valid cache of loaded modules.
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = modules.get(kf.name) {
-            return Ok(m.clone());
-        }
-        let module = self.load(kf)?;
-        modules.insert(kf.name, module.clone());
-        Ok(module)
+        Ok(self.loaded(&mut modules, kf)?.module.clone())
     }
 
-    /// Kernel `entry` of file `file`.
+    /// Kernel `entry` of file `file` (looked up in the module once, then from memory).
     pub fn function(&self, file: &str, entry: &str) -> Result<CudaFunction> {
-        self.module(file)?.load_function(entry).map_err(driver_err(
+        let kf = KernelFile::find(file)?;
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let loaded = self.loaded(&mut modules, kf)?;
+        if let Some(f) = loaded.functions.get(entry) {
+            return Ok(f.clone());
+        }
+        let f = loaded.module.load_function(entry).map_err(driver_err(
             "cuda kernel",
             format!("{file}.cu has no kernel {entry:?}"),
-        ))
+        ))?;
+        loaded.functions.insert(entry.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// The entry of `modules` for `kf`, loading the file on first use.
+    fn loaded<'m>(
+        &self,
+        modules: &'m mut HashMap<&'static str, Loaded>,
+        kf: KernelFile,
+    ) -> Result<&'m mut Loaded> {
+        Ok(match modules.entry(kf.name) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Loaded {
+                module: self.load(kf)?,
+                functions: HashMap::new(),
+            }),
+        })
     }
 
     fn load(&self, kf: KernelFile) -> Result<Arc<CudaModule>> {
@@ -199,6 +279,26 @@ impl CudaDevice {
                 format!("loading {} for {}", kf.file_name(), self.arch),
             )(e)),
         }
+    }
+}
+
+/// Makes the device's default memory pool keep the memory its buffers free instead of handing
+/// it back to the driver at every synchronisation (the pool's default release threshold is 0),
+/// so that a training step's allocations after the first are served from the pool, as a
+/// caching allocator serves PyTorch's. [`CudaDevice::release_cached_memory`] trims it when an
+/// allocation runs out of memory.
+fn keep_freed_memory(ctx: &CudaContext) -> std::result::Result<MemPool, DriverError> {
+    // SAFETY: ctx.cu_device() is a device handle from cuDeviceGet (the context was created on
+    // it); the release threshold attribute takes a pointer to a u64, which `keep` is.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
+        let mut keep = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )?;
+        Ok(MemPool(pool))
     }
 }
 

@@ -63,28 +63,64 @@ fn download<T: DeviceRepr>(dev: &CudaDevice, s: &CudaSlice<T>) -> Result<Vec<T>>
         .map_err(driver("to_device", "device-to-host copy"))
 }
 
-fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
-    // Never a zero-length allocation: some drivers return a null pointer for it, and kernels
-    // are not launched for empty outputs anyway.
-    dev.stream()
-        .alloc_zeros(n.max(1))
-        .map_err(driver("cuda alloc", &format!("{n} elements")))
+/// `n` elements of fresh device memory (never a zero-length allocation: some drivers return a
+/// null pointer for it, and kernels are not launched for empty outputs anyway), zero-filled
+/// when `zeroed`. Running out of memory first hands the pool's cached free memory back to the
+/// driver and tries once more.
+fn alloc<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+    zeroed: bool,
+) -> Result<CudaSlice<T>> {
+    let stream = dev.stream();
+    let try_alloc = || -> std::result::Result<CudaSlice<T>, cudarc::driver::DriverError> {
+        // SAFETY: the buffer is either zero-filled right here or handed to a caller that
+        // promises (CudaStorage::uninit) to write every element before anything reads it.
+        let mut s = unsafe { stream.alloc::<T>(n.max(1)) }?;
+        if zeroed {
+            stream.memset_zeros(&mut s)?;
+        }
+        Ok(s)
+    };
+    let what = || format!("{n} elements of {} bytes", std::mem::size_of::<T>());
+    match try_alloc() {
+        Err(e) if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
+            dev.release_cached_memory()?;
+            try_alloc().map_err(driver("cuda alloc", &what()))
+        }
+        r => r.map_err(driver("cuda alloc", &what())),
+    }
 }
 
 impl CudaStorage {
-    /// A zero-filled buffer of `len` elements of `dtype` (f16 has no CUDA storage).
-    ///
-    /// Zero-filled rather than uninitialised so that a kernel bug that leaves elements
-    /// unwritten reads as zeros, never as stale data from another tensor; the GPU tests poison
-    /// outputs themselves where it matters.
+    /// A zero-filled buffer of `len` elements of `dtype` (f16 has no CUDA storage), for
+    /// outputs a kernel accumulates into or writes only in part.
     pub fn zeros(device: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<CudaStorage> {
+        CudaStorage::alloc(device, dtype, len, true)
+    }
+
+    /// A buffer of `len` elements of `dtype` whose contents are undefined: for outputs that
+    /// the next kernel writes in full before anything reads them (most op outputs), which
+    /// then cost no memset. The emulator (tools/cuda-emu) fills fresh memory with NaN bytes,
+    /// so a kernel that leaves an element unwritten fails its GPU test there.
+    pub fn uninit(device: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<CudaStorage> {
+        CudaStorage::alloc(device, dtype, len, false)
+    }
+
+    fn alloc(
+        device: &Arc<CudaDevice>,
+        dtype: DType,
+        len: usize,
+        zeroed: bool,
+    ) -> Result<CudaStorage> {
+        let d = device.as_ref();
         let buf = match dtype {
-            DType::F32 => CudaBuffer::F32(zeros(device, len)?),
-            DType::BF16 => CudaBuffer::BF16(zeros(device, len)?),
-            DType::I64 => CudaBuffer::I64(zeros(device, len)?),
-            DType::I32 => CudaBuffer::I32(zeros(device, len)?),
-            DType::U32 => CudaBuffer::U32(zeros(device, len)?),
-            DType::U8 => CudaBuffer::U8(zeros(device, len)?),
+            DType::F32 => CudaBuffer::F32(alloc(d, len, zeroed)?),
+            DType::BF16 => CudaBuffer::BF16(alloc(d, len, zeroed)?),
+            DType::I64 => CudaBuffer::I64(alloc(d, len, zeroed)?),
+            DType::I32 => CudaBuffer::I32(alloc(d, len, zeroed)?),
+            DType::U32 => CudaBuffer::U32(alloc(d, len, zeroed)?),
+            DType::U8 => CudaBuffer::U8(alloc(d, len, zeroed)?),
             DType::F16 => return Err(no_f16()),
         };
         Ok(CudaStorage {

@@ -423,7 +423,7 @@ mod cuda {
     use crate::cpu::attention::AttentionDropout;
     use crate::cuda::{AttnParams, CudaDevice, CudaStorage};
     use crate::layout::Layout;
-    use crate::ops::{cuda_empty, dense, launch, ptr, same_dtype, tname};
+    use crate::ops::{cuda_uninit, cuda_zeros, dense, launch, ptr, same_dtype, tname};
     use crate::storage::Storage;
     use crate::tensor::GradTrack;
     use crate::{DType, Error, Result, Tensor};
@@ -911,7 +911,7 @@ mod cuda {
         } else {
             dense(t)?
         };
-        let buf = CudaStorage::zeros(dev, t.dtype(), t.numel())?;
+        let buf = CudaStorage::uninit(dev, t.dtype(), t.numel())?;
         let layout = Layout::from_parts(t.shape().to_vec(), t.layout().strides().to_vec(), 0);
         let g = Tensor::from_parts(Arc::new(Storage::Cuda(buf)), layout, GradTrack::None);
         Ok((t, g))
@@ -983,7 +983,7 @@ mod cuda {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
-        let out = cuda_empty(dev, q.dtype(), q.shape())?;
+        let out = cuda_zeros(dev, q.dtype(), q.shape())?;
         let dev = dev.clone();
         let like: Vec<(DType, Vec<usize>)> = [q, k, v]
             .iter()
@@ -995,7 +995,7 @@ mod cuda {
             &[q, k, v],
             move |_| {
                 like.iter()
-                    .map(|(dt, s)| Ok(Some(cuda_empty(&dev, *dt, s)?)))
+                    .map(|(dt, s)| Ok(Some(cuda_zeros(&dev, *dt, s)?)))
                     .collect()
             },
         ))
@@ -1027,8 +1027,8 @@ mod cuda {
             drop,
         };
         pr.check()?;
-        let out = cuda_empty(dev, q.dtype(), q.shape())?;
-        let lse = cuda_empty(dev, DType::F32, &[groups.b * groups.h * tq])?;
+        let out = cuda_uninit(dev, q.dtype(), q.shape())?;
+        let lse = cuda_uninit(dev, DType::F32, &[groups.b * groups.h * tq])?;
         let [qo, ko, vo, oo] = [&ops[0], &ops[1], &ops[2], &out].map(|t| groups.operand(OP, t));
         let plan = forward_plan(&pr, [&qo?, &ko?, &vo?, &oo?], ptr(&lse)?)?;
         // SAFETY: q, k, v are views of live device tensors whose strides (from their own
@@ -1047,7 +1047,7 @@ mod cuda {
             let (qb, dq) = with_grad_buffer(&dev, &ops[0])?;
             let (kb, dk) = with_grad_buffer(&dev, &ops[1])?;
             let (vb, dv) = with_grad_buffer(&dev, &ops[2])?;
-            let delta = cuda_empty(&dev, DType::F32, &[groups.b * groups.h * tq])?;
+            let delta = cuda_uninit(&dev, DType::F32, &[groups.b * groups.h * tq])?;
             let operand = |t: &Tensor| groups.operand(OP, t);
             let plan = backward_plan(
                 &pr,
@@ -1083,10 +1083,10 @@ mod cuda {
         let dh = d3 / 3 / n_head;
         let scale = 1.0 / (dh as f32).sqrt();
         if b * t == 0 {
-            let out = cuda_empty(dev, qkv.dtype(), &[b, t, d3 / 3])?;
+            let out = cuda_zeros(dev, qkv.dtype(), &[b, t, d3 / 3])?;
             let (dev, dtype) = (dev.clone(), qkv.dtype());
             return Ok(Tensor::record(out, OP, &[qkv], move |_| {
-                Ok(vec![Some(cuda_empty(&dev, dtype, &[b, t, d3])?)])
+                Ok(vec![Some(cuda_zeros(&dev, dtype, &[b, t, d3])?)])
             }));
         }
         match padded_head_dim(OP, dh)? {
@@ -1137,8 +1137,8 @@ mod cuda {
         let x = dense(qkv)?;
         let s_out = pr.merged_heads_strides();
         let parts = move |base: u64| pr.packed_qkv(base);
-        let out = cuda_empty(dev, dtype, &[b, t, c])?;
-        let lse = cuda_empty(dev, DType::F32, &[b * n_head * t])?;
+        let out = cuda_uninit(dev, dtype, &[b, t, c])?;
+        let lse = cuda_uninit(dev, DType::F32, &[b * n_head * t])?;
         let [q, k, v] = parts(ptr(&x)?);
         let o = Operand {
             ptr: ptr(&out)?,
@@ -1155,8 +1155,8 @@ mod cuda {
             same_dtype(OP, &saved_out, g)?;
             // [B, T, C] contiguous has exactly the output's strides.
             let g = dense(g)?;
-            let dqkv = cuda_empty(&dev, dtype, &[b, t, d3])?;
-            let delta = cuda_empty(&dev, DType::F32, &[b * n_head * t])?;
+            let dqkv = cuda_uninit(&dev, dtype, &[b, t, d3])?;
+            let delta = cuda_uninit(&dev, DType::F32, &[b * n_head * t])?;
             let [q, k, v] = parts(ptr(&x)?);
             let [dq, dk, dv] = parts(ptr(&dqkv)?).map(|o| o.ptr);
             let o = Operand {

@@ -117,7 +117,7 @@ fn strided_pair_cuda(
 ) -> Result<Tensor> {
     use crate::cuda::storage::{elementwise_config, strided_of};
     use cudarc::driver::PushKernelArg;
-    let out = super::cuda_empty(dev, out_dtype, shape)?;
+    let out = super::cuda_uninit(dev, out_dtype, shape)?;
     let n = out.numel();
     if n == 0 {
         return Ok(out);
@@ -442,7 +442,7 @@ fn cuda_mask(
             DType::U8 => Ok(cond.detach()),
             DType::F32 | DType::BF16 => {
                 // A zero-filled one-element tensor: the zero to compare against.
-                let zero = super::cuda_empty(dev, cond.dtype(), &[])?;
+                let zero = super::cuda_zeros(dev, cond.dtype(), &[])?;
                 compare_cuda(dev, "ne", cond, &zero, cond.shape())
             }
             // Other integer masks have no kernel: one round trip through the host.
@@ -475,7 +475,7 @@ fn where_launch(
     super::same_dtype(OP, a, b)?;
     debug_assert_eq!(mask.dtype(), DType::U8, "where_T reads a u8 condition");
     let entry = format!("where_{}", super::tname(OP, a.dtype())?);
-    let out = super::cuda_empty(dev, a.dtype(), shape)?;
+    let out = super::cuda_uninit(dev, a.dtype(), shape)?;
     let n = out.numel();
     if n == 0 {
         return Ok(out);
@@ -539,7 +539,7 @@ fn where_cuda(
     Ok(Tensor::record(out, OP, &[a, b], move |g| {
         let dev = super::cuda_inputs(OP, &[g, &mask])?
             .ok_or_else(|| Error::cuda(OP, "backward: the gradient is not on a GPU"))?;
-        let zero = super::cuda_empty(&dev, g.dtype(), &[])?;
+        let zero = super::cuda_zeros(&dev, g.dtype(), &[])?;
         let ga = needs
             .0
             .then(|| where_launch(&dev, &mask, g, &zero, g.shape())?.sum_to_shape(&sa))

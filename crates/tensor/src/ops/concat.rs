@@ -97,7 +97,7 @@ fn concat_cuda(
         super::same_dtype(OP, first, t)?;
     }
     super::tname(OP, first.dtype())?;
-    let out = super::cuda_empty(dev, first.dtype(), shape)?;
+    let out = super::cuda_uninit(dev, first.dtype(), shape)?;
     let mut start = 0;
     for t in tensors {
         copy_into_slot(OP, dev, &out, t, d, start)?;
@@ -119,7 +119,7 @@ pub(crate) fn pad_cuda(
 ) -> Result<Tensor> {
     const OP: &str = "narrow backward";
     super::tname(OP, g.dtype())?;
-    let out = super::cuda_empty(dev, g.dtype(), shape)?;
+    let out = super::cuda_zeros(dev, g.dtype(), shape)?;
     copy_into_slot(OP, dev, &out, g, d, start)?;
     Ok(out)
 }

@@ -73,10 +73,10 @@ fn cross_entropy_cuda(
             Some(super::dense(&wt.detach().to_dtype(DType::F32)?)?)
         }
     };
-    let w = super::cuda_empty(dev, DType::F32, &[rows])?;
-    let inv_total = super::cuda_empty(dev, DType::F32, &[])?;
-    let lse = super::cuda_empty(dev, DType::F32, &[rows])?;
-    let loss_rows = super::cuda_empty(dev, DType::F32, &[rows])?;
+    let w = super::cuda_uninit(dev, DType::F32, &[rows])?;
+    let inv_total = super::cuda_zeros(dev, DType::F32, &[])?;
+    let lse = super::cuda_uninit(dev, DType::F32, &[rows])?;
+    let loss_rows = super::cuda_uninit(dev, DType::F32, &[rows])?;
     let threads = ce_threads(v);
     let (r64, v64) = (rows as i64, v as i64);
     if rows > 0 {
@@ -150,7 +150,7 @@ fn cross_entropy_cuda(
     let dev = dev.clone();
     let shape = logits.shape().to_vec();
     Ok(Tensor::record(loss, OP, &[logits], move |g| {
-        let dlogits = super::cuda_empty(&dev, dtype, &shape)?;
+        let dlogits = super::cuda_uninit(&dev, dtype, &shape)?;
         if rows > 0 && v > 0 {
             // The upstream gradient as one f32 in device memory.
             let g = super::dense(&g.to_dtype(DType::F32)?)?;

@@ -128,7 +128,7 @@ fn embedding_cuda(
     let n = ids.numel();
     let mut shape = ids.shape().to_vec();
     shape.push(d);
-    let out = super::cuda_empty(dev, dtype, &shape)?;
+    let out = super::cuda_uninit(dev, dtype, &shape)?;
     if n > 0 && d > 0 {
         let td = super::dense(table)?;
         let bad = super::cuda_bad_flag(dev)?;
@@ -172,7 +172,7 @@ fn embedding_cuda(
                 got: g.dtype(),
             });
         }
-        let dtable = super::cuda_empty(&dev, DType::F32, &[v, d])?;
+        let dtable = super::cuda_zeros(&dev, DType::F32, &[v, d])?;
         if n > 0 && d > 0 {
             let g = super::dense(g)?;
             // The ids were validated by the forward; the kernel still bounds-checks them.

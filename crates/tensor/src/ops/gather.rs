@@ -73,7 +73,7 @@ fn gather_last_cuda(
         check_index_values(OP, vals, v)?;
     }
     let rows: usize = x.shape()[..x.rank() - 1].iter().product();
-    let out = super::cuda_empty(dev, dtype, idx.shape())?;
+    let out = super::cuda_uninit(dev, dtype, idx.shape())?;
     if rows * k > 0 {
         let xd = super::dense(x)?;
         let bad = super::cuda_bad_flag(dev)?;
@@ -115,7 +115,7 @@ fn gather_last_cuda(
                 got: g.dtype(),
             });
         }
-        let dx = super::cuda_empty(&dev, DType::F32, &in_shape)?;
+        let dx = super::cuda_zeros(&dev, DType::F32, &in_shape)?;
         if rows * k > 0 {
             let g = super::dense(g)?;
             let bad = super::cuda_bad_flag(&dev)?;

@@ -96,9 +96,9 @@ fn layer_norm_cuda(
     let dtype = x.dtype();
     let tn = super::tname(OP, dtype)?;
     let rows = x.numel().checked_div(cols).unwrap_or(0);
-    let y = super::cuda_empty(dev, dtype, x.shape())?;
-    let mean = super::cuda_empty(dev, DType::F32, &[rows])?;
-    let rstd = super::cuda_empty(dev, DType::F32, &[rows])?;
+    let y = super::cuda_uninit(dev, dtype, x.shape())?;
+    let mean = super::cuda_uninit(dev, DType::F32, &[rows])?;
+    let rstd = super::cuda_uninit(dev, DType::F32, &[rows])?;
     let (xd, wd, bd) = (super::dense(x)?, super::dense(weight)?, super::dense(bias)?);
     if rows > 0 {
         let entry = format!("layer_norm_fwd_{tn}");
@@ -123,16 +123,16 @@ fn layer_norm_cuda(
     let shape = x.shape().to_vec();
     Ok(Tensor::record(y, OP, &[x, weight, bias], move |g| {
         super::same_dtype(OP, &xd, g)?;
-        let dx = super::cuda_empty(&dev, dtype, &shape)?;
-        let dgamma = super::cuda_empty(&dev, DType::F32, &[cols])?;
-        let dbeta = super::cuda_empty(&dev, DType::F32, &[cols])?;
+        let dx = super::cuda_uninit(&dev, dtype, &shape)?;
+        let dgamma = super::cuda_zeros(&dev, DType::F32, &[cols])?;
+        let dbeta = super::cuda_zeros(&dev, DType::F32, &[cols])?;
         if rows > 0 && cols > 0 {
             let g = super::dense(g)?;
             // G blocks, from the row count alone, so the order of the dgamma/dbeta sums (and
             // so their bits) never depends on the card.
             let parts = rows.min(256);
-            let dg_part = super::cuda_empty(&dev, DType::F32, &[parts, cols])?;
-            let db_part = super::cuda_empty(&dev, DType::F32, &[parts, cols])?;
+            let dg_part = super::cuda_uninit(&dev, DType::F32, &[parts, cols])?;
+            let db_part = super::cuda_uninit(&dev, DType::F32, &[parts, cols])?;
             let entry = format!("layer_norm_bwd_{tn}");
             let (r64, c64) = (rows as i64, cols as i64);
             let ptrs = [&xd, &wd, &mean, &rstd, &g, &dx, &dg_part, &db_part]

@@ -253,11 +253,12 @@ fn matmul_cuda(
     const TMA_BARRIER_BYTES: u32 = 2 * 4 * 8;
     super::same_dtype(OP, a, b)?;
     let tn = super::tname(OP, a.dtype())?;
-    let out = super::cuda_empty(dev, a.dtype(), out_shape)?;
-    if out.numel() == 0 || k == 0 {
-        // Empty, or an empty sum: the zero-filled output is the answer.
-        return Ok(out);
+    if out_shape.iter().product::<usize>() == 0 || k == 0 {
+        // Empty, or an empty sum: a zero-filled output is the answer.
+        return super::cuda_zeros(dev, a.dtype(), out_shape);
     }
+    // Every kernel below writes each element of C (beta = 0: C is never read).
+    let out = super::cuda_uninit(dev, a.dtype(), out_shape)?;
     // Linear layers ([.., m, k]·[k, n], contiguous activations): one GEMM over all rows.
     let (batch, m): (Vec<usize>, usize) = if b.rank() == 2 && a.is_contiguous() {
         (vec![], out.numel() / n)
@@ -520,7 +521,7 @@ fn repitch_for_tensor_cores(
         return Ok(o);
     };
     let ld2 = len.div_ceil(8) * 8;
-    let padded = super::cuda_empty(dev, crate::DType::BF16, &[mats * rows * ld2])?;
+    let padded = super::cuda_zeros(dev, crate::DType::BF16, &[mats * rows * ld2])?;
     let dst = super::ptr(&padded)?;
     // SAFETY: src holds mats·rows rows of len bf16 elements ld apart (the operand's view, its
     // batch elements stacked as checked above, ld >= len); dst is a fresh buffer of

@@ -125,19 +125,34 @@ mod cuda_common {
         Ok(())
     }
 
-    /// A new contiguous tensor of `shape` on `dev` (zero-filled; kernels overwrite it).
-    pub(crate) fn cuda_empty(
+    /// A new zero-filled contiguous tensor of `shape` on `dev`: for outputs a kernel
+    /// accumulates into or writes only in part, and for empty results whose answer is zeros.
+    pub(crate) fn cuda_zeros(
         dev: &Arc<CudaDevice>,
         dtype: DType,
         shape: &[usize],
     ) -> Result<Tensor> {
         let n = shape.iter().product();
-        let s = CudaStorage::zeros(dev, dtype, n)?;
-        Ok(Tensor::from_parts(
+        Ok(cuda_tensor(CudaStorage::zeros(dev, dtype, n)?, shape))
+    }
+
+    /// A new contiguous tensor of `shape` on `dev` with undefined contents, for an output the
+    /// caller's next kernel writes in full (no memset: see [`CudaStorage::uninit`]).
+    pub(crate) fn cuda_uninit(
+        dev: &Arc<CudaDevice>,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Ok(cuda_tensor(CudaStorage::uninit(dev, dtype, n)?, shape))
+    }
+
+    fn cuda_tensor(s: CudaStorage, shape: &[usize]) -> Tensor {
+        Tensor::from_parts(
             Arc::new(Storage::Cuda(s)),
             Layout::contiguous(shape),
             GradTrack::None,
-        ))
+        )
     }
 
     /// The device address of a CUDA tensor's first element (its offset included).
@@ -212,7 +227,7 @@ mod cuda_common {
         tail: impl MapTail,
     ) -> Result<Tensor> {
         let dev = cuda_inputs(op, &[x])?.ok_or_else(|| Error::cuda(op, "input not on a GPU"))?;
-        let out = cuda_empty(&dev, to, x.shape())?;
+        let out = cuda_uninit(&dev, to, x.shape())?;
         let n = x.numel();
         if n == 0 {
             return Ok(out);

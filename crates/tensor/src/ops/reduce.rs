@@ -86,8 +86,8 @@ pub(crate) fn reduce_cuda(
     };
     debug_assert_eq!(out_shape.iter().product::<usize>(), outer * inner);
     if outer * inner == 0 || len == 0 {
-        // No outputs, or empty sums: zeros (cuda_empty) — but an empty max is -inf.
-        let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
+        // No outputs, or empty sums: zeros (cuda_zeros) — but an empty max is -inf.
+        let out = super::cuda_zeros(dev, x.dtype(), out_shape)?;
         return if kind == "max" && out.numel() > 0 {
             out.add_scalar(f32::NEG_INFINITY)
         } else {
@@ -112,11 +112,11 @@ pub(crate) fn reduce_cuda(
         // that more than one block takes part.
         let g = len.div_ceil(PARTIAL_CHUNK).min(1024);
         if g == 1 {
-            let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
+            let out = super::cuda_uninit(dev, x.dtype(), out_shape)?;
             rows_launch(1, len, &out)?;
             return Ok(out);
         }
-        let partial = super::cuda_empty(dev, DType::F32, &[g])?;
+        let partial = super::cuda_uninit(dev, DType::F32, &[g])?;
         let entry = format!("reduce_{kind}_partial_{tn}");
         let (n64, pp) = (len as i64, super::ptr(&partial)?);
         let f = dev.function("reduce", &entry)?;
@@ -146,7 +146,7 @@ pub(crate) fn reduce_cuda(
         return via_f32(dev, x.dtype(), out_shape, finish);
     }
     if inner == 1 {
-        let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
+        let out = super::cuda_uninit(dev, x.dtype(), out_shape)?;
         rows_launch(outer, len, &out)?;
         return Ok(out);
     }
@@ -154,7 +154,7 @@ pub(crate) fn reduce_cuda(
         // Few outputs over a long dim (bias and other weight gradients): S row ranges in
         // parallel into f32 partials, then one pass over them.
         let n = outer * inner;
-        let partial = super::cuda_empty(dev, DType::F32, &[splits, n])?;
+        let partial = super::cuda_uninit(dev, DType::F32, &[splits, n])?;
         let entry = format!("reduce_{kind}_midsplit_{tn}");
         let (o64, l64, i64_, c64) = (outer as i64, len as i64, inner as i64, chunk as i64);
         let pp = super::ptr(&partial)?;
@@ -187,7 +187,7 @@ pub(crate) fn reduce_cuda(
         };
         return via_f32(dev, x.dtype(), out_shape, finish);
     }
-    let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
+    let out = super::cuda_uninit(dev, x.dtype(), out_shape)?;
     let entry = format!("reduce_{kind}_mid_{tn}");
     let (o64, l64, i64_, po) = (outer as i64, len as i64, inner as i64, super::ptr(&out)?);
     let f = dev.function("reduce", &entry)?;
@@ -239,7 +239,7 @@ fn via_f32(
     shape: &[usize],
     finish: impl FnOnce(&Tensor) -> Result<()>,
 ) -> Result<Tensor> {
-    let total = super::cuda_empty(dev, crate::DType::F32, shape)?;
+    let total = super::cuda_uninit(dev, crate::DType::F32, shape)?;
     finish(&total)?;
     total.to_dtype(dtype)
 }
@@ -280,8 +280,8 @@ fn argmax_cuda(
             format!("reduction over empty dim {d} of shape {:?}", x.shape()),
         ));
     }
-    let out = super::cuda_empty(dev, x.dtype(), out_shape)?;
-    let idx = super::cuda_empty(dev, crate::DType::I64, out_shape)?;
+    let out = super::cuda_uninit(dev, x.dtype(), out_shape)?;
+    let idx = super::cuda_uninit(dev, crate::DType::I64, out_shape)?;
     if outer * inner == 0 {
         return Ok((out, idx));
     }
@@ -324,7 +324,7 @@ fn max_backward_cuda(
     const OP: &str = "max backward";
     let tn = super::tname(OP, g.dtype())?;
     let (outer, len, inner) = split(in_shape, d);
-    let dx = super::cuda_empty(dev, g.dtype(), in_shape)?;
+    let dx = super::cuda_zeros(dev, g.dtype(), in_shape)?;
     if outer * inner == 0 || len == 0 {
         return Ok(dx);
     }

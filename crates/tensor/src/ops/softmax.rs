@@ -125,7 +125,7 @@ fn softmax_launch(
     use cudarc::driver::PushKernelArg;
     let x = ins[0];
     let entry = format!("{op}_{dir}_{}", super::tname(op, x.dtype())?);
-    let out = super::cuda_empty(dev, x.dtype(), x.shape())?;
+    let out = super::cuda_uninit(dev, x.dtype(), x.shape())?;
     let cols = *x.shape().last().unwrap_or(&1);
     if out.numel() == 0 || cols == 0 {
         return Ok(out);

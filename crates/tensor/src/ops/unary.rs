@@ -286,7 +286,7 @@ fn gelu_backward_cuda(
     super::same_dtype(OP, x, g)?;
     let entry = format!("gelu_backward_{}", super::tname(OP, x.dtype())?);
     let (x, g) = (super::dense(x)?, super::dense(g)?);
-    let dx = super::cuda_empty(dev, x.dtype(), x.shape())?;
+    let dx = super::cuda_uninit(dev, x.dtype(), x.shape())?;
     let n = x.numel();
     if n == 0 {
         return Ok(dx);
