@@ -460,7 +460,7 @@ GEMM_WGMMA_TILES(t, t, true, true)
 // descriptors, the grouped tile order and the epilogue are the same; the TMA unit writes the
 // 128-byte swizzle itself (tensor maps encoded with CU_TENSOR_MAP_SWIZZLE_128B, boxes 64
 // elements = 128 bytes wide) and fills out-of-bounds elements with zeros, so partial tiles
-// need no code here.
+// need no code here; panels wholly past the edge are not copied at all (zeroed once instead).
 //
 // Tensor maps (host: crates/tensor/src/ops/matmul.rs), 3-D (contiguous dim, row dim, batch),
 // bf16, boxes:
@@ -499,6 +499,27 @@ __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap*
     const int m0 = tile_m * WG_BM, n0 = tile_n * BN;
     const int k_tiles = (p.K + WG_BK - 1) / WG_BK;
 
+    // 64-column panels lying wholly past the tensor's edge (A's second in a last tile row of
+    // at most 64 rows, B's beyond N) are never copied, and the full barrier expects only the
+    // bytes of the boxes issued, whatever the TMA unit would count for a box with no element
+    // inside the tensor. Those panels are zeroed once here, in every stage, and made visible to
+    // the tensor cores (they only reach accumulator rows or columns past the edge, which are
+    // not stored, but zeros keep those finite).
+    constexpr int A_PANELS = A_T ? WG_BM / 64 : 1, B_PANELS = B_T ? 1 : BN / 64;
+    const int a_panels = A_T ? min(A_PANELS, (p.M - m0 + 63) / 64) : 1;
+    const int b_panels = B_T ? 1 : min(B_PANELS, (p.N - n0 + 63) / 64);
+    if (a_panels < A_PANELS || b_panels < B_PANELS) {
+        const uint4 zero = make_uint4(0, 0, 0, 0);
+        for (int s = 0; s < WG_STAGES; ++s) {
+            unsigned char* sa = smem + s * WG_STAGE_BYTES(BN);
+            for (int q = a_panels; q < A_PANELS; ++q)
+                for (int i = tid; i < 8192 / 16; i += TMA_THREADS) reinterpret_cast<uint4*>(sa + q * 8192)[i] = zero;
+            for (int q = b_panels; q < B_PANELS; ++q)
+                for (int i = tid; i < 8192 / 16; i += TMA_THREADS)
+                    reinterpret_cast<uint4*>(sa + WG_A_BYTES + q * 8192)[i] = zero;
+        }
+        fence_proxy_async_smem();
+    }
     if (tid == 0) {
         for (int s = 0; s < WG_STAGES; ++s) {
             mbar_init(&full[s], 1);
@@ -512,23 +533,22 @@ __device__ __forceinline__ void gemm_tma_body(const GemmParams& p, const TmaMap*
         setmaxnreg_dec<40>();
         if (tid != 0) return;
         const int za = p.stride_a != 0 ? (int)blockIdx.z : 0, zb = p.stride_b != 0 ? (int)blockIdx.z : 0;
+        const u32 bytes = (A_T ? a_panels * 8192 : WG_A_BYTES) + (B_T ? BN * WG_BK * 2 : b_panels * 8192);
         for (int kt = 0; kt < k_tiles; ++kt) {
             const int s = kt % WG_STAGES, k0 = kt * WG_BK;
             if (kt >= WG_STAGES) mbar_wait(&empty[s], ((kt / WG_STAGES) - 1) & 1);
-            mbar_arrive_expect_tx(&full[s], WG_STAGE_BYTES(BN));
+            mbar_arrive_expect_tx(&full[s], bytes);
             unsigned char* sa = smem + s * WG_STAGE_BYTES(BN);
             unsigned char* sb = sa + WG_A_BYTES;
             if (A_T) {
-#pragma unroll
-                for (int q = 0; q < WG_BM / 64; ++q) tma_load_3d(sa + q * 8192, map_a, m0 + 64 * q, k0, za, &full[s]);
+                for (int q = 0; q < a_panels; ++q) tma_load_3d(sa + q * 8192, map_a, m0 + 64 * q, k0, za, &full[s]);
             } else {
                 tma_load_3d(sa, map_a, k0, m0, za, &full[s]);
             }
             if (B_T) {
                 tma_load_3d(sb, map_b, k0, n0, zb, &full[s]);
             } else {
-#pragma unroll
-                for (int q = 0; q < BN / 64; ++q) tma_load_3d(sb + q * 8192, map_b, n0 + 64 * q, k0, zb, &full[s]);
+                for (int q = 0; q < b_panels; ++q) tma_load_3d(sb + q * 8192, map_b, n0 + 64 * q, k0, zb, &full[s]);
             }
         }
         return;
