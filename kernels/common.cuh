@@ -118,6 +118,18 @@ __device__ __forceinline__ i64 strided_offset(const Strided& s, i64 i) {
     return off;
 }
 
+// As strided_offset, for a layout of fewer than 2^32 elements (so every index and extent fits
+// 32 bits): 32-bit divisions, several times cheaper than 64-bit ones, which the GPU emulates.
+__device__ __forceinline__ i64 strided_offset32(const Strided& s, u32 i) {
+    i64 off = 0;
+    for (int d = s.rank - 1; d >= 0; --d) {
+        const u32 n = (u32)s.shape[d];
+        off += (i64)(i % n) * s.stride[d];
+        i /= n;
+    }
+    return off;
+}
+
 // Everything below is inline PTX. The CPU emulator (tools/cuda-emu) compiles these files as
 // C++ and brings its own models of these functions, written from the same PTX ISA layouts.
 #ifndef RLHF_CUDA_EMU

@@ -8,6 +8,8 @@ card in the same call as the engine's own benchmarks (crates/tensor/tests/gpu_be
 - causal scaled_dot_product_attention, forward, backward and forward+backward, bf16, B = 8,
   H = 12, T = 1024, D = 64: the reference for the engine's flash-attention kernels
   (bench_flash_attention_bf16 in gpu_bench.rs, same bench names and FLOP counts).
+- the memory-bound ops around a GPT-2 MLP (bias add, GELU forward and backward, residual add)
+  in GB/s: the reference for the engine's elementwise kernels (bench_elementwise_bf16).
 
 Each figure is the median over repeats timed with CUDA events after warm-up, with several
 random input sets rotated so the L2 cache does not serve repeats (METHOD.md). Prints one
@@ -93,6 +95,34 @@ def main():
 
     ms = median_ms(fwd_bwd, sets)
     emit(bench="attn_causal_fwd_bwd", **shape, ms=round(ms, 4), tflops=round(3.5 * flops / (ms * 1e-3) / 1e12, 2))
+
+    del sets, grad
+    # The memory-bound ops around a GPT-2 small MLP (gpu_bench.rs bench_elementwise_bf16, same
+    # names and byte counts): bias add and GELU (tanh) forward and backward on [8192, 3072],
+    # the residual add on [8192, 768]; bf16.
+    rows, hidden, width = 8192, 3072, 768
+    el = rows * hidden * 2
+
+    def gbps(nbytes, ms):
+        return round(nbytes / (ms * 1e-3) / 1e9, 1)
+
+    big = [(torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16),) for _ in range(3)]
+    bias = torch.randn(hidden, device=dev, dtype=torch.bfloat16)
+    gelu = torch.nn.functional.gelu
+    shape = f"{rows}x{hidden}"
+    with torch.no_grad():
+        ms = median_ms(lambda x: x + bias, big)
+        emit(bench="ew_bias_add", shape=shape, ms=round(ms, 4), gbps=gbps(2 * el, ms))
+        ms = median_ms(lambda x: gelu(x, approximate="tanh"), big)
+        emit(bench="ew_gelu", shape=shape, ms=round(ms, 4), gbps=gbps(2 * el, ms))
+        g = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16)
+        ms = median_ms(lambda x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"), big)
+        emit(bench="ew_gelu_bwd", shape=shape, ms=round(ms, 4), gbps=gbps(3 * el, ms))
+        del big, g
+        res = [tuple(torch.randn(rows, width, device=dev, dtype=torch.bfloat16) for _ in range(2)) for _ in range(3)]
+        ms = median_ms(torch.add, res)
+        emit(bench="ew_residual_add", shape=f"{rows}x{width}", ms=round(ms, 4), gbps=gbps(3 * rows * width * 2, ms))
+
 
 if __name__ == "__main__":
     main()

@@ -145,3 +145,73 @@ fn bench_flash_attention_bf16() {
     });
     emit("attn_causal_fwd_bwd", ms, 3.5 * fwd_flops);
 }
+
+/// The memory-bound ops around a GPT-2 small MLP at B·T = 8192 rows, bf16: the bias add after
+/// c_fc ([8192, 3072] + [3072]: the broadcast path), GELU and its backward on [8192, 3072], and
+/// the residual add ([8192, 768] + [8192, 768]: the flat vector path), against the same ops in
+/// torch (tools/torch_gpu_bench.py, same bench names). GB/s counts each tensor read or written
+/// once (bias: not counted). Three input sets (at least 150 MiB) rotate past the L2.
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn bench_elementwise_bf16() {
+    use rlhf_tensor::Parameter;
+    let dev = rlhf_tensor::cuda::device(0).expect("a CUDA device");
+    let (rows, hidden, width) = (8192usize, 3072usize, 768usize);
+    let upload = |shape: &[usize], seed: u64| {
+        Tensor::randn(shape, 0.0, 1.0, seed)
+            .to_dtype(DType::BF16)
+            .and_then(|x| x.to_device(Device::Cuda(0)))
+            .expect("upload")
+    };
+    let emit = |bench: &str, shape: &str, ms: f64, bytes: f64| {
+        let gbps = bytes / (ms * 1e-3) / 1e9;
+        println!(
+            "BENCH {{\"bench\":\"{bench}\",\"shape\":\"{shape}\",\"ms\":{ms:.4},\"gbps\":{gbps:.1},\"card\":\"{}\",\"engine\":\"rlhf\"}}",
+            dev.name()
+        );
+    };
+    let big: Vec<Tensor> = (0..3).map(|s| upload(&[rows, hidden], 300 + s)).collect();
+    let bias = upload(&[hidden], 310);
+    let el = (rows * hidden * 2) as f64;
+    let shape = format!("{rows}x{hidden}");
+    let ms = rlhf_tensor::no_grad(|| time_ms(3, 20, |i| big[i % 3].add(&bias).expect("add")));
+    emit("ew_bias_add", &shape, ms, 2.0 * el);
+    let ms = rlhf_tensor::no_grad(|| time_ms(3, 20, |i| big[i % 3].gelu().expect("gelu")));
+    emit("ew_gelu", &shape, ms, 2.0 * el);
+
+    // GELU's backward alone: one recorded forward per input set, its backward replayed.
+    let params: Vec<Parameter> = big.iter().map(|x| Parameter::new(x.clone())).collect();
+    let outs: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.tensor().gelu().expect("gelu"))
+        .collect();
+    let grad = upload(&[rows, hidden], 320);
+    let ms = time_ms(3, 20, |i| {
+        params[i % 3].zero_grad();
+        outs[i % 3].backward_with(grad.clone()).expect("backward");
+        params[i % 3].grad().expect("dx")
+    });
+    emit("ew_gelu_bwd", &shape, ms, 3.0 * el);
+    drop((outs, params, big));
+
+    let res: Vec<(Tensor, Tensor)> = (0..3)
+        .map(|s| {
+            (
+                upload(&[rows, width], 330 + s),
+                upload(&[rows, width], 340 + s),
+            )
+        })
+        .collect();
+    let ms = rlhf_tensor::no_grad(|| {
+        time_ms(3, 20, |i| {
+            let (a, b) = &res[i % 3];
+            a.add(b).expect("add")
+        })
+    });
+    emit(
+        "ew_residual_add",
+        &format!("{rows}x{width}"),
+        ms,
+        3.0 * (rows * width * 2) as f64,
+    );
+}

@@ -82,6 +82,79 @@ fn cuda_out_of_memory_is_an_error_and_cached_memory_is_given_back() {
     );
 }
 
+/// The elementwise kernels' flat fast path (16-byte vectors, then a scalar tail) against their
+/// scalar path, bit for bit: the same values once in fresh (aligned) buffers, once at an
+/// element offset of 1 (contiguous but misaligned, so the kernels take the scalar loop), for
+/// lengths around the vector width. Binary ops, a broadcast bias add (coalesced to a flat and a
+/// 2-D operand), unary ops with parameters, and GELU's backward.
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_elementwise_fast_paths_match_the_scalar_path_bitwise() {
+    let mut rng = Rng::new(seed("elementwise_fast_paths"));
+    for dtype in [DType::F32, DType::BF16] {
+        for (rows, cols) in [(1, 1), (1, 3), (2, 4), (3, 3), (1, 31), (5, 821), (7, 1143)] {
+            let n = rows * cols;
+            // The same values aligned (a fresh buffer) and misaligned (offset 1 in a bigger one).
+            let both = |rng: &mut Rng| {
+                let host = rand(rng, &[n + 1], -3.0, 3.0, dtype);
+                let big = host.to_device(GPU).unwrap();
+                let misaligned = big
+                    .narrow(0, 1, n)
+                    .unwrap()
+                    .reshape_to(&[rows, cols])
+                    .unwrap();
+                let aligned = host
+                    .narrow(0, 1, n)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .to_device(GPU)
+                    .unwrap()
+                    .reshape_to(&[rows, cols])
+                    .unwrap();
+                (aligned, misaligned)
+            };
+            let (a, a1) = both(&mut rng);
+            let (b, b1) = both(&mut rng);
+            let bias_host = rand(&mut rng, &[cols], -1.0, 1.0, dtype);
+            let bias = bias_host.to_device(GPU).unwrap();
+            type Case<'a> = (
+                &'static str,
+                Box<dyn Fn(&Tensor, &Tensor) -> rlhf_tensor::Result<Tensor> + 'a>,
+            );
+            let cases: Vec<Case> = vec![
+                ("add", Box::new(|x, y| x.add(y))),
+                ("mul", Box::new(|x, y| x.mul(y))),
+                ("div", Box::new(|x, y| x.div(y))),
+                ("bias add", Box::new(|x, _| x.add(&bias))),
+                ("gelu", Box::new(|x, _| x.gelu())),
+                ("exp", Box::new(|x, _| x.exp())),
+                ("clamp", Box::new(|x, _| x.clamp(-0.5, 1.25))),
+                ("add_scalar", Box::new(|x, _| x.add_scalar(0.375))),
+            ];
+            for (name, f) in &cases {
+                let fast = f(&a, &b).unwrap().to_device(Device::Cpu).unwrap();
+                let slow = f(&a1, &b1).unwrap().to_device(Device::Cpu).unwrap();
+                assert_eq!(
+                    fast.to_f64_vec(),
+                    slow.to_f64_vec(),
+                    "{name} {dtype} n {n}: vector and scalar paths differ"
+                );
+            }
+            // GELU's backward through autograd (x and the incoming gradient both aligned, or
+            // both misaligned).
+            let grad = |x: &Tensor, g: &Tensor| grad_of(x, g, &|t| t.gelu());
+            let fast = grad(&a, &b).to_device(Device::Cpu).unwrap();
+            let slow = grad(&a1, &b1).to_device(Device::Cpu).unwrap();
+            assert_eq!(
+                fast.to_f64_vec(),
+                slow.to_f64_vec(),
+                "gelu backward {dtype} n {n}"
+            );
+        }
+    }
+}
+
 /// Every cast between the dtypes CUDA tensors hold (f32, bf16, i64, i32, u8), from a strided
 /// (transposed) view, bit for bit against the CPU's `to_dtype`: rounding to bf16, truncation
 /// and saturation into integers (NaN → 0, ±inf, values past every integer type's range, -0.5

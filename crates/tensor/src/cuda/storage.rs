@@ -227,10 +227,26 @@ fn no_f16() -> Error {
 /// Threads per block of the 1-D elementwise kernels (kernels/elementwise.cu header).
 pub const ELEMENTWISE_THREADS: u32 = 256;
 
-/// The elementwise launch of kernels/elementwise.cu: blockDim 256, gridDim min(ceil(n/256),
-/// 65535); the kernels loop grid-stride, so the cap is only a cap.
+/// The one-thread-per-item launch (AdamW, embedding, gather): blockDim 256, gridDim
+/// min(ceil(n/256), 65535); the kernels loop grid-stride, so the cap is only a cap.
 pub fn elementwise_config(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(ELEMENTWISE_THREADS as usize).clamp(1, 65535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (ELEMENTWISE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Elements per thread the map kernels of kernels/elementwise.cu are launched for: one
+/// 16-byte vector of bf16 on their flat fast path.
+pub const MAP_ELEMENTS_PER_THREAD: usize = 8;
+
+/// The launch of kernels/elementwise.cu's maps (binary, compare, unary, casts, where, dropout,
+/// GELU backward): blockDim 256, gridDim min(ceil(n / 2048), 65535), grid-stride loops.
+pub fn map_config(n: usize) -> LaunchConfig {
+    let per_block = ELEMENTWISE_THREADS as usize * MAP_ELEMENTS_PER_THREAD;
+    let blocks = n.div_ceil(per_block).clamp(1, 65535) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (ELEMENTWISE_THREADS, 1, 1),
@@ -248,17 +264,111 @@ pub fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// Whether a layout is contiguous row-major starting at its offset (flat indexing is right).
-pub fn is_flat(l: &Layout) -> bool {
-    l.is_contiguous()
+/// The kernel layouts of several operands read at one output shape (`shape`, with each
+/// operand's element `strides` over it, stride 0 on broadcast dims), with the index arithmetic
+/// cut down: dims of extent 1 dropped, and adjacent dims merged wherever every operand allows
+/// (stride of the outer = stride of the inner × extent of the inner, in each), which keeps the
+/// row-major order of the elements, so flat index i names the same element. An operand that is
+/// then row-major contiguous is flat. A bias [C] added to [B, T, C] activations becomes a flat
+/// operand and a [B·T, C] one with strides [0, 1]: one division per element instead of three.
+pub fn coalesced<const K: usize>(
+    shape: &[usize],
+    strides: [&[usize]; K],
+) -> Result<[super::Strided; K]> {
+    let mut dims: Vec<(usize, [usize; K])> = Vec::with_capacity(shape.len());
+    for (d, &n) in shape.iter().enumerate() {
+        if n == 1 {
+            continue;
+        }
+        let st: [usize; K] = std::array::from_fn(|k| strides[k][d]);
+        match dims.last_mut() {
+            Some((pn, pst)) if (0..K).all(|k| pst[k] == st[k] * n) => {
+                *pn *= n;
+                *pst = st;
+            }
+            _ => dims.push((n, st)),
+        }
+    }
+    let extents: Vec<usize> = dims.iter().map(|(n, _)| *n).collect();
+    let mut out = [super::Strided::flat(); K];
+    for (k, o) in out.iter_mut().enumerate() {
+        let st: Vec<usize> = dims.iter().map(|(_, s)| s[k]).collect();
+        if !Layout::from_parts(extents.clone(), st.clone(), 0).is_contiguous() {
+            *o = super::Strided::new(&extents, &st)?;
+        }
+    }
+    Ok(out)
 }
 
-/// The kernel `Strided` for an operand read at `l`'s shape: flat when contiguous, else the
-/// shape and strides (at most 8 dims).
-pub fn strided_of(l: &Layout) -> Result<super::Strided> {
-    if is_flat(l) {
-        Ok(super::Strided::flat())
-    } else {
-        super::Strided::new(l.shape(), l.strides())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::Strided;
+
+    /// The offset of flat element `i` through a kernel layout, as strided_offset computes it.
+    fn offset(l: &Strided, mut i: usize) -> usize {
+        if l.rank == 0 {
+            return i;
+        }
+        let mut off = 0;
+        for d in (0..l.rank as usize).rev() {
+            let n = l.shape[d] as usize;
+            off += (i % n) * l.stride[d] as usize;
+            i /= n;
+        }
+        off
+    }
+
+    #[test]
+    fn a_bias_over_activations_coalesces_to_one_flat_and_one_2d_operand() {
+        let [a, b] = coalesced(&[2, 3, 4], [&[12, 4, 1], &[0, 0, 1]]).unwrap();
+        assert_eq!(a, Strided::flat());
+        assert_eq!(b, Strided::new(&[6, 4], &[0, 1]).unwrap());
+        // A column broadcast stays 2-D; extent-1 dims vanish; a transpose cannot merge.
+        let [c] = coalesced(&[5, 1, 3], [&[1, 7, 0]]).unwrap();
+        assert_eq!(c, Strided::new(&[5, 3], &[1, 0]).unwrap());
+        let [t] = coalesced(&[3, 2], [&[1, 3]]).unwrap();
+        assert_eq!(t, Strided::new(&[3, 2], &[1, 3]).unwrap());
+        let [one] = coalesced(&[1, 1], [&[5, 9]]).unwrap();
+        assert_eq!(one, Strided::flat());
+    }
+
+    #[test]
+    fn coalescing_never_moves_an_element() {
+        // Random broadcast and permuted views: every flat index reaches the same storage
+        // offset through the coalesced layouts as through the original ones.
+        let mut rng = crate::Rng::new(17);
+        for _ in 0..300 {
+            let rank = 1 + rng.below(5) as usize;
+            let shape: Vec<usize> = (0..rank).map(|_| 1 + rng.below(4) as usize).collect();
+            let mut ops: Vec<Vec<usize>> = Vec::new();
+            for _ in 0..3 {
+                // Row-major strides of a random permutation of the dims, some zeroed.
+                let mut order: Vec<usize> = (0..rank).collect();
+                for i in (1..rank).rev() {
+                    order.swap(i, rng.below(i as u64 + 1) as usize);
+                }
+                let mut st = vec![0; rank];
+                let mut acc = 1;
+                for &d in order.iter().rev() {
+                    st[d] = if rng.below(4) == 0 { 0 } else { acc };
+                    acc *= shape[d];
+                }
+                ops.push(st);
+            }
+            let got = coalesced(&shape, [&ops[0][..], &ops[1][..], &ops[2][..]]).unwrap();
+            let n: usize = shape.iter().product();
+            for (k, l) in got.iter().enumerate() {
+                let orig = Strided::new(&shape, &ops[k]).unwrap();
+                for i in 0..n {
+                    assert_eq!(
+                        offset(l, i),
+                        offset(&orig, i),
+                        "shape {shape:?} strides {:?} element {i}",
+                        ops[k]
+                    );
+                }
+            }
+        }
     }
 }

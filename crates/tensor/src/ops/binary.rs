@@ -115,7 +115,7 @@ fn strided_pair_cuda(
     shape: &[usize],
     out_dtype: DType,
 ) -> Result<Tensor> {
-    use crate::cuda::storage::{elementwise_config, strided_of};
+    use crate::cuda::storage::{coalesced, map_config};
     use cudarc::driver::PushKernelArg;
     let out = super::cuda_uninit(dev, out_dtype, shape)?;
     let n = out.numel();
@@ -126,7 +126,7 @@ fn strided_pair_cuda(
         a.detach().broadcast_to(shape)?,
         b.detach().broadcast_to(shape)?,
     );
-    let (la, lb) = (strided_of(ea.layout())?, strided_of(eb.layout())?);
+    let [la, lb] = coalesced(shape, [ea.layout().strides(), eb.layout().strides()])?;
     let (pa, pb, po, n64) = (
         super::ptr(&ea)?,
         super::ptr(&eb)?,
@@ -140,7 +140,7 @@ fn strided_pair_cuda(
     // (the callers pick such entries, with T the operands' dtype); both operands are read
     // through layouts of the output's shape inside their storages; out is a fresh buffer of n
     // elements of U = out_dtype.
-    unsafe { super::launch(op, entry, l, elementwise_config(n))? };
+    unsafe { super::launch(op, entry, l, map_config(n))? };
     Ok(out)
 }
 
@@ -469,7 +469,7 @@ fn where_launch(
     b: &Tensor,
     shape: &[usize],
 ) -> Result<Tensor> {
-    use crate::cuda::storage::{elementwise_config, strided_of};
+    use crate::cuda::storage::{coalesced, map_config};
     use cudarc::driver::PushKernelArg;
     const OP: &str = "where";
     super::same_dtype(OP, a, b)?;
@@ -485,11 +485,14 @@ fn where_launch(
         a.detach().broadcast_to(shape)?,
         b.detach().broadcast_to(shape)?,
     );
-    let (lc, la, lb) = (
-        strided_of(em.layout())?,
-        strided_of(ea.layout())?,
-        strided_of(eb.layout())?,
-    );
+    let [lc, la, lb] = coalesced(
+        shape,
+        [
+            em.layout().strides(),
+            ea.layout().strides(),
+            eb.layout().strides(),
+        ],
+    )?;
     let (pc, pa, pb, po, n64) = (
         super::ptr(&em)?,
         super::ptr(&ea)?,
@@ -511,7 +514,7 @@ fn where_launch(
     // const T* b, T* out): the u8 mask and both operands are read through layouts of the
     // output's shape inside their storages (the mask is a u8 tensor, checked above and by
     // cuda_mask); out is a fresh buffer of n elements of T.
-    unsafe { super::launch(OP, &entry, l, elementwise_config(n))? };
+    unsafe { super::launch(OP, &entry, l, map_config(n))? };
     Ok(out)
 }
 

@@ -232,7 +232,7 @@ mod cuda_common {
         if n == 0 {
             return Ok(out);
         }
-        let lx = crate::cuda::storage::strided_of(x.layout())?;
+        let [lx] = crate::cuda::storage::coalesced(x.shape(), [x.layout().strides()])?;
         let (px, po, n64) = (ptr(x)?, ptr(&out)?, n as i64);
         let f = dev.function("elementwise", entry)?;
         let mut b = dev.stream().launch_builder(&f);
@@ -240,7 +240,7 @@ mod cuda_common {
         tail.push(&mut b);
         // SAFETY: the caller's contract gives the parameter list; x is read through its own
         // layout (inside its storage), out holds n elements of `to`.
-        unsafe { launch(op, entry, b, crate::cuda::storage::elementwise_config(n))? };
+        unsafe { launch(op, entry, b, crate::cuda::storage::map_config(n))? };
         Ok(out)
     }
 

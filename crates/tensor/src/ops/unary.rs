@@ -297,7 +297,7 @@ fn gelu_backward_cuda(
     l.arg(&n64).arg(&px).arg(&pg).arg(&pd);
     // SAFETY: gelu_backward_T(i64 n, const T* x, const T* dy, T* dx), all three contiguous
     // with n elements (x and g made dense above, dx fresh).
-    unsafe { super::launch(OP, &entry, l, crate::cuda::storage::elementwise_config(n))? };
+    unsafe { super::launch(OP, &entry, l, crate::cuda::storage::map_config(n))? };
     Ok(dx)
 }
 
