@@ -698,8 +698,10 @@ extern "C" __global__ void flash_attn_bwd_delta_bf16(AttnParams p, int D, const 
 // and V fragments in registers as well (another D/2) left ptxas spilling at D = 128, so they
 // are read from shared memory per chunk (one ldmatrix.x4 each per 16 dims: about 1 in 5 of the
 // kernel's ldmatrix at D = 64, 1 in 3 at D = 128), which costs the shared memory that limits
-// the query tile to BRQ = 16 rows at D = 128. BRQ = 64, QC = 32 (D = 64); BRQ = QC = 16
-// (D = 128).
+// the query tile to BRQ = 16 rows at D = 128. D = 64: BRQ = QC = 32 in two stages, the next
+// tile's Q and dO copied with cp.async while this one is multiplied (K and V ride in the first
+// tile's group); D = 128: BRQ = QC = 16 in one stage (a second does not fit the 48 KB of static
+// shared memory): copied, waited for, multiplied.
 //
 // dQ (flash_attn_bwd_dq_mma_bf16_dD): the forward's shape. A block owns 64 queries, each warp
 // 16, with Q and dO in registers as A fragments; per key tile of BC keys (K, V in shared memory)
@@ -716,8 +718,9 @@ extern "C" __global__ void flash_attn_bwd_delta_bf16(AttnParams p, int D, const 
 //   flash_attn_bwd_dkdv_mma_bf16_dD: gridDim = (ceil(Tk / 64), B·H)
 //   flash_attn_bwd_dq_mma_bf16_dD:   gridDim = (ceil(Tq / 64), B·H)
 // Static shared memory (bf16 rows of D + 8):
-//   dK/dV: K and V 64 rows each, Q and dO tiles BRQ rows each, lse and δ BRQ floats each,
-//          the queries' dropout keys BRQ × 8 bytes: 37 KB (D = 64) / 42.8 KB (D = 128);
+//   dK/dV: K and V 64 rows each, per stage Q and dO tiles BRQ rows each, lse and δ BRQ floats
+//          each, the queries' dropout keys BRQ × 8 bytes: 37 KB (D = 64, two stages) /
+//          42.8 KB (D = 128, one);
 //   dQ:    K and V tiles BC rows each (together they stage Q, then dO, first):
 //          18 KB (D = 64) / 17 KB (D = 128).
 // Entry points:
@@ -727,8 +730,9 @@ extern "C" __global__ void flash_attn_bwd_delta_bf16(AttnParams p, int D, const 
 template <int D>
 struct FabCfg {
     static constexpr int SLD = D + 8;              // shared row stride (bf16 elements)
-    static constexpr int BRQ = D == 128 ? 16 : 64; // dK/dV: queries per shared tile
+    static constexpr int BRQ = D == 128 ? 16 : 32; // dK/dV: queries per shared tile
     static constexpr int QC = D == 128 ? 16 : 32;  // dK/dV: queries per register chunk
+    static constexpr int STAGES = D == 128 ? 1 : 2; // dK/dV: query tiles in shared memory
     static constexpr int BC = D == 128 ? 32 : 64;  // dQ: keys per tile
 };
 
@@ -740,17 +744,20 @@ __device__ __forceinline__ void fa_dkdv_mma_body(const AttnParams& p, const bf16
                                                  const float* __restrict__ delta, bf16* __restrict__ dk,
                                                  bf16* __restrict__ dv) {
     constexpr int SLD = FabCfg<D>::SLD, BRQ = FabCfg<D>::BRQ, QC = FabCfg<D>::QC;
+    constexpr int STAGES = FabCfg<D>::STAGES;
     constexpr int KD = D / 16;  // k-steps over the head dim (Sᵀ, dPᵀ)
     constexpr int ND = D / 8;   // n8 tiles of dK and dV per warp
     constexpr int NQ = QC / 8;  // n8 tiles of a score chunk
     constexpr int KQ = QC / 16; // k-steps over a chunk's queries (dV, dK)
     __shared__ __align__(16) bf16 Ks[FAM_BR * SLD];  // the block's K and V rows, for the
     __shared__ __align__(16) bf16 Vs[FAM_BR * SLD];  // whole kernel
-    __shared__ __align__(16) bf16 Qs[BRQ * SLD];
-    __shared__ __align__(16) bf16 Gs[BRQ * SLD];     // dO
-    __shared__ __align__(16) float Ls[BRQ];          // lse in log2 units
-    __shared__ __align__(16) float Ds[BRQ];          // δ
-    __shared__ FaDropRow Zs[BRQ];                    // the queries' dropout keys
+    // Query tiles, STAGES of them: with two, the next tile's copies are in flight while this
+    // one is multiplied.
+    __shared__ __align__(16) bf16 Qss[STAGES][BRQ * SLD];
+    __shared__ __align__(16) bf16 Gss[STAGES][BRQ * SLD];  // dO
+    __shared__ __align__(16) float Lss[STAGES][BRQ];       // lse in log2 units
+    __shared__ __align__(16) float Dss[STAGES][BRQ];       // δ
+    __shared__ FaDropRow Zss[STAGES][BRQ];                 // the queries' dropout keys
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
@@ -761,8 +768,8 @@ __device__ __forceinline__ void fa_dkdv_mma_body(const AttnParams& p, const bf16
 
     // The block's K and V rows stay in shared memory; each warp reads its 16 as A fragments.
     const int frag_off = (warp * 16 + (lane & 15)) * SLD + (lane >> 4) * 8;
-    fam_load_rows<D, FAM_BR>(Ks, k + b * p.k_sb + h * p.k_sh, p.k_st, j0, p.Tk);
-    fam_load_rows<D, FAM_BR>(Vs, v + b * p.v_sb + h * p.v_sh, p.v_st, j0, p.Tk);
+    fam_load_rows_async<D, FAM_BR>(Ks, k + b * p.k_sb + h * p.k_sh, p.k_st, j0, p.Tk);
+    fam_load_rows_async<D, FAM_BR>(Vs, v + b * p.v_sb + h * p.v_sh, p.v_st, j0, p.Tk);
 
     float dka[ND][4], dva[ND][4];
 #pragma unroll
@@ -779,17 +786,43 @@ __device__ __forceinline__ void fa_dkdv_mma_body(const AttnParams& p, const bf16
     const float* db = delta + (i64)bh * p.Tq;
 
     // The first query that sees key j0 sits at position j0: query index j0 - shift.
-    for (int i0 = max(0, j0 - shift); i0 < p.Tq; i0 += BRQ) {
-        __syncthreads();  // the previous tile is no longer read
-        fam_load_rows<D, BRQ>(Qs, qb, p.q_st, i0, p.Tq);
-        fam_load_rows<D, BRQ>(Gs, gb, p.do_st, i0, p.Tq);
+    const int first = max(0, j0 - shift);
+    const int n_tiles = first < p.Tq ? (p.Tq - first + BRQ - 1) / BRQ : 0;
+    // Query tile `it` into stage it % STAGES: Q and dO by cp.async, lse, δ and the dropout
+    // keys by plain stores (visible at the barrier that follows the tile's wait).
+    auto issue = [&](int it) {
+        const int st = it % STAGES, i0 = first + it * BRQ;
+        fam_load_rows_async<D, BRQ>(Qss[st], qb, p.q_st, i0, p.Tq);
+        fam_load_rows_async<D, BRQ>(Gss[st], gb, p.do_st, i0, p.Tq);
         for (int e = threadIdx.x; e < BRQ; e += FAM_THREADS) {
             const bool in = i0 + e < p.Tq;
-            Ls[e] = in ? lb[i0 + e] * LOG2E : 0.0f;
-            Ds[e] = in ? db[i0 + e] : 0.0f;
-            if (DROP) Zs[e] = fa_drop_row(p, bh, i0 + e);
+            Lss[st][e] = in ? lb[i0 + e] * LOG2E : 0.0f;
+            Dss[st][e] = in ? db[i0 + e] : 0.0f;
+            if (DROP) Zss[st][e] = fa_drop_row(p, bh, i0 + e);
         }
-        __syncthreads();  // also publishes K and V, on the first tile
+    };
+    if (n_tiles > 0) issue(0);
+    cp_async_commit();  // K, V and query tile 0
+    for (int it = 0; it < n_tiles; ++it) {
+        const int i0 = first + it * BRQ, st = it % STAGES;
+        // Two stages: tile it + 1 goes to the stage tile it - 1 used; one stage: tile it
+        // replaces tile it - 1. Either way that tile's readers must be done.
+        const int next = STAGES == 2 ? it + 1 : it;
+        if (next > 0 && next < n_tiles) {
+            __syncthreads();
+            issue(next);
+        }
+        cp_async_commit();  // possibly empty: keeps the wait count uniform
+        if (STAGES == 2)
+            cp_async_wait<1>();  // this thread's copies of tile it (and K, V) have landed
+        else
+            cp_async_wait<0>();
+        __syncthreads();  // ... and every thread's; also publishes K and V, on the first tile
+        const bf16* Qs = Qss[st];
+        const bf16* Gs = Gss[st];
+        const float* Ls = Lss[st];
+        const float* Ds = Dss[st];
+        const FaDropRow* Zs = Zss[st];
 
 #pragma unroll 1
         for (int c0 = 0; c0 < BRQ; c0 += QC) {
