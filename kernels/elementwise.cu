@@ -17,9 +17,10 @@
 // are bitwise those of the scalar loop. Strided operands of fewer than 2^32 elements compute
 // their offsets with 32-bit divisions (strided_offset32).
 //
-// Launch: 1-D, blockDim.x = 256, gridDim.x = min(ceil(n / 2048), 65535) (about 8 elements a
-// thread: crates/tensor/src/cuda/storage.rs map_config); every kernel runs a grid-stride loop,
-// so any grid size is correct. No shared memory.
+// Launch: 1-D, blockDim.x = 256, gridDim.x = min(ceil(n / 2048), 65535) when the kernel takes
+// its vector path (about 8 elements a thread), else min(ceil(n / 256), 65535)
+// (crates/tensor/src/cuda/storage.rs map_config); every kernel runs a grid-stride loop, so any
+// grid size is correct. No shared memory.
 //
 // Entry points (T = f32 | bf16):
 //   binary_{add,sub,mul,div,maximum,minimum}_T(n, a_layout, b_layout, a, b, out)

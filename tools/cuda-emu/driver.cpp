@@ -439,6 +439,7 @@ CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* out, int d) {
     *out = &pool;
     return CUDA_SUCCESS;
 }
+CUresult cuDeviceGetMemPool(CUmemoryPool* out, int d) { return cuDeviceGetDefaultMemPool(out, d); }
 CUresult cuMemPoolSetAttribute(CUmemoryPool p, int attr, void* value) {
     if (p != &pool || !value) return CUDA_ERROR_INVALID_VALUE;
     if (attr != 4) return CUDA_ERROR_NOT_SUPPORTED;  // only CU_MEMPOOL_ATTR_RELEASE_THRESHOLD

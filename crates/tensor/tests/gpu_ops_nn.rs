@@ -653,6 +653,10 @@ fn cuda_cross_entropy_forward_and_backward() {
         x.cross_entropy(&t, Some(-100), None)
     });
     assert!(gx.to_f64_vec().iter().all(|&v| v == 0.0));
+    // The same with an empty vocabulary ([3, 0] logits, every target ignored): 0, as on the CPU.
+    let x = gpu(&Tensor::zeros(&[3, 0]));
+    let l = x.cross_entropy(&t, Some(-100), None).unwrap();
+    assert_eq!(l.item().unwrap(), 0.0);
     // Deterministic: the same loss bits twice.
     let mut rng = Rng::new(9);
     let x = gpu(&rand(&mut rng, &[16, 50257], -4.0, 4.0, DType::F32));

@@ -71,7 +71,7 @@ struct Loaded {
     functions: HashMap<String, CudaFunction>,
 }
 
-/// The device's default memory pool, the one `cuMemAllocAsync` on the engine's stream draws
+/// The device's current memory pool, the one `cuMemAllocAsync` on the engine's stream draws
 /// from.
 #[derive(Clone, Copy)]
 struct MemPool(sys::CUmemoryPool);
@@ -174,7 +174,7 @@ impl CudaDevice {
             "cuda alloc",
             "synchronising before trimming the pool",
         ))?;
-        // SAFETY: the pool is the device's default pool, valid while the context lives
+        // SAFETY: the pool is the device's current pool, valid while the context lives
         // (self.ctx keeps it alive).
         unsafe { result::mem_pool::trim_to(pool.0, 0) }
             .map_err(driver_err("cuda alloc", "cuMemPoolTrimTo"))
@@ -250,25 +250,38 @@ impl CudaDevice {
         })
     }
 
+    /// Loads PTX as a module (the driver JIT-compiles it for the card), trying once more after
+    /// trimming the memory pool when the driver runs out of memory for it: the pool may hold
+    /// most of the card (see [`keep_freed_memory`]).
+    fn load_ptx(&self, ptx: &str) -> std::result::Result<Arc<CudaModule>, DriverError> {
+        match self.ctx.load_module(Ptx::from_src(ptx)) {
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
+                // A failed trim leaves the first error to report.
+                if self.release_cached_memory().is_err() {
+                    return Err(e);
+                }
+                self.ctx.load_module(Ptx::from_src(ptx))
+            }
+            r => r,
+        }
+    }
+
     fn load(&self, kf: KernelFile) -> Result<Arc<CudaModule>> {
         let ptx = kf.ptx(self.arch, self.cache.as_ref())?;
-        match self.ctx.load_module(Ptx::from_src(ptx)) {
+        match self.load_ptx(&ptx) {
             Ok(m) => Ok(m),
             // PTX from the cache may come from a newer NVRTC than this driver accepts (the
             // cache can be filled on another machine): compile here and try once more.
             Err(first) if nvrtc::nvrtc_available() => {
                 let ptx = kf.compile(self.arch)?;
-                let m = self
-                    .ctx
-                    .load_module(Ptx::from_src(ptx.clone()))
-                    .map_err(driver_err(
-                        "cuda module",
-                        format!(
-                            "loading {} for {} (first try: {first:?})",
-                            kf.file_name(),
-                            self.arch
-                        ),
-                    ))?;
+                let m = self.load_ptx(&ptx).map_err(driver_err(
+                    "cuda module",
+                    format!(
+                        "loading {} for {} (first try: {first:?})",
+                        kf.file_name(),
+                        self.arch
+                    ),
+                ))?;
                 if let Some(c) = &self.cache {
                     let _ = c.store(&kf.cache_key(self.arch), &ptx);
                 }
@@ -282,7 +295,7 @@ impl CudaDevice {
     }
 }
 
-/// Makes the device's default memory pool keep the memory its buffers free instead of handing
+/// Makes the device's memory pool keep the memory its buffers free instead of handing
 /// it back to the driver at every synchronisation (the pool's default release threshold is 0),
 /// so that a training step's allocations after the first are served from the pool, as a
 /// caching allocator serves PyTorch's. [`CudaDevice::release_cached_memory`] trims it when an
@@ -291,7 +304,9 @@ fn keep_freed_memory(ctx: &CudaContext) -> std::result::Result<MemPool, DriverEr
     // SAFETY: ctx.cu_device() is a device handle from cuDeviceGet (the context was created on
     // it); the release threshold attribute takes a pointer to a u64, which `keep` is.
     unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
+        // The device's current pool, the one cuMemAllocAsync draws from (the default pool
+        // unless something in the process set another).
+        let pool = result::device::get_mem_pool(ctx.cu_device())?;
         let mut keep = u64::MAX;
         result::mem_pool::set_attribute(
             pool,

@@ -51,10 +51,13 @@ fn driver(op: &'static str, what: &str) -> impl FnOnce(cudarc::driver::DriverErr
     move |e| Error::cuda(op, format!("{what}: {e:?}"))
 }
 
-fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
+fn upload<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
+    // Through the engine's allocator, for its out-of-memory retry.
+    let mut s = alloc(dev, v.len(), false)?;
     dev.stream()
-        .clone_htod(v)
-        .map_err(driver("to_device", "host-to-device copy"))
+        .memcpy_htod(v, &mut s)
+        .map_err(driver("to_device", "host-to-device copy"))?;
+    Ok(s)
 }
 
 fn download<T: DeviceRepr>(dev: &CudaDevice, s: &CudaSlice<T>) -> Result<Vec<T>> {
@@ -238,13 +241,19 @@ pub fn elementwise_config(n: usize) -> LaunchConfig {
     }
 }
 
-/// Elements per thread the map kernels of kernels/elementwise.cu are launched for: one
-/// 16-byte vector of bf16 on their flat fast path.
+/// Elements per thread of a map kernel of kernels/elementwise.cu on its flat vector path: one
+/// 16-byte vector of bf16.
 pub const MAP_ELEMENTS_PER_THREAD: usize = 8;
 
-/// The launch of kernels/elementwise.cu's maps (binary, compare, unary, casts, where, dropout,
-/// GELU backward): blockDim 256, gridDim min(ceil(n / 2048), 65535), grid-stride loops.
-pub fn map_config(n: usize) -> LaunchConfig {
+/// The launch of a kernels/elementwise.cu map (binary, compare, unary, casts, where, dropout,
+/// GELU backward): blockDim 256; `vector` (the kernel takes its 16-byte vector path: every
+/// operand flat and 16-byte aligned, see [`vector_path`]): gridDim min(ceil(n / 2048), 65535),
+/// about 8 elements a thread; else one element a thread, as [`elementwise_config`]. The
+/// kernels loop grid-stride, so either is correct.
+pub fn map_config(n: usize, vector: bool) -> LaunchConfig {
+    if !vector {
+        return elementwise_config(n);
+    }
     let per_block = ELEMENTWISE_THREADS as usize * MAP_ELEMENTS_PER_THREAD;
     let blocks = n.div_ceil(per_block).clamp(1, 65535) as u32;
     LaunchConfig {
@@ -252,6 +261,13 @@ pub fn map_config(n: usize) -> LaunchConfig {
         block_dim: (ELEMENTWISE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Whether a map kernel with a vector path takes it: every operand flat (`layouts`, as
+/// [`coalesced`] gives them) and every pointer (`ptrs`, outputs included) 16-byte aligned,
+/// the test the kernels make.
+pub fn vector_path(layouts: &[super::Strided], ptrs: &[u64]) -> bool {
+    layouts.iter().all(|l| l.rank == 0) && ptrs.iter().all(|p| p % 16 == 0)
 }
 
 /// One block per row (softmax, layer norm forward, row reductions): blockDim `threads`,

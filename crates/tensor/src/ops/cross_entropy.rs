@@ -76,7 +76,13 @@ fn cross_entropy_cuda(
     let w = super::cuda_uninit(dev, DType::F32, &[rows])?;
     let inv_total = super::cuda_zeros(dev, DType::F32, &[])?;
     let lse = super::cuda_uninit(dev, DType::F32, &[rows])?;
-    let loss_rows = super::cuda_uninit(dev, DType::F32, &[rows])?;
+    // Written by the forward kernel, which runs only for a non-empty vocabulary; with an empty
+    // one (valid only when every target is ignored) the loss sums zeros.
+    let loss_rows = if v > 0 {
+        super::cuda_uninit(dev, DType::F32, &[rows])?
+    } else {
+        super::cuda_zeros(dev, DType::F32, &[rows])?
+    };
     let threads = ce_threads(v);
     let (r64, v64) = (rows as i64, v as i64);
     if rows > 0 {

@@ -118,7 +118,16 @@ fn dropout_cuda(x: &Tensor, m: &Mask) -> Result<Tensor> {
     let entry = format!("dropout_{}", super::tname(OP, x.dtype())?);
     // SAFETY: dropout_T(i64 n, Strided lx, const T* x, T* out, u64 seed, u32 threshold,
     // float scale).
-    unsafe { super::cuda_map(OP, x, x.dtype(), &entry, (m.seed, m.threshold, m.scale)) }
+    unsafe {
+        super::cuda_map(
+            OP,
+            x,
+            x.dtype(),
+            &entry,
+            false,
+            (m.seed, m.threshold, m.scale),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -214,7 +214,8 @@ mod cuda_common {
 
     /// kernels/elementwise.cu's `entry(i64 n, Strided lx, const From* x, To* out, tail…)` over
     /// `x` read through its layout, into a fresh contiguous tensor of `to` (the shape of unary
-    /// ops, casts and dropout).
+    /// ops, casts and dropout). `vector_kernel`: the entry has the flat vector path (unary_*),
+    /// which sizes the launch.
     ///
     /// # Safety
     /// `entry` must take exactly those parameters, with From = `x.dtype()`, To = `to` and the
@@ -224,6 +225,7 @@ mod cuda_common {
         x: &Tensor,
         to: DType,
         entry: &str,
+        vector_kernel: bool,
         tail: impl MapTail,
     ) -> Result<Tensor> {
         let dev = cuda_inputs(op, &[x])?.ok_or_else(|| Error::cuda(op, "input not on a GPU"))?;
@@ -240,7 +242,8 @@ mod cuda_common {
         tail.push(&mut b);
         // SAFETY: the caller's contract gives the parameter list; x is read through its own
         // layout (inside its storage), out holds n elements of `to`.
-        unsafe { launch(op, entry, b, crate::cuda::storage::map_config(n))? };
+        let vector = vector_kernel && crate::cuda::storage::vector_path(&[lx], &[px, po]);
+        unsafe { launch(op, entry, b, crate::cuda::storage::map_config(n, vector))? };
         Ok(out)
     }
 
@@ -249,7 +252,7 @@ mod cuda_common {
         const OP: &str = "cuda unary";
         let entry = format!("unary_{name}_{}", tname(OP, x.dtype())?);
         // SAFETY: unary_*_T(i64 n, Strided lx, const T* x, T* out, float p0, float p1).
-        unsafe { cuda_map(OP, x, x.dtype(), &entry, (p0, p1)) }
+        unsafe { cuda_map(OP, x, x.dtype(), &entry, true, (p0, p1)) }
     }
 
     /// A contiguous tensor of `shape` on `dev` holding a copy of the host storage `host`
@@ -438,6 +441,6 @@ mod cuda_common {
         }
         let entry = format!("cast_{}_to_{to}", x.dtype());
         // SAFETY: cast_F_to_T(i64 n, Strided lx, const F* x, T* out), F and T named above.
-        unsafe { cuda_map(OP, x, to, &entry, ()) }
+        unsafe { cuda_map(OP, x, to, &entry, false, ()) }
     }
 }

@@ -297,7 +297,8 @@ fn gelu_backward_cuda(
     l.arg(&n64).arg(&px).arg(&pg).arg(&pd);
     // SAFETY: gelu_backward_T(i64 n, const T* x, const T* dy, T* dx), all three contiguous
     // with n elements (x and g made dense above, dx fresh).
-    unsafe { super::launch(OP, &entry, l, crate::cuda::storage::map_config(n))? };
+    let vector = crate::cuda::storage::vector_path(&[], &[px, pg, pd]);
+    unsafe { super::launch(OP, &entry, l, crate::cuda::storage::map_config(n, vector))? };
     Ok(dx)
 }
 
