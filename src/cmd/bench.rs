@@ -63,9 +63,10 @@ pub struct GemmArgs {
     pub device: Device,
     /// GPU kernel family: auto (the one designed to be fastest that takes the operands), tma
     /// (TMA-fed wgmma, Hopper only), wgmma (cp.async-fed wgmma, Hopper only), mma (mma.sync
-    /// tensor cores) or simt. GPU only.
-    #[arg(long, default_value = "auto")]
-    pub kernel: String,
+    /// tensor cores) or simt. GPU only. Default: the process default, RLHF_GEMM_KERNEL if set,
+    /// else auto.
+    #[arg(long)]
+    pub kernel: Option<String>,
     /// Block-tile width of the wgmma kernels: auto (per product), 128 or 256. GPU only.
     #[arg(long, default_value = "auto")]
     pub tile_n: String,
@@ -169,7 +170,8 @@ fn gemm(args: GemmArgs) -> anyhow::Result<()> {
     if m == 0 || n == 0 || k == 0 {
         bail!("bench gemm: m, n and k must be at least 1 (got {m}, {n}, {k})");
     }
-    let kernel: rlhf_tensor::cuda::GemmKernel = args.kernel.parse()?;
+    let kernel: Option<rlhf_tensor::cuda::GemmKernel> =
+        args.kernel.as_deref().map(str::parse).transpose()?;
     let tile_n = match args.tile_n.as_str() {
         "auto" => None,
         t => match t.parse::<usize>() {
@@ -178,11 +180,13 @@ fn gemm(args: GemmArgs) -> anyhow::Result<()> {
         },
     };
     if let Device::Cuda(_) = args.device {
-        return rlhf_tensor::cuda::with_gemm_kernel(kernel, || {
-            rlhf_tensor::cuda::with_gemm_tile_n(tile_n, || gemm_cuda(&args))
-        });
+        let run = || rlhf_tensor::cuda::with_gemm_tile_n(tile_n, || gemm_cuda(&args));
+        return match kernel {
+            Some(k) => rlhf_tensor::cuda::with_gemm_kernel(k, run),
+            None => run(),
+        };
     }
-    if kernel != rlhf_tensor::cuda::GemmKernel::Auto || tile_n.is_some() {
+    if kernel.is_some_and(|k| k != rlhf_tensor::cuda::GemmKernel::Auto) || tile_n.is_some() {
         bail!("bench gemm: --kernel and --tile-n apply to --device cuda only");
     }
     if !args.dtype.eq_ignore_ascii_case("f32") {
@@ -288,10 +292,12 @@ fn gemm_cuda(args: &GemmArgs) -> anyhow::Result<()> {
     let gflops = 2.0 * m as f64 * n as f64 * k as f64 / secs / 1e9;
     let card = super::common::device_name(device);
     let name = format!("{dtype}");
+    // The family in force: --kernel, else RLHF_GEMM_KERNEL, else auto.
+    let kernel = rlhf_tensor::cuda::gemm_kernel()?.name();
     if args.common.json {
         let line = serde_json::json!({
             "op": "gemm", "m": m, "n": n, "k": k, "dtype": name, "device": device.to_string(),
-            "card": card, "kernel": args.kernel, "tile_n": args.tile_n, "seconds": secs,
+            "card": card, "kernel": kernel, "tile_n": args.tile_n, "seconds": secs,
             "gflops": gflops,
         });
         println!("{line}");
@@ -299,7 +305,7 @@ fn gemm_cuda(args: &GemmArgs) -> anyhow::Result<()> {
         println!(
             "gemm {name} m={m} n={n} k={k} on {device} ({card}), kernel {}: {:.3} ms per call, \
              {:.1} TFLOP/s (2·m·n·k flops, f32 accumulation, median of {} runs)",
-            args.kernel,
+            kernel,
             secs * 1e3,
             gflops / 1e3,
             args.common.runs

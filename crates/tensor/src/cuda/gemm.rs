@@ -7,11 +7,14 @@
 //! one designed to be fastest that accepts the operands.
 //! Benchmarks and tests pin a family with [`with_gemm_kernel`] to measure or check each against
 //! the others on the same card; the choice is per thread (matmul launches from the calling
-//! thread), so tests running in parallel do not see each other's choice.
+//! thread), so tests running in parallel do not see each other's choice. A thread that pins
+//! nothing uses the process default, `RLHF_GEMM_KERNEL` (`auto` when unset): a way to route
+//! every product of a run around a family that misbehaves on some card, with no rebuild.
 
 use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use crate::{Error, Result};
 
@@ -79,8 +82,35 @@ impl FromStr for GemmKernel {
 }
 
 thread_local! {
-    static CHOICE: Cell<GemmKernel> = const { Cell::new(GemmKernel::Auto) };
+    /// The family pinned on this thread (None: the process default).
+    static CHOICE: Cell<Option<GemmKernel>> = const { Cell::new(None) };
     static TILE_N: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The environment variable naming the process's default GEMM family (`auto`, `tma`, `wgmma`,
+/// `mma` or `simt`), read once, at the first product.
+pub const GEMM_KERNEL_ENV: &str = "RLHF_GEMM_KERNEL";
+
+/// The family `value` (the contents of [`GEMM_KERNEL_ENV`]; unset or empty: auto) names.
+pub fn parse_default_gemm_kernel(value: Option<&str>) -> Result<GemmKernel> {
+    default_from(value).map_err(|e| Error::cuda("gemm kernel", e))
+}
+
+fn default_from(value: Option<&str>) -> std::result::Result<GemmKernel, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(GemmKernel::Auto),
+        Some(v) => v.parse().map_err(|_| {
+            format!("{GEMM_KERNEL_ENV}={v:?}: expected auto, tma, wgmma, mma or simt")
+        }),
+    }
+}
+
+fn process_default() -> Result<GemmKernel> {
+    static DEFAULT: OnceLock<std::result::Result<GemmKernel, String>> = OnceLock::new();
+    DEFAULT
+        .get_or_init(|| default_from(std::env::var(GEMM_KERNEL_ENV).ok().as_deref()))
+        .clone()
+        .map_err(|e| Error::cuda("gemm kernel", e))
 }
 
 /// The block-tile widths of the wgmma kernels (`gemm_{tma,wgmma}_*_n128` / `_n256`).
@@ -106,21 +136,25 @@ pub fn with_gemm_tile_n<R>(tile_n: Option<usize>, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// The GEMM kernel family matmul uses on this thread.
-pub fn gemm_kernel() -> GemmKernel {
-    CHOICE.with(|c| c.get())
+/// The GEMM kernel family matmul uses on this thread: the one pinned by [`with_gemm_kernel`],
+/// else the process default ([`GEMM_KERNEL_ENV`]); an unknown name there is an error.
+pub fn gemm_kernel() -> Result<GemmKernel> {
+    match CHOICE.with(|c| c.get()) {
+        Some(k) => Ok(k),
+        None => process_default(),
+    }
 }
 
 /// Runs `f` with matmul pinned to `kernel` on this thread, then restores the previous choice
 /// (also when `f` panics).
 pub fn with_gemm_kernel<R>(kernel: GemmKernel, f: impl FnOnce() -> R) -> R {
-    struct Restore(GemmKernel);
+    struct Restore(Option<GemmKernel>);
     impl Drop for Restore {
         fn drop(&mut self) {
             CHOICE.with(|c| c.set(self.0));
         }
     }
-    let _restore = Restore(CHOICE.with(|c| c.replace(kernel)));
+    let _restore = Restore(CHOICE.with(|c| c.replace(Some(kernel))));
     f()
 }
 
@@ -150,23 +184,42 @@ mod tests {
 
     #[test]
     fn the_choice_is_scoped_and_per_thread() {
-        assert_eq!(gemm_kernel(), GemmKernel::Auto);
+        // The unpinned choice is the process default (RLHF_GEMM_KERNEL, unset in tests).
+        let default = gemm_kernel().unwrap();
         with_gemm_kernel(GemmKernel::Simt, || {
-            assert_eq!(gemm_kernel(), GemmKernel::Simt);
+            assert_eq!(gemm_kernel().unwrap(), GemmKernel::Simt);
             with_gemm_kernel(GemmKernel::Mma, || {
-                assert_eq!(gemm_kernel(), GemmKernel::Mma)
+                assert_eq!(gemm_kernel().unwrap(), GemmKernel::Mma)
             });
-            assert_eq!(gemm_kernel(), GemmKernel::Simt);
+            assert_eq!(gemm_kernel().unwrap(), GemmKernel::Simt);
             // Another thread starts from the default.
-            std::thread::spawn(|| assert_eq!(gemm_kernel(), GemmKernel::Auto))
+            std::thread::spawn(move || assert_eq!(gemm_kernel().unwrap(), default))
                 .join()
                 .unwrap();
         });
-        assert_eq!(gemm_kernel(), GemmKernel::Auto);
+        assert_eq!(gemm_kernel().unwrap(), default);
         let caught = std::panic::catch_unwind(|| {
             with_gemm_kernel(GemmKernel::Simt, || panic!("inside"));
         });
         assert!(caught.is_err());
-        assert_eq!(gemm_kernel(), GemmKernel::Auto);
+        assert_eq!(gemm_kernel().unwrap(), default);
+    }
+
+    #[test]
+    fn the_process_default_comes_from_the_environment_value() {
+        assert_eq!(parse_default_gemm_kernel(None).unwrap(), GemmKernel::Auto);
+        assert_eq!(
+            parse_default_gemm_kernel(Some(" ")).unwrap(),
+            GemmKernel::Auto
+        );
+        assert_eq!(
+            parse_default_gemm_kernel(Some("wgmma")).unwrap(),
+            GemmKernel::Wgmma
+        );
+        let e = parse_default_gemm_kernel(Some("cublas"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RLHF_GEMM_KERNEL=\"cublas\""), "{e}");
+        assert!(e.contains("expected auto, tma, wgmma, mma or simt"), "{e}");
     }
 }

@@ -23,7 +23,8 @@ pub use arch::Arch;
 pub use cache::{PtxCache, PtxKey};
 pub use device::{device_count, driver_available, CudaDevice};
 pub use gemm::{
-    gemm_kernel, gemm_tile_n, with_gemm_kernel, with_gemm_tile_n, GemmKernel, WGMMA_TILE_NS,
+    gemm_kernel, gemm_tile_n, parse_default_gemm_kernel, with_gemm_kernel, with_gemm_tile_n,
+    GemmKernel, GEMM_KERNEL_ENV, WGMMA_TILE_NS,
 };
 pub use kernels::{KernelFile, KERNEL_FILES};
 pub use nvrtc::{compile_ptx, nvrtc_available, nvrtc_version, ptx_entry_points};

@@ -439,6 +439,33 @@ mod cuda {
     /// for dK/dV.
     const MMA_ROWS: usize = 64;
     const MMA_THREADS: u32 = 128;
+    /// The environment variable that keeps attention on the SIMT kernels: `simt`; `auto` (or
+    /// unset) lets the tensor-core kernels take the operands they accept. Read once; a way to
+    /// route a run around the tensor-core kernels on a card where they misbehave, with no
+    /// rebuild. Anything else is an error at the first attention launch.
+    pub const ATTENTION_KERNEL_ENV: &str = "RLHF_ATTENTION_KERNEL";
+
+    /// Whether `value` (the contents of [`ATTENTION_KERNEL_ENV`]) lets attention use the
+    /// tensor cores; Err: what is wrong with it.
+    fn allowed_by(value: Option<&str>) -> std::result::Result<bool, String> {
+        match value.map(str::trim) {
+            None | Some("") | Some("auto") => Ok(true),
+            Some("simt") => Ok(false),
+            Some(v) => Err(format!(
+                "{ATTENTION_KERNEL_ENV}={v:?}: expected auto or simt"
+            )),
+        }
+    }
+
+    fn tensor_cores_allowed() -> Result<bool> {
+        static ALLOWED: std::sync::OnceLock<std::result::Result<bool, String>> =
+            std::sync::OnceLock::new();
+        ALLOWED
+            .get_or_init(|| allowed_by(std::env::var(ATTENTION_KERNEL_ENV).ok().as_deref()))
+            .clone()
+            .map_err(|e| Error::cuda("causal_attention", e))
+    }
+
     /// The delta kernel: one warp per row, 8 warps per block.
     const DELTA_THREADS: u32 = 256;
     const DELTA_ROWS_PER_BLOCK: usize = 8;
@@ -630,7 +657,7 @@ mod cuda {
     fn forward_plan(pr: &Problem, [q, k, v, o]: [&Operand; 4], lse: u64) -> Result<Vec<Launch>> {
         pr.check()?;
         let tn = tname(pr.op, pr.dtype)?;
-        let (entry, rows, threads) = if pr.mma_applies(&[q, k, v, o]) {
+        let (entry, rows, threads) = if tensor_cores_allowed()? && pr.mma_applies(&[q, k, v, o]) {
             (
                 format!("flash_attn_fwd_mma_bf16_d{}", pr.d),
                 MMA_ROWS,
@@ -692,7 +719,8 @@ mod cuda {
         };
         let (gq, gk, gv) = (grads(dq, q), grads(dk, k), grads(dv, v));
         // (kernel name stem, rows per block, threads) of the dK/dV and dQ kernels.
-        let (stem, rows, threads) = if pr.mma_applies(&[q, k, v, o, dout, &gq, &gk, &gv]) {
+        let mma = tensor_cores_allowed()? && pr.mma_applies(&[q, k, v, o, dout, &gq, &gk, &gv]);
+        let (stem, rows, threads) = if mma {
             let stem = if pr.dropout().is_some() {
                 "mma_drop_bf16"
             } else {
@@ -1292,6 +1320,14 @@ mod cuda {
                 ptr: 256,
                 st: [8192, 64, 192],
             };
+            assert!(allowed_by(None).unwrap());
+            assert!(allowed_by(Some("auto")).unwrap());
+            assert!(!allowed_by(Some("simt")).unwrap());
+            let e = allowed_by(Some("mma")).unwrap_err();
+            assert!(
+                e.contains("RLHF_ATTENTION_KERNEL=\"mma\": expected auto or simt"),
+                "{e}"
+            );
             assert!(pr.mma_applies(&[&ok, &ok]));
             assert!(!pr.mma_applies(&[&ok, &Operand { ptr: 258, ..ok }]));
             assert!(!pr.mma_applies(&[&Operand {

@@ -277,7 +277,7 @@ fn matmul_cuda(
     let nb: usize = batch.iter().product();
     // bf16 operands the tensor cores cannot take only for their leading dim or alignment (an
     // LM head's 50257-wide gradient) are copied to padded rows first.
-    let (oa, ob) = if tn == "bf16" && crate::cuda::gemm_kernel() != GemmKernel::Simt {
+    let (oa, ob) = if tn == "bf16" && crate::cuda::gemm_kernel()? != GemmKernel::Simt {
         (
             repitch_for_tensor_cores(dev, oa, nb, m, k)?,
             repitch_for_tensor_cores(dev, ob, nb, k, n)?,
@@ -317,7 +317,7 @@ fn matmul_cuda(
             format!("m = {m}, n = {n}, k = {k}: the GEMM kernels take sizes below 2^31"),
         ));
     }
-    let choice = crate::cuda::gemm_kernel();
+    let choice = crate::cuda::gemm_kernel()?;
     let has_wgmma = dev.arch().has_wgmma();
     if matches!(choice, GemmKernel::Tma | GemmKernel::Wgmma) && !has_wgmma {
         return Err(Error::cuda(
