@@ -263,8 +263,10 @@ impl Trainer {
             }
             let l = loss(i, self.dropout_seed(step, i))?;
             let scale = if total > 0.0 { w / total } else { 0.0 };
-            loss_sum += f64::from(l.item()?) * scale;
             l.mul_scalar(scale as f32)?.backward()?;
+            // Read after the backward is queued: on a GPU, reading the loss waits for the
+            // device, which then has the whole backward to run meanwhile.
+            loss_sum += f64::from(l.item()?) * scale;
         }
         let grad_norm = match self.config.max_grad_norm {
             Some(max) => clip_grad_norm(&self.params, max)?,
