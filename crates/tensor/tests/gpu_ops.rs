@@ -86,7 +86,7 @@ fn cuda_out_of_memory_is_an_error_and_cached_memory_is_given_back() {
 /// scalar path, bit for bit: the same values once in fresh (aligned) buffers, once at an
 /// element offset of 1 (contiguous but misaligned, so the kernels take the scalar loop), for
 /// lengths around the vector width. Binary ops, a broadcast bias add (coalesced to a flat and a
-/// 2-D operand), unary ops with parameters, and GELU's backward.
+/// 2-D operand), unary ops with parameters, the f32 ↔ bf16 casts, and GELU's backward.
 #[test]
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn cuda_elementwise_fast_paths_match_the_scalar_path_bitwise() {
@@ -131,6 +131,17 @@ fn cuda_elementwise_fast_paths_match_the_scalar_path_bitwise() {
                 ("exp", Box::new(|x, _| x.exp())),
                 ("clamp", Box::new(|x, _| x.clamp(-0.5, 1.25))),
                 ("add_scalar", Box::new(|x, _| x.add_scalar(0.375))),
+                // The float casts (f32 → bf16 rounds; bf16 → f32 is exact).
+                (
+                    "cast",
+                    Box::new(|x, _| {
+                        x.to_dtype(if x.dtype() == DType::F32 {
+                            DType::BF16
+                        } else {
+                            DType::F32
+                        })
+                    }),
+                ),
             ];
             for (name, f) in &cases {
                 let fast = f(&a, &b).unwrap().to_device(Device::Cpu).unwrap();

@@ -440,7 +440,12 @@ mod cuda_common {
             ));
         }
         let entry = format!("cast_{}_to_{to}", x.dtype());
+        // The two float casts have the flat vector path.
+        let vector = matches!(
+            (x.dtype(), to),
+            (DType::F32, DType::BF16) | (DType::BF16, DType::F32)
+        );
         // SAFETY: cast_F_to_T(i64 n, Strided lx, const F* x, T* out), F and T named above.
-        unsafe { cuda_map(OP, x, to, &entry, false, ()) }
+        unsafe { cuda_map(OP, x, to, &entry, vector, ()) }
     }
 }
