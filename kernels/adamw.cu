@@ -20,21 +20,45 @@
 // p_out may be p_in (an in-place update of master weights): each element is read and then
 // written by the same thread, so those two pointers are not __restrict__.
 //
-// Launch: blockDim.x = 256, gridDim.x = min(ceil(n / 256), 65535), grid-stride loop.
+// Gradient clipping folded in: `clip` (null: none) points at [norm, scale] in device memory,
+// written by adamw_clip_scale from the gradients' sum of squares, so clipping needs no host
+// round trip and no pass of its own. Each gradient element is read as g · scale (scale = 1
+// when the norm is within the bound: g · 1 is g exactly, so unclipped steps are bitwise the
+// unfused ones). A non-finite norm skips the update: p_out and the bf16 copy get the old
+// value, m and v are left alone.
+//   adamw_clip_scale: norm = sqrt(sumsq) (correctly rounded, as the host's f64 sqrt rounded to
+//   f32), scale = max_norm / norm when norm is finite, positive and above max_norm, else 1:
+//   the numbers crates/tensor/src/optim.rs clip_grad_norm computes on the host.
 //
-// Entry points: adamw_f32(n, p_in, p_out, g, m, v, p_bf16, decay, beta1, one_minus_beta1,
-//                         beta2, one_minus_beta2, inv_bc2_sqrt, eps, step_size)
+// Launch: blockDim.x = 256, gridDim.x = min(ceil(n / 256), 65535), grid-stride loop;
+// adamw_clip_scale: one thread.
+//
+// Entry points: adamw_f32(n, p_in, p_out, g, m, v, p_bf16, clip, decay, beta1,
+//                         one_minus_beta1, beta2, one_minus_beta2, inv_bc2_sqrt, eps, step_size)
 //               adamw_bf16grad(same, with g bf16)
+//               adamw_clip_scale(sumsq, max_norm, clip)
 
 template <typename G>
 __device__ __forceinline__ void adamw_body(i64 n, const float* p_in, float* p_out,
                                            const G* __restrict__ g, float* __restrict__ m,
                                            float* __restrict__ v, bf16* __restrict__ p_bf16,
-                                           float decay, float beta1, float one_minus_beta1,
-                                           float beta2, float one_minus_beta2, float inv_bc2_sqrt,
-                                           float eps, float step_size) {
+                                           const float* __restrict__ clip, float decay, float beta1,
+                                           float one_minus_beta1, float beta2, float one_minus_beta2,
+                                           float inv_bc2_sqrt, float eps, float step_size) {
+    float gscale = 1.0f;
+    if (clip) {
+        if (!isfinite(clip[0])) {
+            for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+                const float pi = p_in[i];
+                p_out[i] = pi;
+                if (p_bf16) p_bf16[i] = f32_to_bf16(pi);
+            }
+            return;
+        }
+        gscale = clip[1];
+    }
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const float gi = load_f32(g + i);
+        const float gi = __fmul_rn(load_f32(g + i), gscale);
         const float decayed = __fmul_rn(p_in[i], decay);
         const float mi = fmaf(beta1, m[i], __fmul_rn(one_minus_beta1, gi));
         const float vi = fmaf(beta2, v[i], __fmul_rn(__fmul_rn(one_minus_beta2, gi), gi));
@@ -50,12 +74,21 @@ __device__ __forceinline__ void adamw_body(i64 n, const float* p_in, float* p_ou
 #define ADAMW_KERNEL(name, G)                                                                      \
     extern "C" __global__ void name(i64 n, const float* p_in, float* p_out, const G* __restrict__ g, \
                                     float* __restrict__ m, float* __restrict__ v,                  \
-                                    bf16* __restrict__ p_bf16, float decay, float beta1,           \
-                                    float one_minus_beta1, float beta2, float one_minus_beta2,     \
-                                    float inv_bc2_sqrt, float eps, float step_size) {              \
-        adamw_body<G>(n, p_in, p_out, g, m, v, p_bf16, decay, beta1, one_minus_beta1, beta2,      \
+                                    bf16* __restrict__ p_bf16, const float* __restrict__ clip,     \
+                                    float decay, float beta1, float one_minus_beta1, float beta2,  \
+                                    float one_minus_beta2, float inv_bc2_sqrt, float eps,          \
+                                    float step_size) {                                             \
+        adamw_body<G>(n, p_in, p_out, g, m, v, p_bf16, clip, decay, beta1, one_minus_beta1, beta2, \
                       one_minus_beta2, inv_bc2_sqrt, eps, step_size);                              \
     }
 
 ADAMW_KERNEL(adamw_f32, float)
 ADAMW_KERNEL(adamw_bf16grad, bf16)
+
+extern "C" __global__ void adamw_clip_scale(const float* __restrict__ sumsq, float max_norm,
+                                            float* __restrict__ clip) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const float norm = __fsqrt_rn(sumsq[0]);
+    clip[0] = norm;
+    clip[1] = isfinite(norm) && norm > max_norm && norm > 0.0f ? __fdiv_rn(max_norm, norm) : 1.0f;
+}

@@ -718,6 +718,10 @@ inline float __fdividef(float a, float b) { return a / b; }
 inline float __expf(float a) { return std::exp(a); }
 inline float __logf(float a) { return std::log(a); }
 inline float __saturatef(float a) { return a < 0.0f ? 0.0f : (a > 1.0f ? 1.0f : a); }
+// CUDA's math API classifies floats with unqualified isfinite / isnan / isinf.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

@@ -9,7 +9,7 @@
 use crate::error::{ModelError, Result};
 use crate::gpt::Gpt;
 use crate::weights::GptWeights;
-use rlhf_tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, AdamWState, CosineSchedule};
+use rlhf_tensor::optim::{AdamW, AdamWConfig, AdamWState, CosineSchedule};
 use rlhf_tensor::{DType, Device, Parameter, Rng, Tensor};
 use std::sync::Arc;
 
@@ -180,7 +180,6 @@ pub struct StepStats {
 /// AdamW with a schedule, clipping and gradient accumulation over a fixed parameter list.
 pub struct Trainer {
     optimizer: AdamW,
-    params: Vec<Parameter>,
     config: TrainConfig,
 }
 
@@ -196,10 +195,8 @@ impl Trainer {
     /// state in checkpoints). For a model on a GPU, move it first ([`Gpt::to_device`]): the
     /// optimiser keeps its f32 moments beside the parameters it is given.
     pub fn new(params: Vec<(String, Parameter)>, config: TrainConfig) -> Trainer {
-        let list = params.iter().map(|(_, p)| p.clone()).collect();
         Trainer {
             optimizer: AdamW::new(params, config.adamw),
-            params: list,
             config,
         }
     }
@@ -268,20 +265,18 @@ impl Trainer {
             // device, which then has the whole backward to run meanwhile.
             loss_sum += f64::from(l.item()?) * scale;
         }
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max) => clip_grad_norm(&self.params, max)?,
-            None => clip_grad_norm(&self.params, f32::INFINITY)?,
-        };
+        // Clipping and the update in one (on a GPU: no host round trip in between); a
+        // non-finite norm takes no step.
+        let lr = self.config.schedule.lr(step);
+        let max = self.config.max_grad_norm.unwrap_or(f32::INFINITY);
+        let grad_norm = self.optimizer.step_clipped(lr, max)?;
+        self.optimizer.zero_grad();
         if !grad_norm.is_finite() {
-            self.optimizer.zero_grad();
             return Err(ModelError::invalid(
                 "train_step",
                 format!("gradient norm is {grad_norm} at step {step}; the step was not taken"),
             ));
         }
-        let lr = self.config.schedule.lr(step);
-        self.optimizer.step(lr)?;
-        self.optimizer.zero_grad();
         Ok(StepStats {
             step,
             loss: loss_sum as f32,

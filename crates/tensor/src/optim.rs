@@ -130,6 +130,53 @@ impl AdamW {
     /// A gradient on another device than its parameter, or of another shape, is an error,
     /// reported before any parameter changes.
     pub fn step(&mut self, lr: f32) -> Result<()> {
+        self.step_inner(lr, None)
+    }
+
+    /// [`clip_grad_norm`] to `max_norm` (`f32::INFINITY`: measure only), then, when the norm
+    /// is finite, [`AdamW::step`]; returns the norm before clipping. A non-finite norm takes no
+    /// step: no value, moment or step count changes, and the gradients stay as they are.
+    ///
+    /// When every gradient is on one GPU the clipping is folded into the update: the norm and
+    /// the scale stay in device memory (kernels/adamw.cu `adamw_clip_scale`) and the update
+    /// kernel scales each gradient element as it reads it, so there is no host round trip
+    /// before the update and no pass of its own over the gradients; the norm is read once the
+    /// update is queued. The numbers are clip_grad_norm's (the same f32 device sum of squares,
+    /// square root and scale), and the gradients themselves are not rescaled.
+    pub fn step_clipped(&mut self, lr: f32, max_norm: f32) -> Result<f32> {
+        #[cfg(feature = "cuda")]
+        {
+            let grads: Vec<Tensor> = self.slots.iter().filter_map(|s| s.param.grad()).collect();
+            let one_gpu = match grads.first().map(|g| g.device()) {
+                Some(Device::Cuda(o)) if grads.iter().all(|g| g.device() == Device::Cuda(o)) => {
+                    Some(o)
+                }
+                _ => None,
+            };
+            if let Some(o) = one_gpu {
+                let dev = crate::cuda::device(o)?;
+                let refs: Vec<&Tensor> = grads.iter().collect();
+                let clip = cuda::clip_on_device(&dev, &refs, max_norm)?;
+                self.step_inner(lr, Some(&clip))?;
+                let norm = clip.to_device(Device::Cpu)?.to_f64_vec()[0] as f32;
+                if !norm.is_finite() {
+                    // The kernels kept every value and moment: only the count moved.
+                    self.step -= 1;
+                }
+                return Ok(norm);
+            }
+        }
+        let params: Vec<Parameter> = self.slots.iter().map(|s| s.param.clone()).collect();
+        let norm = clip_grad_norm(&params, max_norm)?;
+        if norm.is_finite() {
+            self.step(lr)?;
+        }
+        Ok(norm)
+    }
+
+    /// [`AdamW::step`], with `clip` ([norm, scale] on the gradients' GPU, from
+    /// `cuda::clip_on_device`) folded into the CUDA updates.
+    fn step_inner(&mut self, lr: f32, clip: Option<&Tensor>) -> Result<()> {
         let mut work = Vec::with_capacity(self.slots.len());
         for (i, slot) in self.slots.iter().enumerate() {
             let Some(grad) = slot.param.grad() else {
@@ -166,7 +213,10 @@ impl AdamW {
             match value.device() {
                 Device::Cpu => step_cpu(slot, &value, &grad, lr, c, wd, self.step)?,
                 #[cfg(feature = "cuda")]
-                Device::Cuda(_) => cuda::step(slot, &value, &grad, lr, c, wd, self.step)?,
+                Device::Cuda(_) => {
+                    let k = AdamStepConstants::new(lr, c, wd, self.step);
+                    cuda::step(slot, &value, &grad, k, clip)?
+                }
                 #[cfg(not(feature = "cuda"))]
                 Device::Cuda(_) => {
                     return Err(Error::cuda(
@@ -374,7 +424,7 @@ impl AdamStepConstants {
 /// AdamW and gradient norms on CUDA devices.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{AdamStepConstants, AdamWConfig, Moments, Slot};
+    use super::{AdamStepConstants, Moments, Slot};
     use crate::cuda::{CudaDevice, CudaStorage};
     use crate::ops::{cuda_uninit, cuda_zeros, dense, launch, ptr};
     use crate::{DType, Device, Error, Result, Tensor};
@@ -434,10 +484,8 @@ mod cuda {
         slot: &mut Slot,
         value: &Tensor,
         grad: &Tensor,
-        lr: f32,
-        c: AdamWConfig,
-        wd: f32,
-        step: u64,
+        k: AdamStepConstants,
+        clip: Option<&Tensor>,
     ) -> Result<()> {
         let dev = value
             .cuda_storage()
@@ -484,7 +532,6 @@ mod cuda {
             return Ok(());
         }
         let g = dense(grad)?;
-        let k = AdamStepConstants::new(lr, c, wd, step);
         // (p_in, p_out, p_bf16 copy-out, the parameter's new value)
         let (p_in, p_out, bf16_out, new_value) = match value.dtype() {
             DType::F32 => {
@@ -529,14 +576,20 @@ mod cuda {
             .arg(&pg)
             .arg(&pm)
             .arg(&pv);
-        l.arg(&bf16_out);
+        // [norm, scale] from clip_on_device (0: no clipping in the kernel).
+        let pclip = match clip {
+            Some(c) => ptr(c)?,
+            None => 0u64,
+        };
+        l.arg(&bf16_out).arg(&pclip);
         l.arg(&k.decay).arg(&k.beta1).arg(&k.one_minus_beta1);
         l.arg(&k.beta2).arg(&k.one_minus_beta2);
         l.arg(&k.inv_bias_correction2_sqrt)
             .arg(&k.eps)
             .arg(&k.step_size);
         // SAFETY: adamw_{f32,bf16grad}(i64 n, const float* p_in, float* p_out, const G* g,
-        // float* m, float* v, bf16* p_bf16, 8 × float): every buffer is contiguous with n
+        // float* m, float* v, bf16* p_bf16, const float* clip, 8 × float): clip null or two
+        // floats on this device (clip_on_device); every other buffer is contiguous with n
         // elements (p_in, g dense copies or contiguous already; m, v allocated with n; p_out
         // and the bf16 copy fresh, or p_out = p_in, the master weights, which the kernel
         // updates element by element in place, as its header allows). m, v and the master are
@@ -547,15 +600,9 @@ mod cuda {
     }
 
     /// Σ x² over every gradient in `grads` (each on a CUDA device), in f64 from f32 device
-    /// totals: per device, reduce_sumsq_partial_T writes per-block partial sums of each
-    /// gradient into one f32 buffer and reduce_sum_rows_f32 adds them up; one copy of that
-    /// single float to the host per device.
+    /// totals ([`device_sumsq`] per device); one copy of that single float to the host per
+    /// device.
     pub(super) fn sum_of_squares(grads: &[Tensor]) -> Result<f64> {
-        const OP: &str = "clip_grad_norm";
-        const THREADS: u32 = 256;
-        // Blocks per gradient: from its length alone (so the result does not depend on the
-        // card), at most 1024, as reduce.cu's header suggests.
-        let blocks = |n: usize| n.div_ceil(4096).clamp(1, 1024);
         let mut ordinals: Vec<usize> = Vec::new();
         for g in grads {
             if let Device::Cuda(o) = g.device() {
@@ -567,66 +614,118 @@ mod cuda {
         let mut total = 0.0f64;
         for o in ordinals {
             let dev = crate::cuda::device(o)?;
-            let mine: Vec<Tensor> = grads
+            let mine: Vec<&Tensor> = grads
                 .iter()
-                .filter(|g| g.device() == Device::Cuda(o) && g.numel() > 0)
-                .map(dense)
-                .collect::<Result<_>>()?;
-            let n_partial: usize = mine.iter().map(|g| blocks(g.numel())).sum();
-            if n_partial == 0 {
-                continue;
-            }
-            let partial = CudaStorage::uninit(&dev, DType::F32, n_partial)?;
-            let mut at = 0;
-            for g in &mine {
-                let entry = match g.dtype() {
-                    DType::F32 => "reduce_sumsq_partial_f32",
-                    DType::BF16 => "reduce_sumsq_partial_bf16",
-                    d => {
-                        return Err(Error::cuda(
-                            OP,
-                            format!(
-                                "gradient {:?} of dtype {d}: expected f32 or bf16",
-                                g.shape()
-                            ),
-                        ))
-                    }
-                };
-                let nb = blocks(g.numel());
-                let (n64, px, pp) = (g.numel() as i64, ptr(g)?, partial.ptr(at));
-                let f = dev.function("reduce", entry)?;
-                let mut l = dev.stream().launch_builder(&f);
-                l.arg(&n64).arg(&px).arg(&pp);
-                let cfg = LaunchConfig {
-                    grid_dim: (nb as u32, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: reduce_sumsq_partial_T(i64 n, const T* x, float* partial): x a
-                // contiguous gradient of n elements; block b writes partial[b] for b < nb,
-                // inside this gradient's nb slots of the n_partial-float buffer.
-                unsafe { launch(OP, entry, l, cfg)? };
-                at += nb;
-            }
-            let out = CudaStorage::uninit(&dev, DType::F32, 1)?;
-            let (rows, cols, scale) = (1i64, n_partial as i64, 1.0f32);
-            let (pp, po) = (partial.ptr(0), out.ptr(0));
-            let entry = "reduce_sum_rows_f32";
-            let f = dev.function("reduce", entry)?;
-            let mut l = dev.stream().launch_builder(&f);
-            l.arg(&rows).arg(&cols).arg(&pp).arg(&po).arg(&scale);
-            // SAFETY: reduce_sum_rows_f32(i64 rows, i64 cols, const float* x, float* out,
-            // float scale): one row of the n_partial partial sums, one f32 out.
-            unsafe { launch(OP, entry, l, crate::cuda::storage::rows_config(1, THREADS))? };
+                .filter(|g| g.device() == Device::Cuda(o))
+                .collect();
             // The one synchronisation: the copy waits for the stream.
-            let host = out.to_host()?;
+            let host = device_sumsq(&dev, &mine)?.to_host()?;
             let sum = host
                 .as_slice::<f32>()
                 .and_then(|s| s.first().copied())
-                .ok_or_else(|| Error::cuda(OP, "the device total did not come back as one f32"))?;
+                .ok_or_else(|| {
+                    Error::cuda(CLIP, "the device total did not come back as one f32")
+                })?;
             total += f64::from(sum);
         }
         Ok(total)
+    }
+
+    const CLIP: &str = "clip_grad_norm";
+
+    /// Σ x² over `grads` (all on `dev`) as one f32 in device memory: reduce_sumsq_partial_T
+    /// writes per-block partial sums of each gradient into one f32 buffer and
+    /// reduce_sum_rows_f32 adds them up, in a fixed order (deterministic).
+    fn device_sumsq(dev: &Arc<CudaDevice>, grads: &[&Tensor]) -> Result<CudaStorage> {
+        const THREADS: u32 = 256;
+        // Blocks per gradient: from its length alone (so the result does not depend on the
+        // card), at most 1024, as reduce.cu's header suggests.
+        let blocks = |n: usize| n.div_ceil(4096).clamp(1, 1024);
+        let mine: Vec<Tensor> = grads
+            .iter()
+            .filter(|g| g.numel() > 0)
+            .map(|g| dense(g))
+            .collect::<Result<_>>()?;
+        let n_partial: usize = mine.iter().map(|g| blocks(g.numel())).sum();
+        if n_partial == 0 {
+            return CudaStorage::zeros(dev, DType::F32, 1);
+        }
+        let partial = CudaStorage::uninit(dev, DType::F32, n_partial)?;
+        let mut at = 0;
+        for g in &mine {
+            let entry = match g.dtype() {
+                DType::F32 => "reduce_sumsq_partial_f32",
+                DType::BF16 => "reduce_sumsq_partial_bf16",
+                d => {
+                    return Err(Error::cuda(
+                        CLIP,
+                        format!(
+                            "gradient {:?} of dtype {d}: expected f32 or bf16",
+                            g.shape()
+                        ),
+                    ))
+                }
+            };
+            let nb = blocks(g.numel());
+            let (n64, px, pp) = (g.numel() as i64, ptr(g)?, partial.ptr(at));
+            let f = dev.function("reduce", entry)?;
+            let mut l = dev.stream().launch_builder(&f);
+            l.arg(&n64).arg(&px).arg(&pp);
+            let cfg = LaunchConfig {
+                grid_dim: (nb as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: reduce_sumsq_partial_T(i64 n, const T* x, float* partial): x a
+            // contiguous gradient of n elements; block b writes partial[b] for b < nb,
+            // inside this gradient's nb slots of the n_partial-float buffer.
+            unsafe { launch(CLIP, entry, l, cfg)? };
+            at += nb;
+        }
+        let out = CudaStorage::uninit(dev, DType::F32, 1)?;
+        let (rows, cols, scale) = (1i64, n_partial as i64, 1.0f32);
+        let (pp, po) = (partial.ptr(0), out.ptr(0));
+        let entry = "reduce_sum_rows_f32";
+        let f = dev.function("reduce", entry)?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&rows).arg(&cols).arg(&pp).arg(&po).arg(&scale);
+        // SAFETY: reduce_sum_rows_f32(i64 rows, i64 cols, const float* x, float* out,
+        // float scale): one row of the n_partial partial sums, one f32 out.
+        unsafe {
+            launch(
+                CLIP,
+                entry,
+                l,
+                crate::cuda::storage::rows_config(1, THREADS),
+            )?
+        };
+        Ok(out)
+    }
+
+    /// The global norm of `grads` (all on `dev`) and the clip scale for `max_norm`, as
+    /// [norm, scale] f32 in device memory (adamw.cu's adamw_clip_scale): what the fused update
+    /// reads, with no host synchronisation.
+    pub(super) fn clip_on_device(
+        dev: &Arc<CudaDevice>,
+        grads: &[&Tensor],
+        max_norm: f32,
+    ) -> Result<Tensor> {
+        let sumsq = device_sumsq(dev, grads)?;
+        let clip = cuda_uninit(dev, DType::F32, &[2])?;
+        let (ps, pc) = (sumsq.ptr(0), ptr(&clip)?);
+        let entry = "adamw_clip_scale";
+        let f = dev.function("adamw", entry)?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&ps).arg(&max_norm).arg(&pc);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: adamw_clip_scale(const float* sumsq, float max_norm, float* clip): one f32
+        // in, two f32 out, both buffers on this device.
+        unsafe { launch(CLIP, entry, l, cfg)? };
+        Ok(clip)
     }
 }
 
@@ -688,6 +787,57 @@ mod tests {
         let bad = AdamW::new(vec![("b".into(), a)], AdamWConfig::default());
         let mut bad = bad;
         assert!(bad.load_state(&st).is_err());
+    }
+
+    #[test]
+    fn step_clipped_is_clip_then_step_and_skips_non_finite_norms() {
+        let values = [vec![0.5f32, -1.0, 2.0], vec![0.25f32, 3.0]];
+        let grads = [vec![3.0f32, 4.0, -12.0], vec![0.5f32, -0.25]];
+        let make = || -> Vec<(String, Parameter)> {
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let p = Parameter::new(Tensor::from_vec(v.clone(), &[v.len()]).unwrap());
+                    (format!("p{i}"), p)
+                })
+                .collect()
+        };
+        let set_grads = |ps: &[(String, Parameter)]| {
+            for ((_, p), g) in ps.iter().zip(&grads) {
+                p.set_grad(Some(Tensor::from_vec(g.clone(), &[g.len()]).unwrap()));
+            }
+        };
+        for max in [1.0f32, f32::INFINITY] {
+            let (a, b) = (make(), make());
+            let mut oa = AdamW::new(a.clone(), AdamWConfig::default());
+            let mut ob = AdamW::new(b.clone(), AdamWConfig::default());
+            for _ in 0..3 {
+                set_grads(&a);
+                set_grads(&b);
+                let params: Vec<Parameter> = a.iter().map(|(_, p)| p.clone()).collect();
+                let want = clip_grad_norm(&params, max).unwrap();
+                oa.step(0.01).unwrap();
+                assert_eq!(ob.step_clipped(0.01, max).unwrap(), want);
+                for ((_, pa), (_, pb)) in a.iter().zip(&b) {
+                    assert_eq!(pa.tensor().to_f64_vec(), pb.tensor().to_f64_vec());
+                }
+            }
+            assert_eq!(ob.steps(), 3);
+        }
+        // A NaN gradient: the norm comes back NaN and nothing moves.
+        let ps = make();
+        let mut opt = AdamW::new(ps.clone(), AdamWConfig::default());
+        set_grads(&ps);
+        opt.step_clipped(0.01, 1.0).unwrap();
+        let before: Vec<Vec<f64>> = ps.iter().map(|(_, p)| p.tensor().to_f64_vec()).collect();
+        ps[1]
+            .1
+            .set_grad(Some(Tensor::from_vec(vec![f32::NAN, 1.0], &[2]).unwrap()));
+        assert!(opt.step_clipped(0.01, 1.0).unwrap().is_nan());
+        assert_eq!(opt.steps(), 1);
+        let after: Vec<Vec<f64>> = ps.iter().map(|(_, p)| p.tensor().to_f64_vec()).collect();
+        assert_eq!(before, after);
     }
 
     #[test]

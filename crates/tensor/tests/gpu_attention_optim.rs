@@ -609,6 +609,101 @@ fn cuda_adamw_matches_the_cpu_over_steps() {
     }
 }
 
+/// `step_clipped` on a GPU (clipping folded into the update kernel, the norm and scale left
+/// on the device) against clip_grad_norm then step on the same GPU: the same norm, and the
+/// same parameters and moments bit for bit with f32 gradients (the scale multiplies as
+/// mul_scalar did); with bf16 gradients the fused path skips mul_scalar's rounding of the
+/// scaled gradient to bf16, so there within 1e-2 relative. Clipping active (max 0.5) and not
+/// (max ∞). A NaN gradient: the norm is NaN and nothing moves, the step count included.
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_step_clipped_matches_clip_then_step() {
+    let mut rng = Rng::new(seed("step_clipped"));
+    for gdt in [DType::F32, DType::BF16] {
+        for max in [0.5f32, f32::INFINITY] {
+            let shapes = param_shapes(&mut rng);
+            let init: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| {
+                    rand(&mut rng, s, -1.0, 1.0, DType::F32)
+                        .to_device(GPU)
+                        .unwrap()
+                })
+                .collect();
+            let named = |ps: &[Parameter]| -> Vec<(String, Parameter)> {
+                ps.iter()
+                    .enumerate()
+                    .map(|(i, p)| (format!("p{i}"), p.clone()))
+                    .collect()
+            };
+            let a: Vec<Parameter> = init.iter().map(|t| Parameter::new(t.clone())).collect();
+            let b: Vec<Parameter> = init.iter().map(|t| Parameter::new(t.clone())).collect();
+            let config = AdamWConfig {
+                weight_decay: 0.05,
+                ..Default::default()
+            };
+            let (mut oa, mut ob) = (AdamW::new(named(&a), config), AdamW::new(named(&b), config));
+            for step in 0..3 {
+                for (pa, pb) in a.iter().zip(&b) {
+                    let g = rand(&mut rng, pa.shape().as_slice(), -1.0, 1.0, gdt)
+                        .to_device(GPU)
+                        .unwrap();
+                    pa.set_grad(Some(g.clone()));
+                    pb.set_grad(Some(g));
+                }
+                let want = clip_grad_norm(&a, max).unwrap();
+                oa.step(1e-3).unwrap();
+                let got = ob.step_clipped(1e-3, max).unwrap();
+                let what = format!("{gdt} grads, max {max}, step {step}");
+                assert_eq!(got, want, "{what}: norm");
+                for (i, (pa, pb)) in a.iter().zip(&b).enumerate() {
+                    let host = |p: &Parameter| p.tensor().to_device(Device::Cpu).unwrap();
+                    if gdt == DType::F32 {
+                        assert_eq!(bits(&host(pb)), bits(&host(pa)), "{what}: p{i}");
+                    } else {
+                        let e = rel_err(&host(pb), &host(pa));
+                        assert!(e < 1e-2, "{what}: p{i} relative error {e:e}");
+                    }
+                }
+            }
+            if gdt == DType::F32 {
+                let (sa, sb) = (oa.state().unwrap(), ob.state().unwrap());
+                for ((name, ma, va), (_, mb, vb)) in sa.moments.iter().zip(&sb.moments) {
+                    assert_eq!(bits(mb), bits(ma), "{name} m, max {max}");
+                    assert_eq!(bits(vb), bits(va), "{name} v, max {max}");
+                }
+            }
+            // A NaN gradient: no step.
+            let before: Vec<Vec<u64>> = b
+                .iter()
+                .map(|p| bits(&p.tensor().to_device(Device::Cpu).unwrap()))
+                .collect();
+            let st = ob.state().unwrap();
+            for p in &b {
+                let mut g = vec![0.25f32; p.tensor().numel()];
+                g[0] = f32::NAN;
+                let g = Tensor::from_vec(g, p.shape().as_slice()).unwrap();
+                p.set_grad(Some(g.to_dtype(gdt).unwrap().to_device(GPU).unwrap()));
+            }
+            assert!(ob.step_clipped(1e-3, max).unwrap().is_nan());
+            assert_eq!(ob.steps(), 3);
+            let after: Vec<Vec<u64>> = b
+                .iter()
+                .map(|p| bits(&p.tensor().to_device(Device::Cpu).unwrap()))
+                .collect();
+            assert_eq!(
+                before, after,
+                "{gdt} max {max}: a NaN norm moved a parameter"
+            );
+            let st2 = ob.state().unwrap();
+            for ((name, m1, v1), (_, m2, v2)) in st.moments.iter().zip(&st2.moments) {
+                assert_eq!(bits(m2), bits(m1), "{name} m after a NaN norm");
+                assert_eq!(bits(v2), bits(v1), "{name} v after a NaN norm");
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (tools/gpu-check)"]
 fn cuda_adamw_state_round_trip_and_outside_changes() {
