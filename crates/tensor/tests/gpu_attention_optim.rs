@@ -526,6 +526,14 @@ fn same_f32(what: &str, got: &Tensor, want: &Tensor) {
     }
 }
 
+/// Parameters named p0, p1, … for an optimiser.
+fn named(ps: &[Parameter]) -> Vec<(String, Parameter)> {
+    ps.iter()
+        .enumerate()
+        .map(|(i, p)| (format!("p{i}"), p.clone()))
+        .collect()
+}
+
 /// Random parameter shapes: matrices (decayed) and vectors (not).
 fn param_shapes(rng: &mut Rng) -> Vec<Vec<usize>> {
     vec![
@@ -556,12 +564,6 @@ fn cuda_adamw_matches_the_cpu_over_steps() {
                     .unwrap()
             })
             .collect();
-        let named = |ps: &[Parameter]| -> Vec<(String, Parameter)> {
-            ps.iter()
-                .enumerate()
-                .map(|(i, p)| (format!("p{i}"), p.clone()))
-                .collect()
-        };
         // The CPU reference holds f32 values: a bf16 parameter's f32 master weights.
         let cpu: Vec<Parameter> = init.iter().map(|t| Parameter::new(t.clone())).collect();
         let gpu: Vec<Parameter> = init
@@ -630,12 +632,6 @@ fn cuda_step_clipped_matches_clip_then_step() {
                         .unwrap()
                 })
                 .collect();
-            let named = |ps: &[Parameter]| -> Vec<(String, Parameter)> {
-                ps.iter()
-                    .enumerate()
-                    .map(|(i, p)| (format!("p{i}"), p.clone()))
-                    .collect()
-            };
             let a: Vec<Parameter> = init.iter().map(|t| Parameter::new(t.clone())).collect();
             let b: Vec<Parameter> = init.iter().map(|t| Parameter::new(t.clone())).collect();
             let config = AdamWConfig {
