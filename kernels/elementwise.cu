@@ -12,10 +12,9 @@
 // - Outputs are contiguous, row-major over the output shape, `n` elements.
 //
 // Fast paths: when every operand of a binary op, a unary op, GELU's backward or an f32 ↔ bf16
-// cast is flat and
-// starts 16-byte aligned, each thread moves 16 bytes of each per step (8 bf16 or 4 f32, VecIO),
-// the last n mod 8 (4) elements one by one; the arithmetic per element is unchanged, so results
-// are bitwise those of the scalar loop. Strided operands of fewer than 2^32 elements compute
+// cast is flat and starts 16-byte aligned, each thread takes 8 elements a step in 16-byte
+// vectors (one of bf16, two of f32: VecIO, flat_map), the last n mod 8 elements one by one; the
+// arithmetic per element is unchanged, so results are bitwise those of the scalar loop. Strided operands of fewer than 2^32 elements compute
 // their offsets with 32-bit divisions (strided_offset32).
 //
 // Launch: 1-D, blockDim.x = 256, gridDim.x = min(ceil(n / 2048), 65535) when the kernel takes
@@ -91,23 +90,47 @@ struct VecIO<bf16> {
     }
 };
 
-// The flat fast path of a map over K flat, 16-byte-aligned inputs of T into out: f(x, i) sets
-// x[0][e] to the result of element i + e from x[0..K][e] (K ≤ 2).
-template <int K, typename T, typename F>
-__device__ __forceinline__ void flat_map(i64 n, const T* const (&in)[K], T* __restrict__ out, F f) {
+// 8 elements of T as floats (one 16-byte vector of bf16, two of f32), and back.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
     constexpr int N = VecIO<T>::N;
-    const i64 nv = n / N;
-    GRID_STRIDE_LOOP(j, nv) {
-        float x[K][N];
 #pragma unroll
-        for (int k = 0; k < K; ++k) VecIO<T>::load(in[k] + j * N, x[k]);
+    for (int c = 0; c < 8 / N; ++c) {
+        float w[N];
+        VecIO<T>::load(p + c * N, w);
 #pragma unroll
-        for (int e = 0; e < N; ++e) f(x, e);
-        VecIO<T>::store(out + j * N, x[0]);
+        for (int k = 0; k < N; ++k) v[c * N + k] = w[k];
     }
-    GRID_STRIDE_LOOP(t, n - nv * N) {
-        const i64 i = nv * N + t;
-        float x[K][N];
+}
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+    constexpr int N = VecIO<T>::N;
+#pragma unroll
+    for (int c = 0; c < 8 / N; ++c) {
+        float w[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) w[k] = v[c * N + k];
+        VecIO<T>::store(p + c * N, w);
+    }
+}
+
+// The flat fast path of a map over K flat, 16-byte-aligned inputs into out, 8 elements a step
+// (MAP_ELEMENTS_PER_THREAD on the host): f(x, e) sets x[0][e] to the result of element e of the
+// step from x[0..K][e] (K ≤ 2); the last n mod 8 elements go one by one, through x[..][0].
+template <int K, typename TI, typename TO, typename F>
+__device__ __forceinline__ void flat_map(i64 n, const TI* const (&in)[K], TO* __restrict__ out, F f) {
+    const i64 nv = n / 8;
+    GRID_STRIDE_LOOP(j, nv) {
+        float x[K][8];
+#pragma unroll
+        for (int k = 0; k < K; ++k) load8(in[k] + j * 8, x[k]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f(x, e);
+        store8(out + j * 8, x[0]);
+    }
+    GRID_STRIDE_LOOP(t, n - nv * 8) {
+        const i64 i = nv * 8 + t;
+        float x[K][8];
 #pragma unroll
         for (int k = 0; k < K; ++k) x[k][0] = load_f32(in[k] + i);
         f(x, 0);
@@ -131,7 +154,7 @@ __device__ __forceinline__ void binary_body(i64 n, const Strided& la, const Stri
                                             T* __restrict__ out) {
     if (la.rank == 0 && lb.rank == 0 && aligned16(a) && aligned16(b) && aligned16(out)) {
         const T* const in[2] = {a, b};
-        flat_map<2>(n, in, out, [](float (&x)[2][VecIO<T>::N], int e) { x[0][e] = Op::f(x[0][e], x[1][e]); });
+        flat_map<2>(n, in, out, [](float (&x)[2][8], int e) { x[0][e] = Op::f(x[0][e], x[1][e]); });
         return;
     }
     const bool narrow = narrow_launch(n);
@@ -230,7 +253,7 @@ __device__ __forceinline__ void unary_body(i64 n, const Strided& lx, const T* __
                                            T* __restrict__ out, float p0, float p1) {
     if (lx.rank == 0 && aligned16(x) && aligned16(out)) {
         const T* const in[1] = {x};
-        flat_map<1>(n, in, out, [=](float (&v)[1][VecIO<T>::N], int e) { v[0][e] = Op::f(v[0][e], p0, p1); });
+        flat_map<1>(n, in, out, [=](float (&v)[1][8], int e) { v[0][e] = Op::f(v[0][e], p0, p1); });
         return;
     }
     const bool narrow = narrow_launch(n);
@@ -271,7 +294,7 @@ __device__ __forceinline__ void gelu_backward_body(i64 n, const T* __restrict__ 
                                                    const T* __restrict__ dy, T* __restrict__ dx) {
     if (aligned16(x) && aligned16(dy) && aligned16(dx)) {
         const T* const in[2] = {dy, x};
-        flat_map<2>(n, in, dx, [](float (&v)[2][VecIO<T>::N], int e) { v[0][e] *= gelu_grad(v[1][e]); });
+        flat_map<2>(n, in, dx, [](float (&v)[2][8], int e) { v[0][e] *= gelu_grad(v[1][e]); });
         return;
     }
     GRID_STRIDE_LOOP(i, n) {
@@ -346,40 +369,13 @@ __device__ __forceinline__ void cast_body(i64 n, const Strided& lx, const F* __r
 
 // The two float casts the mixed-precision model runs all the time stay single-rounding f32
 // code (bitwise the same as through f64: bf16 → f32 is exact, f32 → f64 → f32 is the identity).
-// Both have the flat vector path: 8 elements a step (16 bytes of bf16, 32 of f32).
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
-    constexpr int N = VecIO<T>::N;
-#pragma unroll
-    for (int c = 0; c < 8 / N; ++c) {
-        float w[N];
-        VecIO<T>::load(p + c * N, w);
-#pragma unroll
-        for (int k = 0; k < N; ++k) v[c * N + k] = w[k];
-    }
-}
-template <typename T>
-__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
-    constexpr int N = VecIO<T>::N;
-#pragma unroll
-    for (int c = 0; c < 8 / N; ++c) {
-        float w[N];
-#pragma unroll
-        for (int k = 0; k < N; ++k) w[k] = v[c * N + k];
-        VecIO<T>::store(p + c * N, w);
-    }
-}
+// Both have the flat vector path.
 template <typename F, typename T>
 __device__ __forceinline__ void float_cast_body(i64 n, const Strided& lx, const F* __restrict__ x,
                                                 T* __restrict__ out) {
     if (lx.rank == 0 && aligned16(x) && aligned16(out)) {
-        const i64 nv = n / 8;
-        GRID_STRIDE_LOOP(j, nv) {
-            float v[8];
-            load8(x + j * 8, v);
-            store8(out + j * 8, v);
-        }
-        GRID_STRIDE_LOOP(t, n - nv * 8) { store_f32(out + nv * 8 + t, load_f32(x + nv * 8 + t)); }
+        const F* const in[1] = {x};
+        flat_map<1>(n, in, out, [](float (&)[1][8], int) {});  // the conversion is the load and store
         return;
     }
     const bool narrow = narrow_launch(n);
