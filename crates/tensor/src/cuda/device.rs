@@ -250,20 +250,28 @@ impl CudaDevice {
         })
     }
 
-    /// Loads PTX as a module (the driver JIT-compiles it for the card), trying once more after
-    /// trimming the memory pool when the driver runs out of memory for it: the pool may hold
-    /// most of the card (see [`keep_freed_memory`]).
-    fn load_ptx(&self, ptx: &str) -> std::result::Result<Arc<CudaModule>, DriverError> {
-        match self.ctx.load_module(Ptx::from_src(ptx)) {
+    /// Runs `call`, a driver call that may need device memory; when the driver runs out of
+    /// memory, trims the pool (it may hold most of the card, see [`keep_freed_memory`]) and
+    /// runs it once more. A failed trim leaves the first error to report.
+    pub(crate) fn retry_after_trim<T>(
+        &self,
+        call: impl Fn() -> std::result::Result<T, DriverError>,
+    ) -> std::result::Result<T, DriverError> {
+        match call() {
             Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
-                // A failed trim leaves the first error to report.
                 if self.release_cached_memory().is_err() {
                     return Err(e);
                 }
-                self.ctx.load_module(Ptx::from_src(ptx))
+                call()
             }
             r => r,
         }
+    }
+
+    /// Loads PTX as a module (the driver JIT-compiles it for the card), through
+    /// [`CudaDevice::retry_after_trim`].
+    fn load_ptx(&self, ptx: &str) -> std::result::Result<Arc<CudaModule>, DriverError> {
+        self.retry_after_trim(|| self.ctx.load_module(Ptx::from_src(ptx)))
     }
 
     fn load(&self, kf: KernelFile) -> Result<Arc<CudaModule>> {

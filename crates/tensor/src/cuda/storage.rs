@@ -69,7 +69,7 @@ fn download<T: DeviceRepr>(dev: &CudaDevice, s: &CudaSlice<T>) -> Result<Vec<T>>
 /// `n` elements of fresh device memory (never a zero-length allocation: some drivers return a
 /// null pointer for it, and kernels are not launched for empty outputs anyway), zero-filled
 /// when `zeroed`. Running out of memory first hands the pool's cached free memory back to the
-/// driver and tries once more.
+/// driver and tries once more ([`CudaDevice::retry_after_trim`]).
 fn alloc<T: DeviceRepr + ValidAsZeroBits>(
     dev: &CudaDevice,
     n: usize,
@@ -85,14 +85,9 @@ fn alloc<T: DeviceRepr + ValidAsZeroBits>(
         }
         Ok(s)
     };
-    let what = || format!("{n} elements of {} bytes", std::mem::size_of::<T>());
-    match try_alloc() {
-        Err(e) if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
-            dev.release_cached_memory()?;
-            try_alloc().map_err(driver("cuda alloc", &what()))
-        }
-        r => r.map_err(driver("cuda alloc", &what())),
-    }
+    let what = format!("{n} elements of {} bytes", std::mem::size_of::<T>());
+    dev.retry_after_trim(try_alloc)
+        .map_err(driver("cuda alloc", &what))
 }
 
 impl CudaStorage {
@@ -233,7 +228,13 @@ pub const ELEMENTWISE_THREADS: u32 = 256;
 /// The one-thread-per-item launch (AdamW, embedding, gather): blockDim 256, gridDim
 /// min(ceil(n/256), 65535); the kernels loop grid-stride, so the cap is only a cap.
 pub fn elementwise_config(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(ELEMENTWISE_THREADS as usize).clamp(1, 65535) as u32;
+    grid_stride_config(n, 1)
+}
+
+/// blockDim 256, gridDim min(ceil(n / (256 · per_thread)), 65535).
+fn grid_stride_config(n: usize, per_thread: usize) -> LaunchConfig {
+    let per_block = ELEMENTWISE_THREADS as usize * per_thread;
+    let blocks = n.div_ceil(per_block).clamp(1, 65535) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (ELEMENTWISE_THREADS, 1, 1),
@@ -242,7 +243,7 @@ pub fn elementwise_config(n: usize) -> LaunchConfig {
 }
 
 /// Elements per thread of a map kernel of kernels/elementwise.cu on its flat vector path: one
-/// 16-byte vector of bf16.
+/// step of its flat_map.
 pub const MAP_ELEMENTS_PER_THREAD: usize = 8;
 
 /// The launch of a kernels/elementwise.cu map (binary, compare, unary, casts, where, dropout,
@@ -251,16 +252,7 @@ pub const MAP_ELEMENTS_PER_THREAD: usize = 8;
 /// about 8 elements a thread; else one element a thread, as [`elementwise_config`]. The
 /// kernels loop grid-stride, so either is correct.
 pub fn map_config(n: usize, vector: bool) -> LaunchConfig {
-    if !vector {
-        return elementwise_config(n);
-    }
-    let per_block = ELEMENTWISE_THREADS as usize * MAP_ELEMENTS_PER_THREAD;
-    let blocks = n.div_ceil(per_block).clamp(1, 65535) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (ELEMENTWISE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    grid_stride_config(n, if vector { MAP_ELEMENTS_PER_THREAD } else { 1 })
 }
 
 /// Whether a map kernel with a vector path takes it: every operand flat (`layouts`, as
