@@ -750,10 +750,11 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p
 typedef unsigned short bf16;
 typedef unsigned int u32;
 
-// cvt.rn.bf16.f32: round to nearest even; a NaN stays a (quiet) NaN.
+// cvt.rn.bf16.f32: round to nearest even; every NaN becomes the canonical NaN 0x7fff (seen on
+// an H200: f32::NAN, 0x7fc00000, converts to 0x7fff, where the CPU's cast keeps 0x7fc0).
 inline bf16 f32_to_bf16(float f) {
     const u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fffu;
     return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 

@@ -371,15 +371,30 @@ fn scalar_model_values_on_cuda_match_the_cpu() {
         let mut rng = Rng::new(s ^ 0x5ca1);
         let ids = batch(&mut rng, 3, 20, 258).ids;
         let positions = [19, 4, 11];
-        let vc = values_at(&cpu.values(&ids, None).unwrap(), &positions).unwrap();
-        let vg = values_at(&gpu.values(&ids, None).unwrap(), &positions).unwrap();
-        assert_eq!((vg.device(), vg.dtype()), (GPU, DType::F32));
+        let (all_c, all_g) = (
+            cpu.values(&ids, None).unwrap(),
+            gpu.values(&ids, None).unwrap(),
+        );
+        // The values at every position (60 numbers): three alone are too few for a relative
+        // norm in bf16 (on an H200, one seed's three values were off by 5.9e-2 while the
+        // loss and gradients of the same model sit near 1e-2; the emulator gives 5.5e-2).
         let (loss_tol, _, grad_tol) = tolerances(precision);
         check(
             "values",
-            rel_err(&host_f64(&vg), &vc.to_f64_vec()),
+            rel_err(&host_f64(&all_g), &all_c.to_f64_vec()),
             loss_tol.max(1e-4) * 5.0,
         );
+        let vc = values_at(&all_c, &positions).unwrap();
+        let vg = values_at(&all_g, &positions).unwrap();
+        assert_eq!((vg.device(), vg.dtype()), (GPU, DType::F32));
+        // values_at is a gather on the device: exactly the chosen positions' values.
+        let all = host_f64(&all_g);
+        let picked: Vec<f64> = positions
+            .iter()
+            .enumerate()
+            .map(|(r, &p)| all[r * 20 + p])
+            .collect();
+        assert_eq!(host_f64(&vg), picked, "values_at on the GPU");
         vc.sum_all().unwrap().backward().unwrap();
         vg.sum_all().unwrap().backward().unwrap();
         for ((name, pc), (_, pg)) in cpu.named_parameters().iter().zip(gpu.named_parameters()) {
