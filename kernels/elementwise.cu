@@ -13,7 +13,10 @@
 //
 // Fast paths: when every operand of a binary op, a unary op, GELU's backward or an f32 ↔ bf16
 // cast is flat and starts 16-byte aligned, each thread takes 8 elements a step in 16-byte
-// vectors (one of bf16, two of f32: VecIO, flat_map), the last n mod 8 elements one by one; the
+// vectors (one of bf16, two of f32: VecIO, vec_map), the last n mod 8 elements one by one; a
+// binary op's operand may also be one row of C elements repeated (C a multiple of 8: a bias
+// over [B, T, C] activations, a position table over the batch), read 8 at a time from
+// offset i mod C (vector_period); the
 // arithmetic per element is unchanged, so results are bitwise those of the scalar loop. Strided operands of fewer than 2^32 elements compute
 // their offsets with 32-bit divisions (strided_offset32).
 //
@@ -114,16 +117,27 @@ __device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
     }
 }
 
-// The flat fast path of a map over K flat, 16-byte-aligned inputs into out, 8 elements a step
-// (MAP_ELEMENTS_PER_THREAD on the host): f(x, e) sets x[0][e] to the result of element e of the
-// step from x[0..K][e] (K ≤ 2); the last n mod 8 elements go one by one, through x[..][0].
+// The offset of element i in an operand of the vector path: flat (`period` 0), or one row of
+// `period` elements repeated (a bias over activations; `period` a multiple of 8, so the 8
+// elements of a step never straddle two rows). `narrow`: i and period fit 32 bits.
+__device__ __forceinline__ i64 vec_offset(i64 i, i64 period, bool narrow) {
+    if (period == 0) return i;
+    return narrow ? (i64)((u32)i % (u32)period) : i % period;
+}
+
+// The fast path of a map over K 16-byte-aligned inputs into flat out, 8 elements a step
+// (MAP_ELEMENTS_PER_THREAD on the host): input k is read at vec_offset(i, period[k]); f(x, e)
+// sets x[0][e] to the result of element e of the step from x[0..K][e] (K ≤ 2); the last
+// n mod 8 elements go one by one, through x[..][0].
 template <int K, typename TI, typename TO, typename F>
-__device__ __forceinline__ void flat_map(i64 n, const TI* const (&in)[K], TO* __restrict__ out, F f) {
+__device__ __forceinline__ void vec_map(i64 n, const TI* const (&in)[K], const i64 (&period)[K],
+                                        TO* __restrict__ out, F f) {
+    const bool narrow = narrow_launch(n);
     const i64 nv = n / 8;
     GRID_STRIDE_LOOP(j, nv) {
         float x[K][8];
 #pragma unroll
-        for (int k = 0; k < K; ++k) load8(in[k] + j * 8, x[k]);
+        for (int k = 0; k < K; ++k) load8(in[k] + vec_offset(j * 8, period[k], narrow), x[k]);
 #pragma unroll
         for (int e = 0; e < 8; ++e) f(x, e);
         store8(out + j * 8, x[0]);
@@ -132,10 +146,17 @@ __device__ __forceinline__ void flat_map(i64 n, const TI* const (&in)[K], TO* __
         const i64 i = nv * 8 + t;
         float x[K][8];
 #pragma unroll
-        for (int k = 0; k < K; ++k) x[k][0] = load_f32(in[k] + i);
+        for (int k = 0; k < K; ++k) x[k][0] = load_f32(in[k] + vec_offset(i, period[k], narrow));
         f(x, 0);
         store_f32(out + i, x[0][0]);
     }
+}
+
+// vec_map over K flat inputs.
+template <int K, typename TI, typename TO, typename F>
+__device__ __forceinline__ void flat_map(i64 n, const TI* const (&in)[K], TO* __restrict__ out, F f) {
+    const i64 flat[K] = {};
+    vec_map<K>(n, in, flat, out, f);
 }
 
 // ---- binary ---------------------------------------------------------------------------------
@@ -148,13 +169,24 @@ struct OpDiv { __device__ static float f(float a, float b) { return a / b; } };
 struct OpMaximum { __device__ static float f(float a, float b) { return fmaxf(a, b); } };
 struct OpMinimum { __device__ static float f(float a, float b) { return fminf(a, b); } };
 
+// The period (vec_offset) of an operand the vector path reads: 0 when flat, C when it is one
+// row of C elements repeated (coalesced shape [R, C], strides [0, 1], C a multiple of 8); -1
+// when the vector path cannot read it. vector_period in crates/tensor/src/cuda/storage.rs is
+// the host's copy of this test.
+__device__ __forceinline__ i64 vector_period(const Strided& l) {
+    if (l.rank == 0) return 0;
+    const bool row = l.rank == 2 && l.stride[0] == 0 && l.stride[1] == 1 && l.shape[1] % 8 == 0;
+    return row ? l.shape[1] : -1;
+}
+
 template <typename Op, typename T>
 __device__ __forceinline__ void binary_body(i64 n, const Strided& la, const Strided& lb,
                                             const T* __restrict__ a, const T* __restrict__ b,
                                             T* __restrict__ out) {
-    if (la.rank == 0 && lb.rank == 0 && aligned16(a) && aligned16(b) && aligned16(out)) {
+    const i64 period[2] = {vector_period(la), vector_period(lb)};
+    if (period[0] >= 0 && period[1] >= 0 && aligned16(a) && aligned16(b) && aligned16(out)) {
         const T* const in[2] = {a, b};
-        flat_map<2>(n, in, out, [](float (&x)[2][8], int e) { x[0][e] = Op::f(x[0][e], x[1][e]); });
+        vec_map<2>(n, in, period, out, [](float (&x)[2][8], int e) { x[0][e] = Op::f(x[0][e], x[1][e]); });
         return;
     }
     const bool narrow = narrow_launch(n);

@@ -92,7 +92,20 @@ fn cuda_out_of_memory_is_an_error_and_cached_memory_is_given_back() {
 fn cuda_elementwise_fast_paths_match_the_scalar_path_bitwise() {
     let mut rng = Rng::new(seed("elementwise_fast_paths"));
     for dtype in [DType::F32, DType::BF16] {
-        for (rows, cols) in [(1, 1), (1, 3), (2, 4), (3, 3), (1, 31), (5, 821), (7, 1143)] {
+        // Column counts that are multiples of 8 (8, 64, 776) give the bias add its
+        // repeated-row vector path.
+        for (rows, cols) in [
+            (1, 1),
+            (1, 3),
+            (2, 4),
+            (3, 3),
+            (3, 8),
+            (1, 31),
+            (5, 64),
+            (5, 821),
+            (4, 776),
+            (7, 1143),
+        ] {
             let n = rows * cols;
             // The same values aligned (a fresh buffer) and misaligned (offset 1 in a bigger one).
             let both = |rng: &mut Rng| {
@@ -127,6 +140,17 @@ fn cuda_elementwise_fast_paths_match_the_scalar_path_bitwise() {
                 ("mul", Box::new(|x, y| x.mul(y))),
                 ("div", Box::new(|x, y| x.div(y))),
                 ("bias add", Box::new(|x, _| x.add(&bias))),
+                ("bias first", Box::new(|x, _| bias.mul(x))),
+                // Two [rows, cols] tables over a batch of 2 (the position embedding's
+                // broadcast): both operands one repeated row of rows·cols.
+                (
+                    "table add",
+                    Box::new(|x, y| {
+                        x.reshape_to(&[1, rows, cols])?
+                            .broadcast_to(&[2, rows, cols])?
+                            .add(y)
+                    }),
+                ),
                 ("gelu", Box::new(|x, _| x.gelu())),
                 ("exp", Box::new(|x, _| x.exp())),
                 ("clamp", Box::new(|x, _| x.clamp(-0.5, 1.25))),

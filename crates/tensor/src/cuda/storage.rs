@@ -262,6 +262,19 @@ pub fn vector_path(layouts: &[super::Strided], ptrs: &[u64]) -> bool {
     layouts.iter().all(|l| l.rank == 0) && ptrs.iter().all(|p| p % 16 == 0)
 }
 
+/// Whether an operand of a binary kernel is one its vector path reads: flat, or one row of C
+/// elements repeated ([`coalesced`] shape [R, C], strides [0, 1], C a multiple of 8: a bias
+/// over activations), elementwise.cu's `vector_period`.
+pub fn row_vector_operand(l: &super::Strided) -> bool {
+    l.rank == 0 || (l.rank == 2 && l.stride[..2] == [0, 1] && l.shape[1] % 8 == 0)
+}
+
+/// Whether a binary kernel takes its vector path: every operand flat or a repeated row
+/// ([`row_vector_operand`]), every pointer 16-byte aligned.
+pub fn binary_vector_path(layouts: &[super::Strided], ptrs: &[u64]) -> bool {
+    layouts.iter().all(row_vector_operand) && ptrs.iter().all(|p| p % 16 == 0)
+}
+
 /// One block per row (softmax, layer norm forward, row reductions): blockDim `threads`,
 /// gridDim min(rows, 65535); the kernels loop over rows.
 pub fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
@@ -332,6 +345,11 @@ mod tests {
         let [a, b] = coalesced(&[2, 3, 4], [&[12, 4, 1], &[0, 0, 1]]).unwrap();
         assert_eq!(a, Strided::flat());
         assert_eq!(b, Strided::new(&[6, 4], &[0, 1]).unwrap());
+        // Binary kernels read such a bias 8 at a time when its rows are a multiple of 8 long.
+        assert!(!row_vector_operand(&b));
+        let [x, bias] = coalesced(&[2, 3, 16], [&[48, 16, 1], &[0, 0, 1]]).unwrap();
+        assert!(row_vector_operand(&x) && row_vector_operand(&bias) && bias.rank == 2);
+        assert!(!row_vector_operand(&Strided::new(&[16, 3], &[1, 0]).unwrap()));
         // A column broadcast stays 2-D; extent-1 dims vanish; a transpose cannot merge.
         let [c] = coalesced(&[5, 1, 3], [&[1, 7, 0]]).unwrap();
         assert_eq!(c, Strided::new(&[5, 3], &[1, 0]).unwrap());

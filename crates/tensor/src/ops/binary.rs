@@ -115,7 +115,7 @@ fn strided_pair_cuda(
     shape: &[usize],
     out_dtype: DType,
 ) -> Result<Tensor> {
-    use crate::cuda::storage::{coalesced, map_config, vector_path};
+    use crate::cuda::storage::{binary_vector_path, coalesced, map_config};
     use cudarc::driver::PushKernelArg;
     let out = super::cuda_uninit(dev, out_dtype, shape)?;
     let n = out.numel();
@@ -136,9 +136,9 @@ fn strided_pair_cuda(
     let f = dev.function("elementwise", entry)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&n64).arg(&la).arg(&lb).arg(&pa).arg(&pb).arg(&po);
-    // binary_* (outputs in the operands' dtype) have elementwise.cu's flat vector path, which
-    // sizes the launch; compare_* (u8 masks) do not.
-    let vector = out_dtype != DType::U8 && vector_path(&[la, lb], &[pa, pb, po]);
+    // binary_* (outputs in the operands' dtype) have elementwise.cu's vector path (flat
+    // operands or repeated rows), which sizes the launch; compare_* (u8 masks) do not.
+    let vector = out_dtype != DType::U8 && binary_vector_path(&[la, lb], &[pa, pb, po]);
     // SAFETY: the kernel takes (i64 n, Strided la, Strided lb, const T* a, const T* b, U* out)
     // (the callers pick such entries, with T the operands' dtype); both operands are read
     // through layouts of the output's shape inside their storages; out is a fresh buffer of n
