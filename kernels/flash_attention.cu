@@ -24,7 +24,7 @@
 // the CPU reference. flash_attn_bwd_{dkdv,dq}_mma_bf16_* are its backward (end of this file).
 //
 // Dropout on the probabilities (p.drop_threshold != 0) is fused into every kernel: element
-// (head bh0 + blockIdx.y, query i, key j) survives iff its hash bits (fa_drop_bits, the function
+// (head bh0 + bh, query i, key j; bh: blockIdx.y, blockIdx.x in the tensor-core kernels) survives iff its hash bits (fa_drop_bits, the function
 // of crates/tensor/src/cpu/attention/dropout.rs, bit for bit) are ≥ drop_threshold, and is then
 // scaled by drop_scale = 1/(1-p). The forward's running sum l takes the undropped P (the
 // normaliser and lse are dropout-free) and O accumulates (P ∘ Z)·V; the backward re-derives Z:
@@ -87,7 +87,7 @@ __device__ __forceinline__ u32 fa_fmix32(u32 x) {  // MurmurHash3's finaliser
     return x ^ (x >> 16);
 }
 
-// The hash key of query row i of this launch's head `bh` (blockIdx.y): low and high words.
+// The hash key of query row i of this launch's head `bh`: low and high words.
 struct FaDropRow {
     u32 lo, hi;
 };
@@ -247,13 +247,27 @@ __device__ __forceinline__ void fa_fwd_body(const AttnParams& p, const T* __rest
 //
 // Requirements (the host checks them and otherwise uses the SIMT kernels): q, k, v, o
 // 16-byte aligned with time strides and batch/head strides multiples of 8 elements.
-// Launch: gridDim = (ceil(Tq / 64), B·H), blockDim.x = 128; static shared memory: Q 64 × D,
+// Launch: gridDim = (B·H, ceil(Tq / 64)) (fa_block), blockDim.x = 128; static shared memory: Q 64 × D,
 // K and V BC × D bf16 (BC = 64 for D = 64, 32 for D = 128), rows padded by 16 bytes:
 // 27 KB (D = 64) / 34 KB (D = 128).
 // Entry points: flash_attn_fwd_mma_bf16_d{64,128}(AttnParams p, q, k, v, o, lse)
 
 #define FAM_BR 64
 #define FAM_THREADS 128
+
+// The tile (of FAM_BR queries or keys) and the head (0..B·H of this launch) a block of the
+// tensor-core kernels owns. Their grid is (B·H, tiles): blocks start in linear order
+// (blockIdx.x fastest), so every head's tile of one rank starts before any head's next, and
+// the tiles are counted from the last when `from_last`. Under the causal mask a query tile's
+// work grows with its index (the forward, dQ: from_last) and a key tile's shrinks (dK/dV), so
+// the heaviest tiles of all heads start first and the light ones fill the tail of the launch.
+// Both come from special registers, which the compiler re-reads rather than keep in registers.
+struct FaBlock {
+    int tile, bh;
+};
+__device__ __forceinline__ FaBlock fa_block(bool from_last) {
+    return {from_last ? (int)(gridDim.y - 1 - blockIdx.y) : (int)blockIdx.y, (int)blockIdx.x};
+}
 
 // Rows [row0, row0 + ROWS) of one head ([T, D] bf16, row stride st) into shared memory
 // (row stride D + 8), 16 bytes per copy; rows at or past t_lim are zeros.
@@ -306,8 +320,9 @@ __device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16*
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
-    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-    const int i0 = blockIdx.x * FAM_BR;
+    const FaBlock blk = fa_block(true);
+    const int bh = blk.bh, b = bh / p.H, h = bh % p.H;
+    const int i0 = blk.tile * FAM_BR;
     const int shift = p.Tk - p.Tq;
     const bf16* kb = k + b * p.k_sb + h * p.k_sh;
     const bf16* vb = v + b * p.v_sb + h * p.v_sh;
@@ -370,15 +385,25 @@ __device__ __forceinline__ void fa_fwd_mma_body(const AttnParams& p, const bf16*
             }
         }
 
-        // Mask, scale to log2 units, and the tile's row maxima.
+        // Mask (only a tile the block's first row cannot wholly see: the diagonal one; a tile
+        // it sees ends at or before key i0 + shift < Tk), scale to log2 units, and the tile's
+        // row maxima.
+        if (j0 + BC - 1 > i0 + shift) {
+#pragma unroll
+            for (int j = 0; j < NS; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = j0 + j * 8 + 2 * t + (e & 1);
+                    const int row = e < 2 ? row_lo : row_hi;
+                    if (!(key <= row + shift && key < p.Tk)) s[j][e] = neg_inf();
+                }
+        }
         float mt_lo = neg_inf(), mt_hi = neg_inf();
 #pragma unroll
         for (int j = 0; j < NS; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int key = j0 + j * 8 + 2 * t + (e & 1);
-                const int row = e < 2 ? row_lo : row_hi;
-                const float x = (key <= row + shift && key < p.Tk) ? s[j][e] * sl2 : neg_inf();
+                const float x = s[j][e] * sl2;  // -inf stays -inf (sl2 > 0)
                 s[j][e] = x;
                 if (e < 2) mt_lo = fmaxf(mt_lo, x); else mt_hi = fmaxf(mt_hi, x);
             }
@@ -715,8 +740,8 @@ extern "C" __global__ void flash_attn_bwd_delta_bf16(AttnParams p, int D, const 
 // Requirements: the mma forward's (the host checks every operand: q, k, v, o, dO, dq, dk, dv
 // 16-byte aligned, batch/head/time strides multiples of 8 elements).
 // Launch: blockDim.x = 128 for both;
-//   flash_attn_bwd_dkdv_mma_bf16_dD: gridDim = (ceil(Tk / 64), B·H)
-//   flash_attn_bwd_dq_mma_bf16_dD:   gridDim = (ceil(Tq / 64), B·H)
+//   flash_attn_bwd_dkdv_mma_bf16_dD: gridDim = (B·H, ceil(Tk / 64)) (fa_block)
+//   flash_attn_bwd_dq_mma_bf16_dD:   gridDim = (B·H, ceil(Tq / 64))
 // Static shared memory (bf16 rows of D + 8):
 //   dK/dV: K and V 64 rows each, per stage Q and dO tiles BRQ rows each, lse and δ BRQ floats
 //          each, the queries' dropout keys BRQ × 8 bytes: 37 KB (D = 64, two stages) /
@@ -761,8 +786,9 @@ __device__ __forceinline__ void fa_dkdv_mma_body(const AttnParams& p, const bf16
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
-    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-    const int j0 = blockIdx.x * FAM_BR;  // the block's first key
+    const FaBlock blk = fa_block(false);
+    const int bh = blk.bh, b = bh / p.H, h = bh % p.H;
+    const int j0 = blk.tile * FAM_BR;  // the block's first key
     const int jw = j0 + warp * 16;       // the warp's first key
     const int shift = p.Tk - p.Tq;
 
@@ -945,8 +971,9 @@ __device__ __forceinline__ void fa_dq_mma_body(const AttnParams& p, const bf16* 
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
-    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-    const int i0 = blockIdx.x * FAM_BR;
+    const FaBlock blk = fa_block(true);
+    const int bh = blk.bh, b = bh / p.H, h = bh % p.H;
+    const int i0 = blk.tile * FAM_BR;
     const int shift = p.Tk - p.Tq;
     const bf16* kb = k + b * p.k_sb + h * p.k_sh;
     const bf16* vb = v + b * p.v_sb + h * p.v_sh;

@@ -349,7 +349,9 @@ mod tests {
         assert!(!row_vector_operand(&b));
         let [x, bias] = coalesced(&[2, 3, 16], [&[48, 16, 1], &[0, 0, 1]]).unwrap();
         assert!(row_vector_operand(&x) && row_vector_operand(&bias) && bias.rank == 2);
-        assert!(!row_vector_operand(&Strided::new(&[16, 3], &[1, 0]).unwrap()));
+        assert!(!row_vector_operand(
+            &Strided::new(&[16, 3], &[1, 0]).unwrap()
+        ));
         // A column broadcast stays 2-D; extent-1 dims vanish; a transpose cannot merge.
         let [c] = coalesced(&[5, 1, 3], [&[1, 7, 0]]).unwrap();
         assert_eq!(c, Strided::new(&[5, 3], &[1, 0]).unwrap());

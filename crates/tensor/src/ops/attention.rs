@@ -623,10 +623,12 @@ mod cuda {
         }
 
         /// Whether the tensor-core kernels apply: bf16, D of 64 or 128, every operand 16-byte
-        /// aligned with strides that keep each row 16-byte aligned (their header's rules).
+        /// aligned with strides that keep each row 16-byte aligned (their header's rules), and
+        /// at most 65535 tiles of 64 rows (their gridDim.y).
         fn mma_applies(&self, ops: &[&Operand]) -> bool {
             self.dtype == DType::BF16
                 && matches!(self.d, 64 | 128)
+                && self.tq.max(self.tk).div_ceil(MMA_ROWS) <= MAX_GRID_Y
                 && ops
                     .iter()
                     .all(|o| o.ptr % 16 == 0 && o.st.iter().all(|s| s % 8 == 0))
@@ -635,6 +637,17 @@ mod cuda {
 
     fn grid(x: usize, y: usize) -> (u32, u32, u32) {
         (x as u32, y as u32, 1)
+    }
+
+    /// The grid of `tiles` row tiles of `heads` heads: (tiles, heads) for the SIMT kernels,
+    /// (heads, tiles) for the tensor-core ones, which start every head's heaviest causal tile
+    /// first (flash_attention.cu, fa_block).
+    fn tile_grid(mma: bool, tiles: usize, heads: usize) -> (u32, u32, u32) {
+        if mma {
+            grid(heads, tiles)
+        } else {
+            grid(tiles, heads)
+        }
     }
 
     /// One planned kernel launch: entry point, launch shape and arguments, in the order of
@@ -657,7 +670,8 @@ mod cuda {
     fn forward_plan(pr: &Problem, [q, k, v, o]: [&Operand; 4], lse: u64) -> Result<Vec<Launch>> {
         pr.check()?;
         let tn = tname(pr.op, pr.dtype)?;
-        let (entry, rows, threads) = if tensor_cores_allowed()? && pr.mma_applies(&[q, k, v, o]) {
+        let mma = tensor_cores_allowed()? && pr.mma_applies(&[q, k, v, o]);
+        let (entry, rows, threads) = if mma {
             (
                 format!("flash_attn_fwd_mma_bf16_d{}", pr.d),
                 MMA_ROWS,
@@ -677,7 +691,7 @@ mod cuda {
             .chunks()
             .map(|(b0, nb)| Launch {
                 entry: entry.clone(),
-                grid: grid(pr.tq.div_ceil(rows), nb * pr.h),
+                grid: tile_grid(mma, pr.tq.div_ceil(rows), nb * pr.h),
                 threads,
                 p: pr.params(b0, nb, [q, k, v, o, &none]),
                 head_dim: None,
@@ -747,7 +761,7 @@ mod cuda {
             });
             plan.push(Launch {
                 entry: format!("flash_attn_bwd_dkdv_{stem}_d{}", pr.d),
-                grid: grid(pr.tk.div_ceil(rows), bh),
+                grid: tile_grid(mma, pr.tk.div_ceil(rows), bh),
                 threads,
                 p,
                 head_dim: None,
@@ -755,7 +769,7 @@ mod cuda {
             });
             plan.push(Launch {
                 entry: format!("flash_attn_bwd_dq_{stem}_d{}", pr.d),
-                grid: grid(pr.tq.div_ceil(rows), bh),
+                grid: tile_grid(mma, pr.tq.div_ceil(rows), bh),
                 threads,
                 p,
                 head_dim: None,
@@ -1360,7 +1374,14 @@ mod cuda {
                     [at(5), at(6), at(7)],
                 )
                 .unwrap();
-                let shapes: Vec<_> = plan.iter().map(|l| (l.grid.0, l.threads)).collect();
+                // (tiles, threads): the tensor-core kernels' grid is (heads, tiles).
+                let shapes: Vec<_> = plan
+                    .iter()
+                    .map(|l| match l.entry.contains("_mma_") {
+                        true => (l.grid.1, l.threads),
+                        false => (l.grid.0, l.threads),
+                    })
+                    .collect();
                 let mma = plan[1].entry.contains("_mma_");
                 let rows = if mma { MMA_ROWS } else { simt_rows(64) };
                 let threads = if mma { MMA_THREADS } else { simt_threads(64) };
@@ -1564,13 +1585,16 @@ mod cuda {
                     assert!(l.entry.ends_with(&format!("{stem}_d{d}")), "{}", l.entry);
                     assert!(matches!(d, 64 | 128), "{}", l.entry);
                 }
-                assert_eq!(
-                    l.grid.1 as usize,
-                    if l.entry.contains("delta") { 1 } else { b * h }
-                );
+                // The tensor-core kernels' grid is (heads, tiles), the others' (tiles, heads).
+                let (tiles, heads) = if mma {
+                    (l.grid.1 as usize, l.grid.0 as usize)
+                } else {
+                    (l.grid.0 as usize, l.grid.1 as usize)
+                };
+                assert_eq!(heads, if l.entry.contains("delta") { 1 } else { b * h });
                 if l.entry.starts_with("flash_attn_fwd_") {
                     let (rows, threads) = if mma { (MMA_ROWS, MMA_THREADS) } else { simt };
-                    assert_eq!((l.grid.0 as usize, l.threads), (tq.div_ceil(rows), threads));
+                    assert_eq!((tiles, l.threads), (tq.div_ceil(rows), threads));
                     let [q, k, v, o, lse] = l.ptrs[..] else {
                         panic!("{l:?}")
                     };
@@ -1600,7 +1624,7 @@ mod cuda {
                 } else if l.entry.starts_with("flash_attn_bwd_delta_") {
                     assert_eq!(l.head_dim, Some(d as i32));
                     assert_eq!(
-                        (l.grid.0 as usize, l.threads),
+                        (tiles, l.threads),
                         ((b * h * tq).div_ceil(DELTA_ROWS_PER_BLOCK), DELTA_THREADS)
                     );
                     let [o, g, delta] = l.ptrs[..] else {
@@ -1623,10 +1647,7 @@ mod cuda {
                     assert!(l.entry.ends_with(&format!("_d{d}")), "{}", l.entry);
                     let t_own = if dkdv { tk } else { tq };
                     let (rows, threads) = if mma { (MMA_ROWS, MMA_THREADS) } else { simt };
-                    assert_eq!(
-                        (l.grid.0 as usize, l.threads),
-                        (t_own.div_ceil(rows), threads)
-                    );
+                    assert_eq!((tiles, l.threads), (t_own.div_ceil(rows), threads));
                     let (q, k, v, g, lse, delta) = (
                         l.ptrs[0], l.ptrs[1], l.ptrs[2], l.ptrs[3], l.ptrs[4], l.ptrs[5],
                     );
