@@ -137,6 +137,10 @@ fn bad_device_and_precision_values_are_usage_errors() {
         "--precision bf16 needs --device cuda",
     );
     fails_with(
+        &["bench", "train-step", "--preset", "tiny", "--profile"],
+        "--profile times GPU kernels: it needs --device cuda",
+    );
+    fails_with(
         &["bench", "generate", "--device", "cuda", "--threads", "2"],
         "--threads applies to the CPU only",
     );

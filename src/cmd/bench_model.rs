@@ -35,6 +35,10 @@ pub struct TrainStepArgs {
     /// without dropout); default: the preset's.
     #[arg(long)]
     pub dropout: Option<f32>,
+    /// After the timed steps, one more step with every kernel launch timed by device events
+    /// (GPU only): time per kernel entry point, against the step's wall time.
+    #[arg(long)]
+    pub profile: bool,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -88,6 +92,9 @@ pub fn train_step(args: TrainStepArgs) -> anyhow::Result<()> {
     if device != Device::Cpu && args.threads.is_some() {
         bail!("--threads applies to the CPU only");
     }
+    if device == Device::Cpu && args.profile {
+        bail!("--profile times GPU kernels: it needs --device cuda");
+    }
     let precision = args.device.open()?;
     let threads = args.threads;
     with_threads(threads, move || {
@@ -122,20 +129,32 @@ pub fn train_step(args: TrainStepArgs) -> anyhow::Result<()> {
             losses.push(stats.loss);
         }
         let secs = median(times);
+        let profile = if args.profile {
+            Some(profile_step(device, || {
+                trainer.train_step(&model, std::slice::from_ref(&batch))?;
+                Ok(())
+            })?)
+        } else {
+            None
+        };
         let tokens_per_s = (args.batch * seq) as f64 / secs;
         let threads = rayon::current_num_threads();
         let card = device_name(device);
         if args.json {
-            println!(
-                "{}",
-                json!({"op": "train_step", "impl": "rlhf", "preset": args.preset, "batch": args.batch,
-                       "seq": seq, "threads": threads, "tokens_per_s": tokens_per_s,
-                       "ms_per_step": secs * 1e3, "params": params,
-                       "device": device.to_string(), "card": card,
-                       "precision": precision.to_string(),
-                       "loss_first": losses[0], "loss_last": losses[losses.len() - 1]})
-            );
+            let mut line = json!({"op": "train_step", "impl": "rlhf", "preset": args.preset,
+                   "batch": args.batch, "seq": seq, "threads": threads,
+                   "tokens_per_s": tokens_per_s, "ms_per_step": secs * 1e3, "params": params,
+                   "device": device.to_string(), "card": card,
+                   "precision": precision.to_string(),
+                   "loss_first": losses[0], "loss_last": losses[losses.len() - 1]});
+            if let Some(p) = &profile {
+                line["profile"] = p.to_json();
+            }
+            println!("{line}");
         } else {
+            if let Some(p) = &profile {
+                p.print(25);
+            }
             let place = match device {
                 Device::Cpu => format!("{threads} threads"),
                 d => format!("{d} ({card}), {precision}"),
@@ -152,6 +171,78 @@ pub fn train_step(args: TrainStepArgs) -> anyhow::Result<()> {
             );
         }
         Ok(())
+    })
+}
+
+/// One profiled run of `step` on a GPU: its wall time and each kernel entry point's launches
+/// and device time (rlhf_tensor::cuda::profile).
+struct StepProfile {
+    wall_ms: f64,
+    kernels: Vec<rlhf_tensor::cuda::profile::KernelTime>,
+}
+
+impl StepProfile {
+    fn kernel_ms(&self) -> f64 {
+        self.kernels.iter().map(|k| k.ms).sum()
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({"wall_ms": self.wall_ms, "kernel_ms": self.kernel_ms(),
+               "kernels": self.kernels.iter()
+                   .map(|k| json!({"entry": k.entry, "calls": k.calls, "ms": k.ms}))
+                   .collect::<Vec<_>>()})
+    }
+
+    /// The `top` entry points by time, then the rest summed, and the kernels' total against
+    /// the wall time (the difference: launch gaps and host work the device waited for).
+    fn print(&self, top: usize) {
+        let total = self.kernel_ms();
+        let launches: u64 = self.kernels.iter().map(|k| k.calls).sum();
+        println!(
+            "profiled step: {:.2} ms wall, {total:.2} ms in {launches} kernel launches \
+             ({} entry points; device events around each launch)",
+            self.wall_ms,
+            self.kernels.len()
+        );
+        println!("{:>9} {:>6} {:>7}  entry point", "ms", "calls", "share");
+        for k in self.kernels.iter().take(top) {
+            println!(
+                "{:>9.3} {:>6} {:>6.1}%  {}",
+                k.ms,
+                k.calls,
+                100.0 * k.ms / total.max(f64::MIN_POSITIVE),
+                k.entry
+            );
+        }
+        let rest = &self.kernels[top.min(self.kernels.len())..];
+        if !rest.is_empty() {
+            let ms: f64 = rest.iter().map(|k| k.ms).sum();
+            let calls: u64 = rest.iter().map(|k| k.calls).sum();
+            println!(
+                "{ms:>9.3} {calls:>6} {:>6.1}%  ({} more entry points)",
+                100.0 * ms / total.max(f64::MIN_POSITIVE),
+                rest.len()
+            );
+        }
+    }
+}
+
+fn profile_step(
+    device: Device,
+    step: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<StepProfile> {
+    use rlhf_tensor::cuda::profile;
+    device.synchronize()?;
+    profile::start();
+    let t = Instant::now();
+    let ran = step().and_then(|()| Ok(device.synchronize()?));
+    let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+    // Stop even when the step failed, so that profiling never stays on.
+    let kernels = profile::stop();
+    ran?;
+    Ok(StepProfile {
+        wall_ms,
+        kernels: kernels?,
     })
 }
 

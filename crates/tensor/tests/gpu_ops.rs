@@ -46,6 +46,57 @@ fn cuda_round_trips_are_exact() {
     assert!(matches!(f16.to_device(GPU), Err(Error::Cuda { .. })));
 }
 
+/// The kernel profiler (rlhf_tensor::cuda::profile) counts every launch between start and stop
+/// under its entry point, with a finite, non-negative time, most time first. Other tests may
+/// launch kernels at the same time (the profiler is process-wide), so counts are lower bounds.
+#[test]
+#[ignore = "needs a CUDA GPU (tools/gpu-check)"]
+fn cuda_profile_counts_launches_by_entry_point() {
+    use rlhf_tensor::cuda::profile;
+    let mut rng = Rng::new(seed("profile"));
+    let a = rand(&mut rng, &[48, 40], -1.0, 1.0, DType::BF16)
+        .to_device(GPU)
+        .unwrap();
+    let b = rand(&mut rng, &[40, 24], -1.0, 1.0, DType::BF16)
+        .to_device(GPU)
+        .unwrap();
+    a.add(&a).unwrap(); // modules loaded outside the profile
+    a.matmul(&b).unwrap();
+    profile::start();
+    assert!(profile::enabled());
+    for _ in 0..3 {
+        a.add(&a).unwrap();
+    }
+    a.matmul(&b).unwrap();
+    let times = profile::stop().unwrap();
+    assert!(!profile::enabled());
+    let calls = |name: &str| {
+        times
+            .iter()
+            .find(|k| k.entry == name)
+            .map_or(0, |k| k.calls)
+    };
+    assert!(calls("binary_add_bf16") >= 3, "{times:?}");
+    assert!(
+        times
+            .iter()
+            .any(|k| k.entry.starts_with("gemm") && k.calls >= 1),
+        "{times:?}"
+    );
+    assert!(
+        times.iter().all(|k| k.ms.is_finite() && k.ms >= 0.0),
+        "{times:?}"
+    );
+    assert!(times.windows(2).all(|w| w[0].ms >= w[1].ms), "{times:?}");
+    // Off again: launches are not recorded, and a new profile starts from nothing.
+    a.add(&a).unwrap();
+    profile::start();
+    let again = profile::stop().unwrap();
+    assert!(again
+        .iter()
+        .all(|k| k.entry != "binary_add_bf16" || k.calls < 3));
+}
+
 /// Running out of device memory is an error that names it, never a panic, and the device
 /// works afterwards. Freed buffers stay in the memory pool for reuse (its release threshold is
 /// raised at device creation), so a request larger than any cached block, which fits only once

@@ -17,6 +17,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod nvrtc;
 pub mod params;
+pub mod profile;
 pub mod storage;
 
 pub use arch::Arch;

@@ -187,10 +187,17 @@ mod cuda_common {
         mut args: LaunchArgs<'_>,
         cfg: LaunchConfig,
     ) -> Result<()> {
+        let profiling = crate::cuda::profile::enabled();
+        if profiling {
+            args.record_kernel_launch(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        }
         // SAFETY: the caller's contract (argument list and buffer sizes match the kernel).
-        unsafe { args.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| Error::cuda(op, format!("launching {entry} with {cfg:?}: {e:?}")))
+        let events = unsafe { args.launch(cfg) }
+            .map_err(|e| Error::cuda(op, format!("launching {entry} with {cfg:?}: {e:?}")))?;
+        match events {
+            Some(ev) if profiling => crate::cuda::profile::record(entry, ev),
+            _ => Ok(()),
+        }
     }
 
     /// The kernel arguments that follow `(n, x layout, x, out)` in an elementwise map (see
