@@ -718,6 +718,7 @@ inline float __fdividef(float a, float b) { return a / b; }
 inline float __expf(float a) { return std::exp(a); }
 inline float __logf(float a) { return std::log(a); }
 inline float __saturatef(float a) { return a < 0.0f ? 0.0f : (a > 1.0f ? 1.0f : a); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 // CUDA's math API classifies floats with unqualified isfinite / isnan / isinf.
 using std::isfinite;
 using std::isinf;
