@@ -75,6 +75,17 @@ impl Tensor {
 #[cfg(feature = "cuda")]
 const LN_THREADS: u32 = 256;
 
+/// Columns per lane of layer_norm.cu's one-warp-per-row kernels (`layer_norm_*_wCPL_T`): the
+/// smallest instance that holds a row of `cols`, or None past 1024 columns (the block kernels).
+#[cfg(feature = "cuda")]
+fn warp_row_cpl(cols: usize) -> Option<usize> {
+    [4, 8, 16, 24, 32].into_iter().find(|&k| cols <= 32 * k)
+}
+
+/// Rows per block of the one-warp-per-row kernels (one per warp of LN_THREADS).
+#[cfg(feature = "cuda")]
+const LN_WARPS: usize = LN_THREADS as usize / 32;
+
 /// kernels/layer_norm.cu: `layer_norm_fwd_T` (saving mean and rstd, f32), and in the backward
 /// `layer_norm_bwd_T` (dx, and per-block f32 partial sums of dgamma and dbeta over the rows a
 /// block owns) then `layer_norm_bwd_params` (the partials added in block order).
@@ -100,8 +111,18 @@ fn layer_norm_cuda(
     let mean = super::cuda_uninit(dev, DType::F32, &[rows])?;
     let rstd = super::cuda_uninit(dev, DType::F32, &[rows])?;
     let (xd, wd, bd) = (super::dense(x)?, super::dense(weight)?, super::dense(bias)?);
+    let cpl = warp_row_cpl(cols);
     if rows > 0 {
-        let entry = format!("layer_norm_fwd_{tn}");
+        let (entry, cfg) = match cpl {
+            Some(k) => (
+                format!("layer_norm_fwd_w{k}_{tn}"),
+                rows_config(rows.div_ceil(LN_WARPS), LN_THREADS),
+            ),
+            None => (
+                format!("layer_norm_fwd_{tn}"),
+                rows_config(rows, LN_THREADS),
+            ),
+        };
         let (r64, c64) = (rows as i64, cols as i64);
         let ptrs = [&xd, &wd, &bd, &y, &mean, &rstd]
             .iter()
@@ -114,10 +135,11 @@ fn layer_norm_cuda(
             l.arg(p);
         }
         l.arg(&eps);
-        // SAFETY: layer_norm_fwd_T(i64 rows, i64 cols, const T* x, const T* gamma, const T*
-        // beta, T* y, float* mean, float* rstd, float eps): x and y contiguous [rows, cols] of
-        // T, gamma and beta contiguous [cols] of T, mean and rstd fresh [rows] f32 buffers.
-        unsafe { super::launch(OP, &entry, l, rows_config(rows, LN_THREADS))? };
+        // SAFETY: layer_norm_fwd_T and layer_norm_fwd_wK_T (K · 32 ≥ cols) take (i64 rows,
+        // i64 cols, const T* x, const T* gamma, const T* beta, T* y, float* mean, float* rstd,
+        // float eps): x and y contiguous [rows, cols] of T, gamma and beta contiguous [cols]
+        // of T, mean and rstd fresh [rows] f32 buffers; both loop over rows grid-stride.
+        unsafe { super::launch(OP, &entry, l, cfg)? };
     }
     let dev = dev.clone();
     let shape = x.shape().to_vec();
@@ -130,10 +152,15 @@ fn layer_norm_cuda(
             let g = super::dense(g)?;
             // G blocks, from the row count alone, so the order of the dgamma/dbeta sums (and
             // so their bits) never depends on the card.
-            let parts = rows.min(256);
+            let (parts, entry) = match cpl {
+                Some(k) => (
+                    rows.div_ceil(LN_WARPS).min(256),
+                    format!("layer_norm_bwd_w{k}_{tn}"),
+                ),
+                None => (rows.min(256), format!("layer_norm_bwd_{tn}")),
+            };
             let dg_part = super::cuda_uninit(&dev, DType::F32, &[parts, cols])?;
             let db_part = super::cuda_uninit(&dev, DType::F32, &[parts, cols])?;
-            let entry = format!("layer_norm_bwd_{tn}");
             let (r64, c64) = (rows as i64, cols as i64);
             let ptrs = [&xd, &wd, &mean, &rstd, &g, &dx, &dg_part, &db_part]
                 .iter()
@@ -150,10 +177,11 @@ fn layer_norm_cuda(
                 block_dim: (LN_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: layer_norm_bwd_T(i64 rows, i64 cols, const T* x, const T* gamma, const
-            // float* mean, const float* rstd, const T* dy, T* dx, float* dgamma_part, float*
-            // dbeta_part): x, dy, dx contiguous [rows, cols] of T; gamma [cols] of T; mean,
-            // rstd [rows] f32 from the forward; the partials [G, cols] f32 with G = gridDim.x.
+            // SAFETY: layer_norm_bwd_T and layer_norm_bwd_wK_T (K · 32 ≥ cols) take (i64 rows,
+            // i64 cols, const T* x, const T* gamma, const float* mean, const float* rstd, const
+            // T* dy, T* dx, float* dgamma_part, float* dbeta_part): x, dy, dx contiguous
+            // [rows, cols] of T; gamma [cols] of T; mean, rstd [rows] f32 from the forward;
+            // the partials [G, cols] f32 with G = gridDim.x, every element written.
             unsafe { super::launch(OP, &entry, l, cfg)? };
             let entry = "layer_norm_bwd_params";
             let p64 = parts as i64;
@@ -168,14 +196,15 @@ fn layer_norm_cuda(
                 l.arg(p);
             }
             let cfg = cudarc::driver::LaunchConfig {
-                grid_dim: (cols.div_ceil(LN_THREADS as usize) as u32, 1, 1),
+                grid_dim: (cols.div_ceil(32) as u32, 1, 1),
                 block_dim: (LN_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: layer_norm_bwd_params(i64 parts, i64 cols, const float* dgamma_part,
-            // const float* dbeta_part, float* dgamma, float* dbeta): the [parts, cols] f32
-            // partials written above, dgamma and dbeta fresh [cols] f32 buffers; threads past
-            // cols return.
+            // const float* dbeta_part, float* dgamma, float* dbeta) with blockDim 256 (8
+            // slices of 32 columns) and a block per 32 columns: the [parts, cols] f32 partials
+            // written above, dgamma and dbeta [cols] f32 buffers; columns past cols are
+            // neither read nor written.
             unsafe { super::launch(OP, entry, l, cfg)? };
         }
         Ok(vec![
