@@ -120,9 +120,18 @@ template <typename Op, typename T>
 __device__ __forceinline__ void reduce_partial_body(i64 n, const T* __restrict__ x,
                                                     float* __restrict__ partial) {
     __shared__ float scratch[32];
-    float acc = Op::init();
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        acc = Op::combine(acc, Op::lift(load_f32(x + i)));
+    // Four accumulators over the grid-stride sequence (element i + k·stride into a[k]), so
+    // that each thread has four loads in flight; then the rest into a[0], and the four
+    // combined in a fixed order.
+    float a[4] = {Op::init(), Op::init(), Op::init(), Op::init()};
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) a[k] = Op::combine(a[k], Op::lift(load_f32(x + i + k * stride)));
+    }
+    for (; i < n; i += stride) a[0] = Op::combine(a[0], Op::lift(load_f32(x + i)));
+    float acc = Op::combine(Op::combine(a[0], a[1]), Op::combine(a[2], a[3]));
     acc = Op::block(acc, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }

@@ -357,6 +357,18 @@ impl Tensor {
                 .zip(&self.shape()[lead..])
                 .filter(|(&want, &have)| want == 1 && have != 1)
                 .count();
+        // Only leading dims go (a bias's gradient from [B, T, C] activations): one sum over
+        // them merged, a single pass that rounds once, in place of a sum per dim (and, for
+        // narrow dtypes on a GPU, the f32 copy of the whole gradient that those would need;
+        // the CPU sums f32 only).
+        let sums_natively = self.dtype() == DType::F32 || self.device() != crate::Device::Cpu;
+        if lead > 1 && reductions == lead && sums_natively && self.is_contiguous() {
+            let rows: usize = self.shape()[..lead].iter().product();
+            let merged: Vec<usize> = std::iter::once(rows)
+                .chain(self.shape()[lead..].iter().copied())
+                .collect();
+            return self.reshape_to(&merged)?.sum(0, false);
+        }
         let narrow = matches!(self.dtype(), DType::BF16 | DType::F16) && reductions > 1;
         let mut t = if narrow {
             self.to_dtype(DType::F32)?
@@ -573,7 +585,36 @@ pub(crate) fn require_f32(op: &'static str, t: &Tensor) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use crate::gradcheck::check_gradients;
-    use crate::Tensor;
+    use crate::{DType, Tensor};
+
+    /// A bias gradient: [B, T, C] summed to [C] in one pass over the merged leading dims (the
+    /// contiguous case) and dim by dim (a transposed view): both the f64 column sums, and in
+    /// bf16 within one rounding of them.
+    #[test]
+    fn sum_to_shape_over_leading_dims() {
+        let x = Tensor::randn(&[4, 6, 5], 0.0, 1.0, 3);
+        let cols = |t: &Tensor| -> Vec<f64> {
+            let v = t.to_f64_vec();
+            (0..5).map(|c| v.iter().skip(c).step_by(5).sum()).collect()
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let xd = x.to_dtype(dtype).unwrap();
+            let want = cols(&xd);
+            let fast = xd.sum_to_shape(&[5]).unwrap();
+            let strided = xd.transpose(0, 1).unwrap().sum_to_shape(&[5]).unwrap();
+            assert_eq!(fast.shape(), &[5]);
+            for got in [&fast, &strided] {
+                assert_eq!(got.dtype(), dtype);
+                for (g, w) in got.to_f64_vec().iter().zip(&want) {
+                    let tol = if dtype == DType::BF16 { 1e-2 } else { 1e-5 };
+                    assert!(
+                        (g - w).abs() <= tol * w.abs().max(1.0),
+                        "{dtype}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn broadcast_add_matches_explicit_expansion() {
