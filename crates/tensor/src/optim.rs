@@ -587,6 +587,8 @@ mod cuda {
         l.arg(&k.inv_bias_correction2_sqrt)
             .arg(&k.eps)
             .arg(&k.step_size);
+        // About 4 elements a thread: the kernel's 16-byte vector step (adamw.cu).
+        let cfg = crate::cuda::storage::grid_stride_config(n, 4);
         // SAFETY: adamw_{f32,bf16grad}(i64 n, const float* p_in, float* p_out, const G* g,
         // float* m, float* v, bf16* p_bf16, const float* clip, 8 × float): clip null or two
         // floats on this device (clip_on_device); every other buffer is contiguous with n
@@ -595,7 +597,7 @@ mod cuda {
         // updates element by element in place, as its header allows). m, v and the master are
         // owned by this optimiser alone, so writing them in place changes no tensor anyone
         // else holds.
-        unsafe { launch(OP, entry, l, crate::cuda::storage::elementwise_config(n))? };
+        unsafe { launch(OP, entry, l, cfg)? };
         slot.param.set(&new_value)
     }
 

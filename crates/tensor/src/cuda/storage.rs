@@ -225,14 +225,14 @@ fn no_f16() -> Error {
 /// Threads per block of the 1-D elementwise kernels (kernels/elementwise.cu header).
 pub const ELEMENTWISE_THREADS: u32 = 256;
 
-/// The one-thread-per-item launch (AdamW, embedding, gather): blockDim 256, gridDim
+/// The one-thread-per-item launch (embedding, gather, ...): blockDim 256, gridDim
 /// min(ceil(n/256), 65535); the kernels loop grid-stride, so the cap is only a cap.
 pub fn elementwise_config(n: usize) -> LaunchConfig {
     grid_stride_config(n, 1)
 }
 
 /// blockDim 256, gridDim min(ceil(n / (256 · per_thread)), 65535).
-fn grid_stride_config(n: usize, per_thread: usize) -> LaunchConfig {
+pub fn grid_stride_config(n: usize, per_thread: usize) -> LaunchConfig {
     let per_block = ELEMENTWISE_THREADS as usize * per_thread;
     let blocks = n.div_ceil(per_block).clamp(1, 65535) as u32;
     LaunchConfig {
