@@ -362,7 +362,7 @@ impl Tensor {
         // narrow dtypes on a GPU, the f32 copy of the whole gradient that those would need;
         // the CPU sums f32 only).
         let sums_natively = self.dtype() == DType::F32 || self.device() != crate::Device::Cpu;
-        if lead > 1 && reductions == lead && sums_natively && self.is_contiguous() {
+        if lead > 1 && self.shape()[lead..] == *shape && sums_natively && self.is_contiguous() {
             let rows: usize = self.shape()[..lead].iter().product();
             let merged: Vec<usize> = std::iter::once(rows)
                 .chain(self.shape()[lead..].iter().copied())
@@ -603,6 +603,9 @@ mod tests {
             let fast = xd.sum_to_shape(&[5]).unwrap();
             let strided = xd.transpose(0, 1).unwrap().sum_to_shape(&[5]).unwrap();
             assert_eq!(fast.shape(), &[5]);
+            // A shape that does not match the trailing dims is an error on either path.
+            assert!(xd.sum_to_shape(&[4]).is_err());
+            assert!(xd.transpose(0, 1).unwrap().sum_to_shape(&[4]).is_err());
             for got in [&fast, &strided] {
                 assert_eq!(got.dtype(), dtype);
                 for (g, w) in got.to_f64_vec().iter().zip(&want) {
