@@ -129,14 +129,15 @@ pub fn train_step(args: TrainStepArgs) -> anyhow::Result<()> {
             losses.push(stats.loss);
         }
         let secs = median(times);
-        let profile = if args.profile {
-            Some(profile_step(device, || {
-                trainer.train_step(&model, std::slice::from_ref(&batch))?;
-                Ok(())
-            })?)
-        } else {
-            None
-        };
+        let profile = args
+            .profile
+            .then(|| {
+                profile_step(device, || {
+                    trainer.train_step(&model, std::slice::from_ref(&batch))?;
+                    Ok(())
+                })
+            })
+            .transpose()?;
         let tokens_per_s = (args.batch * seq) as f64 / secs;
         let threads = rayon::current_num_threads();
         let card = device_name(device);

@@ -187,16 +187,16 @@ mod cuda_common {
         mut args: LaunchArgs<'_>,
         cfg: LaunchConfig,
     ) -> Result<()> {
-        let profiling = crate::cuda::profile::enabled();
-        if profiling {
+        if crate::cuda::profile::enabled() {
             args.record_kernel_launch(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         }
         // SAFETY: the caller's contract (argument list and buffer sizes match the kernel).
         let events = unsafe { args.launch(cfg) }
             .map_err(|e| Error::cuda(op, format!("launching {entry} with {cfg:?}: {e:?}")))?;
+        // Events come back only when asked for above.
         match events {
-            Some(ev) if profiling => crate::cuda::profile::record(entry, ev),
-            _ => Ok(()),
+            Some(ev) => crate::cuda::profile::record(entry, ev),
+            None => Ok(()),
         }
     }
 
